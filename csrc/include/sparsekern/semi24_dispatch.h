@@ -1,0 +1,55 @@
+// Host-side dtype dispatch shared by the CPU and CUDA 2:4 kernels: which bit width the elements are moved as,
+// which metadata type holds the codes, and whether the format is 2:4 groups or fp32 1:2 pairs.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+
+#include "sparsekern/semi24.h"
+
+namespace sparsekern {
+namespace semi24 {
+
+template <typename BitsT, typename MetaT, bool kPairsV>
+struct Format {
+  using Bits = BitsT;  // elements are copied as raw bits: the output is bit-identical, -0.0 and NaN included
+  using Meta = MetaT;
+  static constexpr bool kPairs = kPairsV;        // fp32: 1:2 pairs instead of 2:4 groups
+  static constexpr int kGroup = kPairsV ? 2 : 4;  // elements per group
+  static constexpr int kKept = kPairsV ? 1 : 2;   // elements kept per group
+  static constexpr int kCodes = static_cast<int>(sizeof(MetaT)) * 2;  // 4-bit codes per metadata element
+  static constexpr int kElems = kCodes * kGroup;  // elements of a row covered by one metadata element
+  static constexpr bool kMetaInt32 = sizeof(MetaT) == 4;
+  static constexpr BitsT kMagnitude =
+      sizeof(BitsT) == 1 ? BitsT(0xff) : (sizeof(BitsT) == 2 ? BitsT(kHalfMagnitude) : BitsT(kFloatMagnitude));
+};
+
+using FormatHalf = Format<uint16_t, int16_t, false>;  // fp16 and bf16
+using FormatInt8 = Format<uint8_t, int32_t, false>;
+using FormatFloat = Format<uint32_t, int16_t, true>;
+
+// Calls f(FormatX{}) for the format of `dtype`.
+template <typename F>
+void dispatch_format(at::ScalarType dtype, const char* what, F&& f) {
+  switch (dtype) {
+    case at::kHalf:
+    case at::kBFloat16:
+      f(FormatHalf{});
+      break;
+    case at::kChar:
+      f(FormatInt8{});
+      break;
+    case at::kFloat:
+      f(FormatFloat{});
+      break;
+    default:
+      TORCH_CHECK_TYPE(false, what, " must be float16, bfloat16, int8 or float32, got ", dtype);
+  }
+}
+
+inline at::ScalarType meta_dtype(at::ScalarType dtype) { return dtype == at::kChar ? at::kInt : at::kShort; }
+
+}  // namespace semi24
+}  // namespace sparsekern

@@ -1,0 +1,28 @@
+"""sparsekern: fast, exact sparse training and 2:4 inference kernels for PyTorch.
+
+Importing sparsekern never initialises CUDA. Triton kernels are defined on first use, so
+``TRITON_INTERPRET=1`` may be set any time before the first ``backend="triton"`` call.
+"""
+
+from . import _extension
+from . import nn
+from .ops import (
+    BACKENDS,
+    BackendUnavailableError,
+    semi24_compress,
+    semi24_decompress,
+    semi24_mask,
+    to_semi_structured,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "nn",
+    "semi24_compress",
+    "semi24_decompress",
+    "semi24_mask",
+    "to_semi_structured",
+]

@@ -1,0 +1,95 @@
+"""Plain-PyTorch references for every op: what tests and benchmarks compare against, and the fallback when
+the compiled extension is not built. They favour clarity over speed but stay vectorised.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _semi24
+
+# ----------------------------------------------------------------------------------------------------------
+# 2:4 compression (CUTLASS layout). Written from the format description, independently of torch's own
+# conversion in torch.sparse._semi_structured_conversions, which the tests use as the oracle.
+
+
+def _group_codes(group: int) -> torch.Tensor:
+    """Code (idx0 | idx1 << 2) of every nonzero pattern of a group (bit j = element j nonzero).
+
+    torch's Espresso-minimised encoding: a group with fewer than two nonzeros is padded with the positions
+    torch pads it with (all-zero -> columns 2, 3); fp32 pairs (p, q) are coded as the halves (p, p, q, q).
+    """
+    codes = []
+    for nz in range(1 << group):
+        if group == 2:
+            p, q = nz & 1, nz >> 1 & 1
+            nz = p | p << 1 | q << 2 | q << 3
+        m0, m1, m3 = nz & 1, nz >> 1 & 1, nz >> 3 & 1
+        e0, e1, e2 = m0 & m1, (1 - m0) & m1, (1 - m0) & (1 - m1)
+        idx0 = e1 | e2 << 1
+        idx1 = (e0 | e2 | m3) | (e1 | (1 - m1)) << 1
+        codes.append(idx0 | idx1 << 2)
+    return torch.tensor(codes, dtype=torch.int64)
+
+
+def semi24_meta_offsets(m: int, k_meta: int, meta_dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Flat output offset of every logical metadata element (r, c), as an (m, k_meta) int64 tensor."""
+    int32 = meta_dtype == torch.int32
+    group, interweave = (16, 2) if int32 else (32, 4)
+    r = torch.arange(m, device=device).view(-1, 1).expand(m, k_meta)
+    c = torch.arange(k_meta, device=device).view(1, -1).expand(m, k_meta)
+    dr = r // group * group + (r % 8) * interweave + (r % group) // 8
+    swap = (dr % 2 == 0).long() * (c % 2 == 1).long() - (dr % 2 == 1).long() * (c % 2 == 0).long()
+    dr, dc = dr + swap, c - swap
+    return (dc // 2) * m * 2 + dr * 2 + dc % 2
+
+
+def _pack_codes(codes: torch.Tensor, fmt: _semi24.Semi24Format) -> torch.Tensor:
+    m = codes.shape[0]
+    shifts = 4 * torch.arange(fmt.codes_per_meta, device=codes.device)
+    words = (codes.view(m, -1, fmt.codes_per_meta) << shifts).sum(-1)  # int64, exact
+    bits = torch.iinfo(fmt.meta_dtype).bits
+    words = (words + (1 << (bits - 1))) % (1 << bits) - (1 << (bits - 1))  # two's complement wrap
+    return words.to(fmt.meta_dtype)
+
+
+def semi24_compress_reference(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed, meta) of an exactly 2:4 (fp32: 1:2) sparse ``dense`` (m, k); ValueError names a bad group."""
+    fmt = _semi24.FORMATS[dense.dtype]
+    m, k = dense.shape
+    first_bad = _semi24.first_bad_group(dense)
+    if first_bad >= 0:
+        raise ValueError(_semi24.not_sparse_message("semi24_compress", (m, k), dense.dtype, first_bad))
+    groups = dense.reshape(m, k // fmt.group, fmt.group)
+    nz = ((groups != 0).long() << torch.arange(fmt.group, device=dense.device)).sum(-1)
+    codes = _group_codes(fmt.group).to(dense.device)[nz]
+    if fmt.group == 4:
+        idx = torch.stack((codes & 3, codes >> 2), dim=-1)
+    else:
+        idx = ((codes & 3) // 2).unsqueeze(-1)
+    packed = groups.gather(-1, idx).reshape(m, k // 2)
+    words = _pack_codes(codes, fmt)
+    meta = torch.empty_like(words).view(-1)
+    meta[semi24_meta_offsets(m, words.shape[1], fmt.meta_dtype, dense.device).reshape(-1)] = words.reshape(-1)
+    return packed, meta.view(m, -1)
+
+
+def semi24_decompress_reference(packed: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """The dense (m, 2 * packed.shape[1]) matrix that ``semi24_compress_reference`` compressed."""
+    fmt = _semi24.FORMATS[packed.dtype]
+    m, k = packed.shape[0], packed.shape[1] * 2
+    offsets = semi24_meta_offsets(m, meta.shape[1], fmt.meta_dtype, packed.device)
+    words = meta.reshape(-1)[offsets.reshape(-1)].view(m, -1).long()
+    shifts = 4 * torch.arange(fmt.codes_per_meta, device=packed.device)
+    codes = ((words.unsqueeze(-1) >> shifts) & 0xF).reshape(m, -1)
+    idx0, idx1 = codes & 3, codes >> 2
+    valid = (codes == 0x4) | (codes == 0xE) if fmt.group == 2 else idx0 < idx1
+    if not bool(valid.all()):
+        first_bad = int((~valid).flatten().nonzero()[0])
+        raise ValueError(_semi24.invalid_meta_message("semi24_decompress", (m, k), packed.dtype, first_bad))
+    dense = torch.zeros(m, k // fmt.group, fmt.group, dtype=packed.dtype, device=packed.device)
+    if fmt.group == 4:
+        dense.scatter_(-1, torch.stack((idx0, idx1), -1), packed.view(m, -1, 2))
+    else:
+        dense.scatter_(-1, (idx0 // 2).unsqueeze(-1), packed.view(m, -1, 1))
+    return dense.view(m, k)

@@ -1,0 +1,78 @@
+"""Test helpers: fresh random inputs, backend parametrisation, bit-level comparison."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from sparsekern import _extension
+
+HAS_GPU = torch.cuda.is_available()
+requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+ALL_DTYPES = (torch.float16, torch.bfloat16, torch.int8, torch.float32)
+BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.int8: torch.int8}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of t, so torch.equal compares -0.0 and NaN payloads exactly."""
+    return t.view(BITS_DTYPE.get(t.dtype, t.dtype))
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.equal(bits(actual), bits(expected)), "tensors differ bit-wise"
+
+
+def random_semi24(m: int, k: int, dtype: torch.dtype, *, seed: int | None = None, device="cpu") -> torch.Tensor:
+    """A fresh exactly-2:4 (fp32: 1:2) matrix: random kept positions, ~15% of kept values zeroed (so groups
+    with 0 or 1 nonzeros appear), and for floats some -0.0 and NaN among the values."""
+    gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    group, kept = (2, 1) if dtype == torch.float32 else (4, 2)
+    keep = torch.rand(m, k // group, group, generator=gen).argsort(-1) < kept
+    keep &= torch.rand(m, k // group, group, generator=gen) > 0.15
+    if dtype == torch.int8:
+        values = torch.randint(-128, 128, (m, k // group, group), generator=gen).to(torch.int8)
+        dense = torch.where(keep, values, torch.zeros((), dtype=torch.int8))
+    else:
+        values = torch.randn(m, k // group, group, generator=gen, dtype=torch.float64) * 100
+        special = torch.rand(m, k // group, group, generator=gen)
+        values = torch.where(special < 0.02, torch.full((), float("nan"), dtype=torch.float64), values)
+        values = torch.where((special > 0.98), torch.full((), -0.0, dtype=torch.float64), values)
+        # dropped positions hold -0.0 or +0.0, both of which count as zero
+        dropped = torch.where(special < 0.5, -0.0, 0.0).to(torch.float64)
+        dense = torch.where(keep, values, dropped).to(dtype)
+    return dense.reshape(m, k).to(device)
+
+
+def backend_params(*names: str):
+    """pytest params for backends with the marks each needs: 'cpu' needs the extension, 'triton' the interpreter
+    or a GPU (and the triton mark), 'cuda' a GPU."""
+    params = []
+    for name in names:
+        marks = []
+        if name == "cpu":
+            marks.append(pytest.mark.skipif(not _extension.available(), reason=f"extension: {_extension.unavailable_reason}"))
+        if name == "triton":
+            marks.append(pytest.mark.triton)
+            marks.append(
+                pytest.mark.skipif(
+                    not HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="Triton needs a GPU or TRITON_INTERPRET=1 (scripts/test.sh sets it)",
+                )
+            )
+        if name == "cuda":
+            marks.append(pytest.mark.gpu)
+            marks.append(requires_gpu)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def device_for(backend: str) -> str:
+    if backend == "cuda" or (backend == "triton" and HAS_GPU):
+        return "cuda"
+    return "cpu"
+
