@@ -2,25 +2,16 @@
 // kernel linked into it; the module itself only reports how it was built.
 #include <Python.h>
 
+#include "sparsekern/cpu_features.h"
+
 // Build facts arrive as bare tokens (no quotes or semicolons survive the ninja command line safely).
 #define SPARSEKERN_STR2(x) #x
 #define SPARSEKERN_STR(x) SPARSEKERN_STR2(x)
 
 namespace {
 
-// The instruction set the CPU kernels' runtime dispatch (target_clones) selects on this machine.
-PyObject* cpu_isa(PyObject*, PyObject*) {
-  const char* isa = "baseline";
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
-    isa = "avx512";
-  } else if (__builtin_cpu_supports("avx2")) {
-    isa = "avx2";
-  }
-#endif
-  return PyUnicode_FromString(isa);
-}
+// The instruction set the CPU kernels' runtime dispatch selects on this machine.
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(sparsekern::cpu_isa_name()); }
 
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set chosen by the CPU kernels' runtime dispatch."},

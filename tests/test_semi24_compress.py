@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -222,3 +224,32 @@ def test_torch_compile_fullgraph():
     expected_packed, _ = torch_compress(dense)
     assert torch.equal(bits(packed2), bits(expected_packed * 2))
     assert_round_trip(restored, dense)
+
+
+@pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the compiled extension")
+def test_portable_cpu_kernel_is_bit_identical():
+    """The CI machine has AVX-512, so the portable (non-VBMI2) kernel is forced in a subprocess."""
+    code = (
+        "import torch, sparsekern, sys\n"
+        "sys.path.insert(0, 'tests')\n"
+        "from helpers import random_semi24, assert_bits_equal\n"
+        "from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass as ref\n"
+        "assert sparsekern._extension.build_info()['cpu_isa'].startswith('baseline'), sparsekern._extension.build_info()\n"
+        "for dtype, shape in [(torch.float16, (96, 192)), (torch.bfloat16, (64, 128)), (torch.int8, (48, 384)),\n"
+        "                     (torch.float32, (96, 96))]:\n"
+        "    dense = random_semi24(*shape, dtype)\n"
+        "    packed, meta = sparsekern.semi24_compress(dense, backend='cpu')\n"
+        "    expected = ref(dense)\n"
+        "    assert_bits_equal(packed, expected[0]); assert_bits_equal(meta, expected[1])\n"
+        "    dense[3, 4:8] = 1\n"
+        "    try:\n"
+        "        sparsekern.semi24_compress(dense, backend='cpu'); raise SystemExit('no error')\n"
+        "    except ValueError as e:\n"
+        "        assert 'row 3, columns 4..' in str(e), e\n"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "SPARSEKERN_CPU_ISA": "baseline"},
+    )
+    assert result.returncode == 0, result.stderr

@@ -26,7 +26,7 @@ def group_topk_mask(w: torch.Tensor, keep: int, group: int) -> torch.Tensor:
     fn = "semi24_mask"
     if w.shape[-1] % group:
         raise ValueError(f"{fn}: the last dimension of w must be a multiple of {group}, got shape {tuple(w.shape)}")
-    magnitude = w.detach().abs().double().reshape(-1, group)  # float64: exact for every input dtype (int8 -128)
+    magnitude = w.detach().double().abs().reshape(-1, group)  # float64 before abs: int8 -128 would overflow
     order = magnitude.argsort(dim=-1, descending=True, stable=True)[:, :keep]
     mask = torch.zeros_like(magnitude, dtype=torch.bool).scatter_(-1, order, True)
     return mask.view(w.shape)
@@ -51,7 +51,7 @@ def transposable_mask(w: torch.Tensor, keep: int, tile: int, chunk: int = 1 << 1
             f"{fn}: transposable=True needs a 2-D w with both dimensions multiples of {tile}, got shape {tuple(w.shape)}"
         )
     m, n = w.shape
-    tiles = w.detach().abs().double().reshape(m // tile, tile, n // tile, tile).transpose(1, 2).reshape(-1, tile * tile)
+    tiles = w.detach().double().abs().reshape(m // tile, tile, n // tile, tile).transpose(1, 2).reshape(-1, tile * tile)
     patterns = _tile_patterns(tile, keep).to(w.device)
     choice = torch.cat([(part @ patterns.T).argmax(dim=1) for part in tiles.split(chunk)])
     mask = patterns[choice].bool()
