@@ -2,7 +2,7 @@
 
 - The C++ CPU sources are always built.
 - The CUDA sources are built whenever a CUDA toolkit and a CUDA build of torch are present, GPU or not,
-  for TORCH_CUDA_ARCH_LIST (default "8.0;9.0").
+  for TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX").
 - SPARSEKERN_BUILD_EXTENSION=0 gives a pure-Python install: every op then runs its plain-PyTorch reference
   and `sparsekern info` says why.
 - SPARSEKERN_BUILD_CUDA=0 skips the CUDA sources even when a toolkit is found.
@@ -75,7 +75,7 @@ def extensions():
     cuda_root = find_cuda_root() if _flag("SPARSEKERN_BUILD_CUDA", True) else None
     if cuda_root:
         os.environ["CUDA_HOME"] = cuda_root  # read by torch.utils.cpp_extension at import
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")  # PTX: newer GPUs JIT it
 
     import torch
     from torch.utils import cpp_extension
