@@ -1,0 +1,122 @@
+"""Sweep shape x dtype x backend for 2:4 compress / decompress; writes <out>/<name>.md and .json.
+
+A thin command line over :mod:`sparsekern.bench.semi24` (the code behind ``sparsekern bench semi24``) with more
+shapes: every row is timed against torch's reference conversion and checked bit for bit, the plain-PyTorch
+reference backend always runs, and the report is stamped with device, versions and git sha. 2:4 has a fixed
+density (50%), so unlike the sweeps of other ops there is no density axis.
+
+    python benchmarks/sweep.py                                   # every shape below, every dtype
+    python benchmarks/sweep.py --shape 8192x8192 --dtype fp16 --backend cpu
+    python benchmarks/sweep.py --quick                           # smoke run: small shapes, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPES = ("fp16", "bf16", "int8", "fp32")
+BACKENDS = ("cpu", "triton", "cuda", "reference")
+# Square sizes around the 4096x4096 goal shape, on top of the model shapes of `sparsekern bench semi24`.
+EXTRA_SQUARES = (1024, 2048, 8192)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        rows, cols = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 4096x4096, got {text!r}") from None
+    if rows < 1 or cols < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
+    return rows, cols
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Without --shape: the model shapes of `sparsekern bench semi24` plus squares "
+        + ", ".join(f"{n}x{n}" for n in EXTRA_SQUARES)
+        + ". On the CPU, triton is never timed (interpreter timings are not speeds) and cuda needs a GPU.",
+    )
+    parser.add_argument("--shape", action="append", type=_shape, metavar="ROWSxCOLS", help="weight shape; repeatable")
+    parser.add_argument("--dtype", action="append", choices=DTYPES, help="repeatable (default: all)")
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=BACKENDS,
+        help="repeatable (default: all that can run here); reference always runs",
+    )
+    parser.add_argument("--repeat", type=_positive_int, default=5, help="timed calls per case (default: %(default)s)")
+    parser.add_argument(
+        "--max-time",
+        type=_positive_float,
+        default=10.0,
+        help="seconds after which a case stops (at least 3 calls) (default: %(default)s)",
+    )
+    parser.add_argument("--linear", action="store_true", help="also time dense vs 2:4 F.linear (needs a GPU)")
+    parser.add_argument("--quick", action="store_true", help="small shapes, 3 repeats")
+    parser.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
+    parser.add_argument("--name", default="semi24-sweep", help="file name stem (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # torch is imported only now, so --help and argument errors stay fast.
+    import torch
+
+    from sparsekern import _semi24
+    from sparsekern.bench import semi24
+
+    dtypes = list(dict.fromkeys(args.dtype or DTYPES))
+    if args.shape:
+        weights = [semi24.Weight("", rows, cols) for rows, cols in dict.fromkeys(args.shape)]
+    elif args.quick:
+        weights = list(semi24.QUICK_WEIGHTS)
+    else:
+        weights = [*semi24.WEIGHTS, *(semi24.Weight("", n, n) for n in EXTRA_SQUARES)]
+    for weight in weights:
+        for dtype in dtypes:
+            error = _semi24.shape_error("sweep.py", "--shape", weight.shape, semi24.DTYPES[dtype])
+            if error:
+                parser.error(error)
+    backends = None if args.backend is None else sorted({*args.backend, "reference"})
+    settings = semi24.Settings(
+        repeat=3 if args.quick else args.repeat, warmup=1, min_time=0.05, max_time=2.0 if args.quick else args.max_time
+    )
+    if not torch.cuda.is_available() and args.linear:
+        print("--linear: no CUDA GPU visible, F.linear is not measured", file=sys.stderr)
+    code, markdown = semi24.run_semi24(
+        weights=weights,
+        dtypes=dtypes,
+        settings=settings,
+        out=args.out,
+        name=args.name,
+        title="sparsekern 2:4 conversion sweep",
+        backends=backends,
+        linear=args.linear,
+    )
+    print(markdown)
+    print(f"wrote {args.out}/{args.name}.md and {args.out}/{args.name}.json")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,518 @@
+"""``sparsekern bench semi24``: 2:4 conversion speed against torch's reference, and 2:4 F.linear speedup on a GPU.
+
+Two parts:
+
+* conversions (every machine): ``semi24_compress`` / ``semi24_decompress`` per available backend against torch's
+  plain-tensor reference conversion (``torch.sparse._semi_structured_conversions``), with a bit-identity check of
+  every result;
+* linear (only with a CUDA GPU of compute capability >= 8.0): dense ``F.linear(x, w)`` against the same pruned
+  weight as a CUTLASS and a cuSPARSELt 2:4 tensor, at the shapes the 2:4 literature reports.
+
+Nothing is timed under the Triton interpreter: its timings say nothing about the speed of the kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.sparse import _semi_structured_conversions as torch_conversions
+
+import sparsekern
+from sparsekern import _semi24
+from sparsekern.ops import _backend
+from sparsekern.ops.semi24_mask import group_topk_mask
+
+from . import harness
+
+NO_GPU_MESSAGE = (
+    "No CUDA GPU of compute capability >= 8.0 visible: "
+    "the dense vs 2:4 F.linear speedup is not measured on this machine."
+)
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "int8": torch.int8,
+    "fp32": torch.float32,
+}
+LINEAR_DTYPES = ("fp16", "bf16")
+LINEAR_FORMATS = ("cutlass", "cusparselt")
+OPS = ("compress", "decompress")
+
+
+@dataclass(frozen=True)
+class Weight:
+    """A weight of ``nn.Linear(in_features, out_features)``: shape (out_features, in_features)."""
+
+    name: str
+    out_features: int
+    in_features: int
+    tokens: tuple[int, ...] = (1, 16, 128, 2048)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def label(self) -> str:
+        size = f"{self.out_features}x{self.in_features}"
+        return f"{size} ({self.name})" if self.name else size
+
+
+# The shapes the 2:4 literature reports. PyTorch's 2:4 tutorial runs nn.Linear(10240, 3072) on a (3072, 10240) input.
+WEIGHTS: tuple[Weight, ...] = (
+    Weight("", 4096, 4096),
+    Weight("2:4 tutorial 10240->3072", 3072, 10240, (1, 16, 128, 2048, 3072)),
+    Weight("BERT-base 768->3072", 3072, 768),
+    Weight("BERT-base 3072->768", 768, 3072),
+    Weight("ViT-L MLP 1024->4096", 4096, 1024),
+    Weight("ViT-L MLP 4096->1024", 1024, 4096),
+    Weight("Llama-7B MLP 4096->11008", 11008, 4096),
+    Weight("Llama-7B MLP 11008->4096", 4096, 11008),
+)
+# Small but valid for every dtype (int8 needs multiples of 16 x 128), so a smoke run takes seconds.
+QUICK_WEIGHTS: tuple[Weight, ...] = (Weight("quick", 128, 256, (16,)), Weight("quick", 256, 512, (16, 128)))
+
+_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How hard to measure: timed calls, untimed warm-up calls, and the time cap for slow baselines."""
+
+    repeat: int = 5
+    warmup: int = 1
+    max_time: float | None = 10.0
+    min_time: float = 0.0
+
+    def kwargs(self, device: str) -> dict[str, Any]:
+        """The keyword arguments of :func:`harness.measure`."""
+        return {
+            "warmup": self.warmup,
+            "repeat": self.repeat,
+            "max_time": self.max_time,
+            "min_time": self.min_time,
+            "device": device,
+        }
+
+
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (so -0.0 vs 0.0 and NaN payloads count)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.view(_BITS.get(a.dtype, a.dtype)), b.view(_BITS.get(b.dtype, b.dtype)))
+
+
+def pruned_weight(shape: tuple[int, int], dtype: torch.dtype, device: str | torch.device = "cpu", seed: int = 0):
+    """A magnitude-pruned 2:4 (fp32: 1:2) random weight, as ``to_semi_structured(prune=True)`` would keep it.
+
+    Dropped positions hold +0.0 (``torch.where``, not ``w * mask``, which leaves -0.0), so a decompressed result
+    can be compared with the input bit for bit.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=gen)
+    w = (w * 40).round().clamp(-128, 127).to(dtype) if dtype == torch.int8 else w.to(dtype)
+    fmt = _semi24.FORMATS[dtype]
+    mask = group_topk_mask(w, keep=fmt.kept, group=fmt.group)
+    return torch.where(mask, w, torch.zeros((), dtype=dtype)).contiguous().to(device)
+
+
+def gpu_status() -> tuple[bool, str]:
+    """Whether a CUDA GPU with 2:4 sparse tensor cores (compute capability >= 8.0) is visible, and what was seen."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU visible"
+    name, cap = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+    if cap < (8, 0):
+        return False, f"{name} has compute capability {cap[0]}.{cap[1]}, below 8.0"
+    return True, f"{name} (compute capability {cap[0]}.{cap[1]})"
+
+
+def conversion_backends(gpu: bool) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The (backend, device) pairs to time, and why each other pair is not timed."""
+    devices = {"cpu": ["cpu"], "triton": [], "cuda": [], "reference": ["cpu"]}
+    skipped: dict[str, str] = {
+        "triton on cpu": "on CPU tensors Triton runs only in its interpreter, whose timings are not speeds",
+    }
+    if gpu:
+        for backend in ("triton", "cuda", "reference"):
+            devices[backend].append("cuda")
+    else:
+        skipped["cuda"] = "no CUDA GPU of compute capability >= 8.0 visible"
+    run: list[tuple[str, str]] = []
+    for backend, on in devices.items():
+        for device in on:
+            reason = _backend.unavailable_reason(backend, torch.device(device))
+            if reason is None:
+                run.append((backend, device))
+            else:
+                skipped[f"{backend} on {device}"] = reason
+    return run, skipped
+
+
+def _failure(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {text}"
+    return "failed: " + (text if len(text) <= 160 else text[:157] + "...")
+
+
+def conversion_rows(
+    weights: Sequence[Weight],
+    dtypes: Sequence[str],
+    backends: Sequence[tuple[str, str]],
+    settings: Settings,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Time compress and decompress per (weight, dtype, backend) against torch's reference conversion.
+
+    Compress results are compared bit for bit with torch's (packed, meta). Decompress runs on torch's
+    (packed, meta) and is compared with torch's to_dense, except fp32, where torch's to_dense is lossy
+    (torch 2.14) and the original dense weight is the oracle. A failing case becomes a row saying why.
+    """
+    devices = sorted({device for _, device in backends})
+    cases = [(w, d, dev) for dev in devices for w in weights for d in dtypes]
+    rows: list[dict[str, Any]] = []
+    for weight, dtype_name, device in harness.progress(cases, "semi24 conversions", progress):
+        on_device = [b for b, d in backends if d == device]
+        rows += _conversion_case(weight, dtype_name, device, on_device, settings)
+    return rows
+
+
+def _conversion_case(
+    weight: Weight, dtype_name: str, device: str, backends: Sequence[str], settings: Settings
+) -> list[dict[str, Any]]:
+    dtype = DTYPES[dtype_name]
+    base = {"weight": weight.label, "shape": list(weight.shape), "dtype": dtype_name, "device": device}
+    kw = settings.kwargs(device)
+    from_dense = torch_conversions.sparse_semi_structured_from_dense_cutlass
+    to_dense = torch_conversions.sparse_semi_structured_to_dense_cutlass
+    try:
+        dense = pruned_weight(weight.shape, dtype, device)
+        torch_c = harness.measure(lambda: from_dense(dense), **kw)
+        packed, meta = from_dense(dense)
+        torch_d = harness.measure(lambda: to_dense(packed, meta), **kw)
+        checked_against = "input" if dtype == torch.float32 else "torch"
+        oracle = dense if checked_against == "input" else to_dense(packed, meta)
+    except Exception as exc:  # noqa: BLE001 -- reported in the table
+        return [{**base, "op": op, "backend": "torch reference", "error": _failure(exc)} for op in OPS]
+
+    rows = []
+    for backend in backends:
+        row = {**base, "op": "compress", "backend": backend, "torch": torch_c.to_dict(), "checked_against": "torch"}
+        try:
+            stats = harness.measure(lambda b=backend: sparsekern.semi24_compress(dense, backend=b), **kw)
+            ours = sparsekern.semi24_compress(dense, backend=backend)
+            identical = bits_equal(ours[0], packed) and bits_equal(ours[1], meta)
+            row.update(stats=stats.to_dict(), ratio=torch_c.median / stats.median, bit_identical=identical)
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = _failure(exc)
+        rows.append(row)
+
+        row = {**base, "op": "decompress", "backend": backend, "torch": torch_d.to_dict()}
+        row["checked_against"] = checked_against
+        try:
+            stats = harness.measure(lambda b=backend: sparsekern.semi24_decompress(packed, meta, backend=b), **kw)
+            identical = bits_equal(sparsekern.semi24_decompress(packed, meta, backend=backend), oracle)
+            row.update(stats=stats.to_dict(), ratio=torch_d.median / stats.median, bit_identical=identical)
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = _failure(exc)
+        rows.append(row)
+    return rows
+
+
+def linear_rows(
+    weights: Sequence[Weight],
+    dtypes: Sequence[str],
+    settings: Settings,
+    device: str = "cuda",
+    formats: Sequence[str] = LINEAR_FORMATS,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Time dense ``F.linear(x, w)`` against the same pruned ``w`` as a 2:4 tensor of each format.
+
+    speedup = dense time / sparse time (below 1x: a slowdown). Correctness: the largest |sparse - dense| output
+    difference, and each one's error against an fp32 computation; the 2:4 result is called ok when its error is
+    at most twice dense's (the flash-attention rule). A failing case (e.g. a shape cuSPARSELt refuses) becomes a
+    row saying why.
+    """
+    cases = [(w, t, d) for w in weights for t in w.tokens for d in dtypes if d in LINEAR_DTYPES]
+    rows: list[dict[str, Any]] = []
+    for weight, tokens, dtype_name in harness.progress(cases, "semi24 F.linear", progress):
+        rows += _linear_case(weight, tokens, dtype_name, device, formats, settings)
+    return rows
+
+
+def _linear_case(
+    weight: Weight, tokens: int, dtype_name: str, device: str, formats: Sequence[str], settings: Settings
+) -> list[dict[str, Any]]:
+    dtype = DTYPES[dtype_name]
+    base = {
+        "weight": weight.label,
+        "shape": list(weight.shape),
+        "tokens": tokens,
+        "dtype": dtype_name,
+        "device": device,
+    }
+    kw = settings.kwargs(device)
+    try:
+        w = pruned_weight(weight.shape, dtype, device)
+        x = torch.randn(tokens, weight.in_features, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
+        dense_stats = harness.measure(lambda: F.linear(x, w), **kw)
+        y_dense = F.linear(x, w).float()
+        y_exact = F.linear(x.float(), w.float())
+        dense_err = (y_dense - y_exact).abs().max().item()
+    except Exception as exc:  # noqa: BLE001
+        return [{**base, "format": "dense", "error": _failure(exc)}]
+
+    rows = []
+    for fmt in formats:
+        row = {**base, "format": fmt, "dense": dense_stats.to_dict(), "dense_err_vs_fp32": dense_err}
+        try:
+            ws = sparsekern.to_semi_structured(w, prune=True, format=fmt)
+            stats = harness.measure(lambda ws=ws: F.linear(x, ws), **kw)
+            y = F.linear(x, ws).float()
+            err = (y - y_exact).abs().max().item()
+            row.update(
+                stats=stats.to_dict(),
+                speedup=dense_stats.median / stats.median,
+                max_abs_diff_vs_dense=(y - y_dense).abs().max().item(),
+                sparse_err_vs_fp32=err,
+                ok=err <= 2 * dense_err,
+            )
+        except Exception as exc:  # noqa: BLE001
+            row["error"] = _failure(exc)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reporting
+
+
+def _stats(d: dict[str, Any] | None) -> harness.Stats | None:
+    if d is None:
+        return None
+    return harness.Stats(**{k: v for k, v in d.items() if k != "iqr"})
+
+
+def _yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("yes" if value else "NO")
+
+
+def conversion_section(op: str, rows: list[dict[str, Any]]) -> harness.Section:
+    """The table of one op ("compress" or "decompress")."""
+    headers = [
+        "weight",
+        "dtype",
+        "device",
+        "backend",
+        "ms median (IQR)",
+        "torch ref ms median (IQR)",
+        "torch ref / backend",
+        "bit-identical",
+        "checked against",
+        "peak MiB backend / torch",
+    ]
+    table = []
+    for r in rows:
+        if r["op"] != op:
+            continue
+        stats, ref = _stats(r.get("stats")), _stats(r.get("torch"))
+        if "error" in r:
+            table.append(
+                [
+                    r["weight"],
+                    r["dtype"],
+                    r["device"],
+                    r["backend"],
+                    r["error"],
+                    harness.fmt_ms(ref),
+                    "-",
+                    "-",
+                    r.get("checked_against", "-"),
+                    "-",
+                ]
+            )
+            continue
+        memory = f"{harness.fmt_mib(stats.peak_bytes)} / {harness.fmt_mib(ref.peak_bytes)}"
+        table.append(
+            [
+                r["weight"],
+                r["dtype"],
+                r["device"],
+                r["backend"],
+                harness.fmt_ms(stats),
+                harness.fmt_ms(ref),
+                harness.fmt_ratio(r["ratio"]),
+                _yes_no(r["bit_identical"]),
+                r["checked_against"],
+                memory,
+            ]
+        )
+    torch_fn = f"sparse_semi_structured_{'from_dense' if op == 'compress' else 'to_dense'}_cutlass"
+    notes = [
+        f"torch ref = torch.sparse._semi_structured_conversions.{torch_fn}, timed on the same tensors in the same "
+        "run; torch ref / backend above 1x means the backend is faster."
+    ]
+    if op == "decompress":
+        notes.append(
+            "Decompress runs on torch's (packed, meta); fp32 results are checked against the input weight, "
+            "not torch's to_dense, which is lossy for fp32 in torch 2.14."
+        )
+    return harness.Section(f"2:4 {op}", headers, table, notes)
+
+
+def linear_section(rows: list[dict[str, Any]]) -> harness.Section:
+    headers = [
+        "weight",
+        "tokens",
+        "dtype",
+        "format",
+        "dense ms median (IQR)",
+        "2:4 ms median (IQR)",
+        "speedup (dense / 2:4)",
+        "max |2:4 - dense|",
+        "err vs fp32 2:4 / dense",
+        "ok",
+        "peak MiB dense / 2:4",
+    ]
+    table = []
+    for r in rows:
+        dense = _stats(r.get("dense"))
+        if "error" in r:
+            table.append(
+                [
+                    r["weight"],
+                    r["tokens"],
+                    r["dtype"],
+                    r["format"],
+                    harness.fmt_ms(dense),
+                    r["error"],
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                ]
+            )
+            continue
+        stats = _stats(r["stats"])
+        table.append(
+            [
+                r["weight"],
+                r["tokens"],
+                r["dtype"],
+                r["format"],
+                harness.fmt_ms(dense),
+                harness.fmt_ms(stats),
+                harness.fmt_ratio(r["speedup"]),
+                f"{r['max_abs_diff_vs_dense']:.3g}",
+                f"{r['sparse_err_vs_fp32']:.3g} / {r['dense_err_vs_fp32']:.3g}",
+                _yes_no(r["ok"]),
+                f"{harness.fmt_mib(dense.peak_bytes)} / {harness.fmt_mib(stats.peak_bytes)}",
+            ]
+        )
+    notes = [
+        "speedup = dense F.linear time / 2:4 F.linear time on the same pruned weight; below 1x is a slowdown.",
+        "ok: the 2:4 output's max error against an fp32 F.linear is at most 2x the dense output's.",
+    ]
+    return harness.Section("dense vs 2:4 F.linear (GPU)", headers, table, notes)
+
+
+def run_semi24(
+    *,
+    weights: Sequence[Weight],
+    dtypes: Sequence[str],
+    settings: Settings,
+    out: str,
+    name: str = "semi24",
+    title: str = "sparsekern bench semi24",
+    backends: Sequence[str] | None = None,
+    linear: bool = True,
+    progress: bool = True,
+) -> tuple[int, str]:
+    """Run both parts, write ``<out>/<name>.md`` and ``.json``; returns (exit code, markdown).
+
+    The exit code is 1 when a conversion failed or was not bit-identical (a sparsekern bug), else 0; a linear
+    case that torch or cuSPARSELt refuses is reported in its row and does not change the exit code.
+    """
+    Path(out).mkdir(parents=True, exist_ok=True)  # fail on a bad --out before minutes of measuring
+    gpu, gpu_seen = gpu_status()
+    run_backends, skipped = conversion_backends(gpu)
+    if backends is not None:
+        for b, _ in run_backends:
+            if b not in backends:
+                skipped.setdefault(b, "not selected")
+        run_backends = [(b, d) for b, d in run_backends if b in backends]
+    env = harness.environment(gpu=gpu)
+    notes = [NO_GPU_MESSAGE if not gpu else f"GPU: {gpu_seen}."]
+    if not gpu:
+        notes.append(
+            f"(seen: {gpu_seen}). Every timing below is on the CPU ({env['cpu']}, {env['torch_threads']} "
+            "torch threads); CPU timings are noisy, so compare ratios within this run."
+        )
+    cap = "" if settings.max_time is None else f", cut short once they total {settings.max_time} s and 3 have run"
+    notes.append(
+        f"Timing: {settings.warmup} warm-up call(s), then {settings.repeat} timed calls, continued until they "
+        f"total {settings.min_time} s{cap}; median and interquartile range (IQR) in ms."
+    )
+    notes += [f"Not timed: backend `{name}`: {why}." for name, why in skipped.items()]
+    notes.append(
+        "Peak memory is that of the first call: on the CPU the rise of the process's peak RSS (a lower bound: "
+        "memory the allocator kept from earlier calls is reused unseen), on CUDA the rise of "
+        "torch.cuda.max_memory_allocated."
+    )
+    conv = conversion_rows(weights, dtypes, run_backends, settings, progress)
+    sections = [conversion_section(op, conv) for op in OPS]
+    lin: list[dict[str, Any]] = []
+    if gpu and linear:
+        # F.linear at a few tokens takes microseconds: collect at least 0.1 s of samples.
+        gpu_settings = dataclasses.replace(settings, min_time=max(settings.min_time, 0.1))
+        lin = linear_rows(weights, dtypes, gpu_settings, progress=progress)
+        sections.append(linear_section(lin))
+    markdown = harness.render_markdown(title, env, notes, sections)
+    data = {
+        "benchmark": name,
+        "environment": env,
+        "notes": notes,
+        "gpu_measured": bool(gpu and linear),
+        "settings": dataclasses.asdict(settings),
+        "skipped_backends": skipped,
+        "conversions": conv,
+        "linear": lin,
+    }
+    harness.write_report(out, name, markdown, data)
+    failed = [r for r in conv if "error" in r or not r.get("bit_identical", False)]
+    return (1 if failed else 0), markdown
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``sparsekern bench semi24``."""
+    quick = args.quick
+    # min_time gives sub-millisecond calls enough samples for a stable median; max_time keeps the multi-second
+    # torch baselines of the big shapes from dominating the run.
+    settings = Settings(
+        repeat=args.repeat or (3 if quick else 5), warmup=1, min_time=0.05, max_time=2.0 if quick else 10.0
+    )
+    dtypes = args.dtype or list(DTYPES)
+    code, markdown = run_semi24(
+        weights=QUICK_WEIGHTS if quick else WEIGHTS,
+        dtypes=list(dict.fromkeys(dtypes)),
+        settings=settings,
+        out=args.out,
+    )
+    print(markdown)
+    print(f"wrote {Path(args.out) / 'semi24.md'} and {Path(args.out) / 'semi24.json'}")
+    if code:
+        print(
+            "sparsekern bench semi24: some conversions failed or were not bit-identical (see the table)",
+            file=sys.stderr,
+        )
+    return code

@@ -1,0 +1,95 @@
+"""The ``sparsekern`` command line: ``sparsekern info`` and ``sparsekern bench …``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+
+def _info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import _extension, __version__
+    from .ops import _backend
+
+    lines = [
+        f"sparsekern {__version__}",
+        f"python {platform.python_version()}, torch {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+    ]
+    try:
+        import triton
+
+        lines.append(f"triton {triton.__version__} (TRITON_INTERPRET={'1' if _backend.triton_interpret() else 'unset'})")
+    except ImportError:
+        lines.append("triton: not installed")
+    build = _extension.build_info()
+    if build["loaded"]:
+        cuda = f"CUDA {build['cuda_version']} for {build['cuda_archs']}" if build["with_cuda"] else "no CUDA sources"
+        lines.append(f"extension: {build['path']} ({cuda}); CPU kernels dispatch to {build['cpu_isa']}")
+    else:
+        lines.append(f"extension: not loaded -- {build['reason']}; every op runs its plain-PyTorch reference")
+    cuda_ok = torch.cuda.is_available()
+    lines.append(f"GPU: {torch.cuda.get_device_name() if cuda_ok else 'none visible'}")
+    lines.append("backends (device: backend -> status):")
+    import torch as _t
+
+    for device in ("cpu", "cuda"):
+        for name in ("cpu", "triton", "cuda", "reference"):
+            reason = _backend.unavailable_reason(name, _t.device(device))
+            if device == "cuda" and reason is None and name != "reference" and not cuda_ok:
+                reason = "no CUDA GPU visible"
+            if (device, name) in (("cpu", "cuda"), ("cuda", "cpu")):
+                continue
+            lines.append(f"  {device}: {name:9s} -> {'available' if reason is None else 'unavailable: ' + reason}")
+        lines.append(f"  {device}: auto picks {_auto_choice(device, cuda_ok)}")
+    if args.json:
+        print(json.dumps({"lines": lines, "extension": build}, indent=2))
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+def _auto_choice(device: str, cuda_ok: bool) -> str:
+    import torch
+
+    from .ops import _backend
+
+    if device == "cuda" and not cuda_ok:
+        return "nothing (no CUDA GPU visible)"
+    for name in {"cpu": ("cpu",), "cuda": ("triton", "cuda")}[device]:
+        if _backend.unavailable_reason(name, torch.device(device)) is None:
+            return name
+    return "reference (fallback, warned once per op)"
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparsekern", description="Fast, exact sparse kernels for PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="versions, the extension build, and which backend each device uses")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
+    bench = sub.add_parser("bench", help="benchmarks (see `sparsekern bench --help`)")
+    from .bench import add_bench_arguments
+
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

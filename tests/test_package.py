@@ -1,0 +1,90 @@
+"""Packaging facts: the build finds the CUDA toolkit itself, the pure-Python switch, no CUDA init on import,
+and `sparsekern info` tells which backend runs where and why."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_module():
+    spec = importlib.util.spec_from_file_location("sparsekern_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # setup() itself only runs as __main__
+    return module
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc on PATH")
+def test_find_cuda_root_without_cuda_home(monkeypatch):
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    root = _setup_module().find_cuda_root()
+    assert root is not None
+    for part in ("bin/nvcc", "include/cuda_runtime.h", "lib64/libcudart.so"):
+        assert (Path(root) / part).exists(), part
+
+
+def test_cuda_home_wins(monkeypatch, tmp_path):
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path))
+    assert _setup_module().find_cuda_root() == str(tmp_path)
+
+
+def test_pure_python_switch(monkeypatch):
+    monkeypatch.setenv("SPARSEKERN_BUILD_EXTENSION", "0")
+    assert _setup_module().extensions() == ([], {})
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
+    )
+
+
+def test_import_does_not_initialise_cuda():
+    code = (
+        "import torch\n"
+        "def refuse(*a, **k): raise AssertionError('CUDA initialised')\n"
+        "torch.cuda._lazy_init = refuse\n"
+        "torch.cuda.init = refuse\n"
+        "import sparsekern, sparsekern.nn, sparsekern.cli\n"
+        "sparsekern.cli.build_parser()\n"
+        "assert not torch.cuda.is_initialized()\n"
+    )
+    result = _run(code)
+    assert result.returncode == 0, result.stderr
+
+
+def test_info_reports_backends():
+    result = subprocess.run([sys.executable, "-m", "sparsekern", "info"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "torch" in out and "extension:" in out and "cpu: auto picks" in out
+    assert "cpu: reference" in out
+
+
+def test_info_without_extension_says_why():
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsekern", "info"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SPARSEKERN_DISABLE_EXTENSION": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "extension: not loaded -- switched off by SPARSEKERN_DISABLE_EXTENSION" in result.stdout
+    assert "cpu: auto picks reference" in result.stdout
+
+
+def test_cli_help():
+    result = subprocess.run([sys.executable, "-m", "sparsekern", "--help"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "info" in result.stdout and "bench" in result.stdout
+    result = subprocess.run([sys.executable, "-m", "sparsekern", "nonsense"], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "invalid choice" in result.stderr
