@@ -52,7 +52,9 @@ def find_cuda_root() -> str | None:
         try:
             out = subprocess.run(
                 [nvcc, "--dryrun", "-c", "-x", "cu", os.devnull, "-o", os.devnull],
-                capture_output=True, text=True, timeout=60,
+                capture_output=True,
+                text=True,
+                timeout=60,
             )
             match = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
             if match:

@@ -4,8 +4,7 @@ Importing sparsekern never initialises CUDA. Triton kernels are defined on first
 ``TRITON_INTERPRET=1`` may be set any time before the first ``backend="triton"`` call.
 """
 
-from . import _extension
-from . import nn
+from . import _extension, nn  # noqa: F401  (_extension loads the compiled kernels)
 from .ops import (
     BACKENDS,
     BackendUnavailableError,

@@ -10,7 +10,6 @@ import os
 
 import torch  # noqa: F401  (loads libc10 and libtorch, which _C links against)
 
-
 _C = None
 unavailable_reason: str | None = None
 

@@ -12,7 +12,7 @@ import sys
 def _info(args: argparse.Namespace) -> int:
     import torch
 
-    from . import _extension, __version__
+    from . import __version__, _extension
     from .ops import _backend
 
     lines = [
@@ -22,7 +22,9 @@ def _info(args: argparse.Namespace) -> int:
     try:
         import triton
 
-        lines.append(f"triton {triton.__version__} (TRITON_INTERPRET={'1' if _backend.triton_interpret() else 'unset'})")
+        lines.append(
+            f"triton {triton.__version__} (TRITON_INTERPRET={'1' if _backend.triton_interpret() else 'unset'})"
+        )
     except ImportError:
         lines.append("triton: not installed")
     build = _extension.build_info()
@@ -34,15 +36,11 @@ def _info(args: argparse.Namespace) -> int:
     cuda_ok = torch.cuda.is_available()
     lines.append(f"GPU: {torch.cuda.get_device_name() if cuda_ok else 'none visible'}")
     lines.append("backends (device: backend -> status):")
-    import torch as _t
-
-    for device in ("cpu", "cuda"):
-        for name in ("cpu", "triton", "cuda", "reference"):
-            reason = _backend.unavailable_reason(name, _t.device(device))
+    for device, names in (("cpu", ("cpu", "triton", "reference")), ("cuda", ("triton", "cuda", "reference"))):
+        for name in names:
+            reason = _backend.unavailable_reason(name, torch.device(device))
             if device == "cuda" and reason is None and name != "reference" and not cuda_ok:
                 reason = "no CUDA GPU visible"
-            if (device, name) in (("cpu", "cuda"), ("cuda", "cpu")):
-                continue
             lines.append(f"  {device}: {name:9s} -> {'available' if reason is None else 'unavailable: ' + reason}")
         lines.append(f"  {device}: auto picks {_auto_choice(device, cuda_ok)}")
     if args.json:

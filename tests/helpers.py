@@ -13,7 +13,12 @@ HAS_GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
 ALL_DTYPES = (torch.float16, torch.bfloat16, torch.int8, torch.float32)
-BITS_DTYPE = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32, torch.int8: torch.int8}
+BITS_DTYPE = {
+    torch.float16: torch.int16,
+    torch.bfloat16: torch.int16,
+    torch.float32: torch.int32,
+    torch.int8: torch.int8,
+}
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -55,7 +60,9 @@ def backend_params(*names: str):
     for name in names:
         marks = []
         if name == "cpu":
-            marks.append(pytest.mark.skipif(not _extension.available(), reason=f"extension: {_extension.unavailable_reason}"))
+            marks.append(
+                pytest.mark.skipif(not _extension.available(), reason=f"extension: {_extension.unavailable_reason}")
+            )
         if name == "triton":
             marks.append(pytest.mark.triton)
             marks.append(
@@ -75,4 +82,3 @@ def device_for(backend: str) -> str:
     if backend == "cuda" or (backend == "triton" and HAS_GPU):
         return "cuda"
     return "cpu"
-

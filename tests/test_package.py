@@ -86,5 +86,7 @@ def test_info_without_extension_says_why():
 def test_cli_help():
     result = subprocess.run([sys.executable, "-m", "sparsekern", "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "info" in result.stdout and "bench" in result.stdout
-    result = subprocess.run([sys.executable, "-m", "sparsekern", "nonsense"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "sparsekern", "nonsense"], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode != 0 and "invalid choice" in result.stderr

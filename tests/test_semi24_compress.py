@@ -29,7 +29,11 @@ SMALL_SHAPES = {
     torch.int8: [(16, 128), (48, 384), (80, 640)],
     torch.float32: [(32, 32), (96, 96), (160, 224)],
 }
-SMALL = [pytest.param(dtype, shape, id=f"{str(dtype)[6:]}-{shape[0]}x{shape[1]}") for dtype in ALL_DTYPES for shape in SMALL_SHAPES[dtype]]
+SMALL = [
+    pytest.param(dtype, shape, id=f"{str(dtype)[6:]}-{shape[0]}x{shape[1]}")
+    for dtype in ALL_DTYPES
+    for shape in SMALL_SHAPES[dtype]
+]
 
 
 def assert_round_trip(restored: torch.Tensor, dense: torch.Tensor) -> None:
@@ -156,7 +160,9 @@ def test_decompress_bad_input():
     packed, meta = sparsekern.semi24_compress(torch.zeros(32, 64, dtype=torch.float16), backend="reference")
     with pytest.raises(TypeError, match=r"meta must have dtype int16; got int32"):
         sparsekern.semi24_decompress(packed, meta.int())
-    with pytest.raises(ValueError, match=r"meta must have shape \(32, 4\) for packed of shape \(32, 32\), got \(32, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"meta must have shape \(32, 4\) for packed of shape \(32, 32\), got \(32, 2\)"
+    ):
         sparsekern.semi24_decompress(packed, meta[:, :2].contiguous())
     with pytest.raises(ValueError, match=r"the dense matrix of packed has 32 columns"):
         sparsekern.semi24_decompress(packed[:, :16].contiguous(), meta)
@@ -199,7 +205,9 @@ def test_opcheck(dtype):
 
 
 @pytest.mark.triton
-@pytest.mark.skipif(not HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1", reason="Triton needs a GPU or TRITON_INTERPRET=1")
+@pytest.mark.skipif(
+    not HAS_GPU and os.environ.get("TRITON_INTERPRET") != "1", reason="Triton needs a GPU or TRITON_INTERPRET=1"
+)
 def test_opcheck_triton_ops():
     compress_mod = importlib.import_module("sparsekern.ops.semi24_compress")
     decompress_mod = importlib.import_module("sparsekern.ops.semi24_decompress")
@@ -234,7 +242,8 @@ def test_portable_cpu_kernel_is_bit_identical():
         "sys.path.insert(0, 'tests')\n"
         "from helpers import random_semi24, assert_bits_equal\n"
         "from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass as ref\n"
-        "assert sparsekern._extension.build_info()['cpu_isa'].startswith('baseline'), sparsekern._extension.build_info()\n"
+        "info = sparsekern._extension.build_info()\n"
+        "assert info['cpu_isa'].startswith('baseline'), info\n"
         "for dtype, shape in [(torch.float16, (96, 192)), (torch.bfloat16, (64, 128)), (torch.int8, (48, 384)),\n"
         "                     (torch.float32, (96, 96))]:\n"
         "    dense = random_semi24(*shape, dtype)\n"
@@ -249,7 +258,11 @@ def test_portable_cpu_kernel_is_bit_identical():
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", code],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "SPARSEKERN_CPU_ISA": "baseline"},
     )
     assert result.returncode == 0, result.stderr

@@ -16,7 +16,11 @@ SHAPE = {torch.float16: (64, 128), torch.bfloat16: (32, 64), torch.int8: (32, 25
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d)[6:])
 def test_cutlass_tensor_on_cpu(dtype):
-    w = torch.nan_to_num(random_semi24(*SHAPE[dtype], dtype)) if dtype.is_floating_point else random_semi24(*SHAPE[dtype], dtype)
+    w = (
+        torch.nan_to_num(random_semi24(*SHAPE[dtype], dtype))
+        if dtype.is_floating_point
+        else random_semi24(*SHAPE[dtype], dtype)
+    )
     t = sparsekern.to_semi_structured(w)
     assert isinstance(t, SparseSemiStructuredTensorCUTLASS)
     assert t.shape == w.shape and t.dtype == w.dtype and t.packed_t is None

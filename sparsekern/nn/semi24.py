@@ -38,11 +38,19 @@ class Semi24Report:
     def __str__(self) -> str:
         rows = [("layer", "shape", "dtype", "device", "result")]
         rows += [
-            (r.name, "x".join(map(str, r.shape)), r.dtype, r.device, f"converted ({r.reason})" if r.converted else f"skipped: {r.reason}")
+            (
+                r.name,
+                "x".join(map(str, r.shape)),
+                r.dtype,
+                r.device,
+                f"converted ({r.reason})" if r.converted else f"skipped: {r.reason}",
+            )
             for r in self.layers
         ]
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths, strict=True)) + "  " + row[4] for row in rows
+        ]
         lines.append(f"{len(self.converted)} converted, {len(self.skipped)} skipped")
         return "\n".join(lines)
 

@@ -38,7 +38,9 @@ def _tile_patterns(tile: int, keep: int) -> torch.Tensor:
     ordered so that patterns keeping lower (row-major) positions come first: argmax's first maximum is then
     the tie rule."""
     rows = [r for r in itertools.product((0, 1), repeat=tile) if sum(r) == keep]
-    patterns = [p for p in itertools.product(rows, repeat=tile) if all(sum(col) == keep for col in zip(*p))]
+    patterns = [
+        p for p in itertools.product(rows, repeat=tile) if all(sum(col) == keep for col in zip(*p, strict=True))
+    ]
     flat = sorted((sum(p, ()) for p in patterns), reverse=True)
     return torch.tensor(flat, dtype=torch.float64)
 
@@ -48,7 +50,8 @@ def transposable_mask(w: torch.Tensor, keep: int, tile: int, chunk: int = 1 << 1
     fn = "semi24_mask"
     if w.dim() != 2 or w.shape[0] % tile or w.shape[1] % tile:
         raise ValueError(
-            f"{fn}: transposable=True needs a 2-D w with both dimensions multiples of {tile}, got shape {tuple(w.shape)}"
+            f"{fn}: transposable=True needs a 2-D w with both dimensions multiples of {tile}, "
+            f"got shape {tuple(w.shape)}"
         )
     m, n = w.shape
     tiles = w.detach().double().abs().reshape(m // tile, tile, n // tile, tile).transpose(1, 2).reshape(-1, tile * tile)
