@@ -93,3 +93,29 @@ def semi24_decompress_reference(packed: torch.Tensor, meta: torch.Tensor) -> tor
     else:
         dense.scatter_(-1, (idx0 // 2).unsqueeze(-1), packed.view(m, -1, 1))
     return dense.view(m, k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Masked sparse matmul. W is (n_out, n_in) in CSR: row_ptr int64 (n_out + 1), col_idx int32, values.
+
+
+def csr_rows(row_ptr: torch.Tensor) -> torch.Tensor:
+    """The row of every nonzero of a CSR matrix, as int64 (nnz)."""
+    counts = row_ptr[1:] - row_ptr[:-1]
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+
+
+def spmm_reference(
+    x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, n_out: int
+) -> torch.Tensor:
+    """y = x @ W.T for the CSR matrix W (n_out, x.shape[1]); fp32 accumulation (float64 for float64 input)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dense = torch.zeros(n_out, x.shape[1], dtype=acc, device=x.device)
+    dense[csr_rows(row_ptr), col_idx.long()] = values.to(acc)
+    return (x.to(acc) @ dense.T).to(x.dtype)
+
+
+def sddmm_reference(g: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> torch.Tensor:
+    """out[j] = sum_b g[b, row(j)] * x[b, col_idx[j]]: the gradient of W's values, only at its nonzeros."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (g.to(acc).T @ x.to(acc))[csr_rows(row_ptr), col_idx.long()].to(x.dtype)

@@ -12,3 +12,18 @@ lib = torch.library.Library("sparsekern", "DEF")
 # 2:4 (fp32: 1:2) compression to the CUTLASS semi-structured layout; see ops/semi24_compress.py.
 lib.define("semi24_compress(Tensor dense) -> (Tensor packed, Tensor meta)")
 lib.define("semi24_decompress(Tensor packed, Tensor meta) -> Tensor")
+
+# Masked sparse matmul (the sparse linear layer); see ops/spmm.py, ops/sddmm.py and ops/sparse_linear.py.
+# W is (n_out, n_in) in CSR: row_ptr int64 (n_out + 1), col_idx int32 (nnz), values (nnz) in x's dtype.
+# spmm: y = x @ W.T, y[b, o] = sum over j in row o of values[j] * x[b, col_idx[j]]; fp32 accumulation.
+# The same op computes dX = g @ W through the transposed (CSC) index.
+lib.define("spmm(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int n_out) -> Tensor")
+# sddmm: the gradient of values, out[j] = sum over b of g[b, row(j)] * x[b, col_idx[j]] (only at the nonzeros).
+lib.define("sddmm(Tensor g, Tensor x, Tensor row_ptr, Tensor col_idx) -> Tensor")
+# The sparse linear layer's autograd op: y = x @ W.T + bias with W = (values, CSR/CSC index). `backend` is a
+# resolved kernel family and `path` is "sparse" (spmm / sddmm) or "dense" (scatter W, dense GEMM), decided
+# per call by density in ops/sparse_linear.py so that forward and backward agree.
+lib.define(
+    "sparse_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor csc_ptr, Tensor csc_row, "
+    "Tensor csc_perm, Tensor? bias, int n_out, str backend, str path) -> Tensor"
+)

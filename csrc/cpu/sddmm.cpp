@@ -1,0 +1,223 @@
+// SDDMM on the CPU: the gradient of a CSR weight's values, out[j] = sum_b g[b, row(j)] * x[b, col_idx[j]].
+//
+// Per batch tile (see batch_tiles.h) x is packed to [n_in][L] and stays in L2. The rows of g are packed 64 at a
+// time into an L1-sized block; the current row's L lanes of g sit in registers while its nonzeros stream by,
+// each a register-wide product with the run tile[col]. Sixteen nonzeros' 16-lane partial sums are reduced
+// together by one transposing add tree (3 shuffles and adds per nonzero instead of a full horizontal sum each),
+// and added to a per-worker fp32 accumulator; the workers' accumulators are summed in a fixed order at the end.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "sparsekern/batch_tiles.h"
+#include "sparsekern/csr.h"
+
+namespace sparsekern {
+namespace {
+
+constexpr int64_t kGRows = 64;  // rows of g packed per block: 64 x L lanes, at most 16 KiB
+
+struct SddmmArgs {
+  const void* g;
+  const void* x;
+  const int64_t* row_ptr;
+  const int32_t* col_idx;
+  int64_t batch, n_in, n_out;
+};
+
+// One work item: packs x's tile `tile` (when new to the worker), then adds every nonzero of rows [r0, r1) over the
+// tile's batch rows to acc, one block of kGRows rows of g at a time. walk_fn(g_block, x_tile, o0, o1, acc) does
+// the rows [o0, o1) of a block.
+template <int L, typename T, typename TileT, typename Pack, typename Walk>
+inline __attribute__((always_inline)) void sddmm_item(const SddmmArgs& a, int64_t tile, int64_t r0, int64_t r1,
+                                                      float* xbuf, bool new_tile, float* acc, Pack pack_fn,
+                                                      Walk walk_fn) {
+  const int64_t b0 = tile * L, rows = std::min<int64_t>(L, a.batch - b0);
+  TileT* xt = reinterpret_cast<TileT*>(xbuf);
+  if (new_tile) pack_fn(static_cast<const T*>(a.x) + b0 * a.n_in, a.n_in, rows, a.n_in, xt);
+  alignas(64) TileT gblock[kGRows * L];
+  const T* g = static_cast<const T*>(a.g) + b0 * a.n_out;
+  for (int64_t o0 = r0; o0 < r1; o0 += kGRows) {
+    const int64_t o1 = std::min(r1, o0 + kGRows);
+    if (a.row_ptr[o0] == a.row_ptr[o1]) continue;
+    pack_fn(g + o0, a.n_out, rows, o1 - o0, gblock);
+    walk_fn(gblock, xt, a.row_ptr, a.col_idx, o0, o1, acc);
+  }
+}
+
+// Portable path: per nonzero one 16-lane vector of partial products (GCC/Clang vectors), then a pairwise sum of
+// its lanes.
+template <int L>
+inline __attribute__((always_inline)) void sddmm_walk_portable(const float* gblock, const float* xt,
+                                                               const int64_t* row_ptr, const int32_t* col_idx,
+                                                               int64_t o0, int64_t o1, float* acc) {
+  using batch_tiles::load_vec16;
+  using batch_tiles::vec16;
+  constexpr int NV = L / 16;
+  for (int64_t o = o0; o < o1; ++o) {
+    vec16 g[NV];
+    for (int i = 0; i < NV; ++i) load_vec16(g[i], gblock + (o - o0) * L + 16 * i);
+    for (int64_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
+      const float* xs = xt + int64_t(col_idx[j]) * L;
+      vec16 s = {}, xv;
+      for (int i = 0; i < NV; ++i) {
+        load_vec16(xv, xs + 16 * i);
+        s += g[i] * xv;
+      }
+      float h[16];
+      std::memcpy(h, &s, sizeof(h));
+      for (int w = 8; w >= 1; w /= 2) {
+        for (int i = 0; i < w; ++i) h[i] += h[i + w];
+      }
+      acc[j] += h[0];
+    }
+  }
+}
+
+constexpr int kPL = batch_tiles::kPortableLanes;
+#define SPARSEKERN_SDDMM_PORTABLE(NAME, T)                                                                      \
+  SPARSEKERN_PORTABLE_CLONES void NAME(const SddmmArgs& a, int64_t tile, int64_t r0, int64_t r1, float* xbuf,   \
+                                       bool new_tile, float* acc) {                                             \
+    sddmm_item<kPL, T, float>(a, tile, r0, r1, xbuf, new_tile, acc, batch_tiles::pack_tile_portable<kPL, T>,   \
+                              sddmm_walk_portable<kPL>);                                                        \
+  }
+SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_f32, float)
+SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_bf16, c10::BFloat16)
+SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_f16, c10::Half)
+
+#if defined(SPARSEKERN_BATCH_TILES_AVX512)
+SPARSEKERN_AVX512_DIAGNOSTICS_BEGIN
+// Lane k of the result = the sum of the 16 lanes of v[k]: a transposing add tree, 15 shuffle pairs and adds.
+SPARSEKERN_AVX512 inline __m512 reduce16(const __m512 v[16]) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane: v[2i] and v[2i+1] folded to pairs
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the four sums of v[4i..4i+3]
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xdd));
+  const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xdd));
+}
+
+// Nonzeros in groups of 16 across row boundaries (rows are often shorter than 16 at high sparsity); the row's g
+// is reloaded into registers when a group crosses into the next row. g and x share the tiles' lane order, so a
+// bf16 tile's even/odd lane split needs no undoing for a dot product.
+template <int L, typename TileT>
+SPARSEKERN_AVX512 inline void sddmm_walk_avx512(const TileT* gblock, const TileT* xt, const int64_t* row_ptr,
+                                                const int32_t* col_idx, int64_t o0, int64_t o1, float* acc) {
+  using Lanes = batch_tiles::Lanes<L, TileT>;
+  constexpr int NV = Lanes::NV;
+  const int64_t js = row_ptr[o0], je = row_ptr[o1];
+  int64_t row = csr::advance_row(row_ptr, o0, js);
+  int64_t row_end = row_ptr[row + 1];
+  __m512 g[NV];
+  Lanes::load(gblock + (row - o0) * L, g);
+  for (int64_t j = js; j < je; j += 16) {
+    const int64_t n = std::min<int64_t>(16, je - j);
+    __m512 part[16];
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; ++k) {
+      if (k < n) {
+        if (j + k == row_end) {
+          row = csr::advance_row(row_ptr, row, j + k);
+          row_end = row_ptr[row + 1];
+          Lanes::load(gblock + (row - o0) * L, g);
+        }
+        __m512 xv[NV];
+        Lanes::load(xt + int64_t(col_idx[j + k]) * L, xv);
+        __m512 s = _mm512_mul_ps(g[0], xv[0]);
+        for (int i = 1; i < NV; ++i) s = _mm512_fmadd_ps(g[i], xv[i], s);
+        part[k] = s;
+      } else {
+        part[k] = _mm512_setzero_ps();
+      }
+    }
+    const __mmask16 m = batch_tiles::first_n(n);
+    _mm512_mask_storeu_ps(acc + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, acc + j), reduce16(part)));
+  }
+}
+
+template <int L, typename T>
+SPARSEKERN_AVX512 void sddmm_item_avx512(const SddmmArgs& a, int64_t tile, int64_t r0, int64_t r1, float* xbuf,
+                                         bool new_tile, float* acc) {
+  using TileT = batch_tiles::tile_t<T>;
+  sddmm_item<L, T, TileT>(a, tile, r0, r1, xbuf, new_tile, acc, batch_tiles::pack_tile_avx512<L, T, TileT>,
+                          sddmm_walk_avx512<L, TileT>);
+}
+SPARSEKERN_AVX512_DIAGNOSTICS_END
+#endif
+
+using ItemFn = void (*)(const SddmmArgs&, int64_t, int64_t, int64_t, float*, bool, float*);
+
+// The kernel for activations of type T, and its tile width.
+template <typename T>
+std::pair<ItemFn, int> sddmm_kernel(int64_t n_in, int64_t batch) {
+#if defined(SPARSEKERN_BATCH_TILES_AVX512)
+  if (batch_tiles::use_avx512()) {
+    return batch_tiles::avx512_kernel<T, ItemFn>(n_in, batch,
+                                                 [](auto l) -> ItemFn { return sddmm_item_avx512<l.value, T>; });
+  }
+#endif
+  return {batch_tiles::by_dtype<T>(sddmm_item_portable_f32, sddmm_item_portable_bf16, sddmm_item_portable_f16), kPL};
+}
+
+}  // namespace
+
+at::Tensor sddmm_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+  batch_tiles::check_activation("sddmm", "g", g);
+  batch_tiles::check_activation("sddmm", "x", x);
+  TORCH_CHECK_TYPE(g.scalar_type() == x.scalar_type(), "sddmm: g and x must have the same dtype, got ",
+                   g.scalar_type(), " and ", x.scalar_type());
+  TORCH_CHECK_VALUE(g.size(0) == x.size(0), "sddmm: g and x must have the same batch size, got ", g.sizes(), " and ",
+                    x.sizes());
+  const int64_t batch = x.size(0), n_in = x.size(1), n_out = g.size(1);
+  const int64_t nnz = batch_tiles::check_csr("sddmm", row_ptr, col_idx, n_out);
+  if (nnz == 0 || batch == 0) return at::zeros({nnz}, x.options());
+
+  SddmmArgs a{g.data_ptr(), x.data_ptr(), row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(), batch, n_in,
+              n_out};
+  at::Tensor out = at::empty({nnz}, x.options());
+  batch_tiles::dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const auto [fn, lanes] = sddmm_kernel<T>(n_in, batch);
+    const batch_tiles::Split split = batch_tiles::split_work(batch, lanes, a.row_ptr, n_out);
+    const batch_tiles::WorkerBuffers xbufs(split.workers, n_in * lanes);
+    // fp32 accumulators, one per worker; a single fp32 worker accumulates straight into out
+    const bool direct = split.workers == 1 && std::is_same_v<T, float>;
+    const batch_tiles::WorkerBuffers accs(direct ? 0 : split.workers, direct ? 0 : nnz);
+    float* out_f32 = direct ? out.data_ptr<float>() : nullptr;
+    at::parallel_for(0, split.workers, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) std::fill_n(direct ? out_f32 : accs[p], nnz, 0.0f);
+    });
+    batch_tiles::for_each_item(split, [&](int64_t p, int64_t tile, int64_t r0, int64_t r1, bool new_tile) {
+      fn(a, tile, r0, r1, xbufs[p], new_tile, direct ? out_f32 : accs[p]);
+    });
+    if (direct) return;
+    T* o = out.data_ptr<T>();
+    at::parallel_for(0, nnz, 1 << 14, [&](int64_t j0, int64_t j1) {
+      constexpr int64_t kChunk = 256;  // sum the workers in fp32 in L1, then round once
+      float s[kChunk];
+      for (int64_t c0 = j0; c0 < j1; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, j1 - c0);
+        std::copy_n(accs[0] + c0, n, s);
+        for (int64_t p = 1; p < split.workers; ++p) {
+          const float* acc = accs[p] + c0;
+          for (int64_t i = 0; i < n; ++i) s[i] += acc[i];
+        }
+        for (int64_t i = 0; i < n; ++i) o[c0 + i] = static_cast<T>(s[i]);
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("sddmm", &sddmm_cpu); }
+
+}  // namespace sparsekern

@@ -1,0 +1,96 @@
+"""CSR index checks and builders shared by spmm, sddmm, sparse_linear and SparseLinear."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from ._validate import check_tensor
+
+VALUE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def check_csr(fn: str, row_ptr, col_idx, n_rows: int, n_cols: int, *, check_indices: bool = True) -> None:
+    """row_ptr int64 (n_rows + 1) from 0 to nnz, nondecreasing; col_idx int32 (nnz) in [0, n_cols)."""
+    check_tensor(fn, "row_ptr", row_ptr, dtypes=(torch.int64,), ndim=1, contiguous=True)
+    check_tensor(fn, "col_idx", col_idx, dtypes=(torch.int32,), ndim=1, contiguous=True)
+    if row_ptr.numel() != n_rows + 1:
+        raise ValueError(f"{fn}: row_ptr must have {n_rows + 1} entries (rows + 1), got {row_ptr.numel()}")
+    if not check_indices:
+        return
+    if int(row_ptr[0]) != 0 or int(row_ptr[-1]) != col_idx.numel():
+        raise ValueError(
+            f"{fn}: row_ptr must run from 0 to nnz={col_idx.numel()}, got {int(row_ptr[0])}..{int(row_ptr[-1])}"
+        )
+    if n_rows and bool((row_ptr[1:] < row_ptr[:-1]).any()):
+        raise ValueError(f"{fn}: row_ptr must be nondecreasing")
+    if col_idx.numel() and (int(col_idx.min()) < 0 or int(col_idx.max()) >= n_cols):
+        raise ValueError(
+            f"{fn}: col_idx must lie in [0, {n_cols}), got values in [{int(col_idx.min())}, {int(col_idx.max())}]"
+        )
+
+
+def csr_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_ptr int64, col_idx int32) of a bool (rows, cols) mask; nonzeros in row-major order."""
+    counts = mask.sum(1)
+    row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
+    torch.cumsum(counts, 0, out=row_ptr[1:])
+    col_idx = mask.nonzero()[:, 1].to(torch.int32)
+    return row_ptr, col_idx
+
+
+def transpose_index(
+    row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CSC of a CSR matrix, as (ptr int64 (n_cols + 1), row int32 (nnz), perm int64 (nnz)) where perm maps
+    CSC order to CSR value slots: values_t = values[perm]. O(nnz) apart from one stable sort."""
+    from .reference import csr_rows
+
+    rows = csr_rows(row_ptr)
+    perm = torch.sort(col_idx.long(), stable=True).indices  # stable: rows stay ascending within a column
+    counts = torch.bincount(col_idx.long(), minlength=n_cols)
+    ptr = torch.zeros(n_cols + 1, dtype=torch.int64, device=row_ptr.device)
+    torch.cumsum(counts, 0, out=ptr[1:])
+    return ptr, rows[perm].to(torch.int32), perm
+
+
+class CSRIndex(NamedTuple):
+    """The index of a sparse (n_out, n_in) weight: CSR for the forward and the values' gradient, CSC (with a
+    permutation into the CSR value slots) for dX. Rebuilt only when the topology changes, in O(nnz)."""
+
+    row_ptr: torch.Tensor  # int64 (n_out + 1)
+    col_idx: torch.Tensor  # int32 (nnz)
+    csc_ptr: torch.Tensor  # int64 (n_in + 1)
+    csc_row: torch.Tensor  # int32 (nnz)
+    csc_perm: torch.Tensor  # int64 (nnz): CSC position -> CSR value slot
+    n_out: int
+    n_in: int
+
+    @property
+    def nnz(self) -> int:
+        return self.col_idx.numel()
+
+    @property
+    def density(self) -> float:
+        return self.nnz / max(1, self.n_out * self.n_in)
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor) -> CSRIndex:
+        row_ptr, col_idx = csr_from_mask(mask)
+        return cls.from_csr(row_ptr, col_idx, mask.shape[1])
+
+    @classmethod
+    def from_csr(cls, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_in: int) -> CSRIndex:
+        csc_ptr, csc_row, csc_perm = transpose_index(row_ptr, col_idx, n_in)
+        return cls(row_ptr, col_idx, csc_ptr, csc_row, csc_perm, row_ptr.numel() - 1, n_in)
+
+    def rows(self) -> torch.Tensor:
+        from .reference import csr_rows
+
+        return csr_rows(self.row_ptr)
+
+    def to_dense(self, values: torch.Tensor) -> torch.Tensor:
+        dense = torch.zeros(self.n_out, self.n_in, dtype=values.dtype, device=values.device)
+        dense[self.rows(), self.col_idx.long()] = values
+        return dense

@@ -1,0 +1,306 @@
+"""SparseLinear: a drop-in ``nn.Linear`` that stores and trains only its nonzero weights."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .._csr import CSRIndex
+from .._validate import check_tensor
+from ..ops.sparse_linear import sparse_linear
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_sparsity(fn: str, sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) <= 1.0:
+        raise ValueError(f"{fn}: sparsity must be a number in [0, 1], got {sparsity!r}")
+    return float(sparsity)
+
+
+def _check_mask(fn: str, mask, shape: tuple[int, int]) -> torch.Tensor:
+    check_tensor(fn, "mask", mask, dtypes=(torch.bool,), ndim=2)
+    if tuple(mask.shape) != shape:
+        raise ValueError(f"{fn}: mask must have shape {shape} (out_features, in_features), got {tuple(mask.shape)}")
+    return mask
+
+
+def _nnz(sparsity: float, numel: int) -> int:
+    return int(round((1.0 - sparsity) * numel))
+
+
+@dataclass(frozen=True)
+class TopologyUpdate:
+    """What :meth:`SparseLinear.update_topology` did, so per-nonzero state (optimizer moments) can follow.
+
+    old_to_new: int64 (old nnz): the new slot of every old value slot, -1 where the connection was dropped.
+    grown: int64: the new slots of the connections that were added (their values start at 0).
+    nnz: the number of nonzeros after the update.
+    """
+
+    old_to_new: torch.Tensor
+    grown: torch.Tensor
+    nnz: int
+
+    def apply(self, old: torch.Tensor) -> torch.Tensor:
+        """Carry a per-nonzero tensor (old nnz, ...) over to the new topology: kept slots move, new slots are 0."""
+        if old.shape[:1] != self.old_to_new.shape:
+            raise ValueError(
+                f"TopologyUpdate.apply: expected a tensor of {self.old_to_new.numel()} rows, got {tuple(old.shape)}"
+            )
+        new = old.new_zeros((self.nnz, *old.shape[1:]))
+        kept = self.old_to_new >= 0
+        new[self.old_to_new[kept]] = old[kept]
+        return new
+
+
+class SparseLinear(nn.Module):
+    """``y = x @ W.T + b`` with a sparse ``W``: only the nonzeros are parameters (``values``, in CSR order).
+
+    A drop-in for ``nn.Linear`` whose optimizer state is nnz-sized. The forward runs the sparse kernels
+    (``sparsekern.ops.spmm``) where they beat a dense GEMM at this density, and otherwise scatters ``W``
+    and runs a dense GEMM; the backward computes dX through a transposed index and the weight gradient only
+    at the nonzeros. The index is rebuilt only when :meth:`update_topology` changes the connections.
+
+    Args:
+        in_features, out_features, bias: as ``nn.Linear``.
+        sparsity: fraction of zero weights; the nonzeros are placed uniformly at random (exact count
+            ``round((1 - sparsity) * out * in)``).
+        mask: a bool (out_features, in_features) mask instead of ``sparsity``.
+        device, dtype: as ``nn.Linear`` (float32, bfloat16, float16; float64 runs the reference kernels).
+
+    Inputs of any leading shape ``(..., in_features)``. Values are initialised like ``nn.Linear``'s weight
+    (uniform in ±1/sqrt(in_features)).
+
+    Example::
+
+        >>> layer = sparsekern.nn.SparseLinear(768, 3072, sparsity=0.9)
+        >>> y = layer(torch.randn(32, 768))
+        >>> layer.values.shape, layer.sparsity
+        (torch.Size([235930]), 0.8999989827473959)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        sparsity: float | None = None,
+        mask: torch.Tensor | None = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        fn = "SparseLinear"
+        for name, value in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
+        dtype = dtype if dtype is not None else torch.get_default_dtype()
+        if dtype not in _DTYPES:
+            raise TypeError(f"{fn}: dtype must be float32, bfloat16, float16 or float64, got {dtype}")
+        if (sparsity is None) == (mask is None):
+            raise ValueError(f"{fn}: give exactly one of sparsity= or mask=")
+        self.in_features, self.out_features = in_features, out_features
+        if mask is None:
+            numel = in_features * out_features
+            flat = torch.randperm(numel, device=device)[: _nnz(_check_sparsity(fn, sparsity), numel)]
+            mask = torch.zeros(numel, dtype=torch.bool, device=device)
+            mask[flat] = True
+            mask = mask.view(out_features, in_features)
+        else:
+            mask = _check_mask(fn, mask, (out_features, in_features)).to(device)
+        self._set_index(CSRIndex.from_mask(mask))
+        bound = 1.0 / math.sqrt(in_features)
+        self.values = nn.Parameter(torch.empty(self.index.nnz, device=device, dtype=dtype).uniform_(-bound, bound))
+        self.bias = (
+            nn.Parameter(torch.empty(out_features, device=device, dtype=dtype).uniform_(-bound, bound))
+            if bias
+            else None
+        )
+
+    # -- index -------------------------------------------------------------------------------------------
+    def _set_index(self, index: CSRIndex) -> None:
+        # CSR is the topology (saved in the state_dict); the CSC is derived and rebuilt on load.
+        self.register_buffer("row_ptr", index.row_ptr)
+        self.register_buffer("col_idx", index.col_idx)
+        self.register_buffer("csc_ptr", index.csc_ptr, persistent=False)
+        self.register_buffer("csc_row", index.csc_row, persistent=False)
+        self.register_buffer("csc_perm", index.csc_perm, persistent=False)
+
+    @property
+    def index(self) -> CSRIndex:
+        return CSRIndex(
+            self.row_ptr, self.col_idx, self.csc_ptr, self.csc_row, self.csc_perm, self.out_features, self.in_features
+        )
+
+    @property
+    def nnz(self) -> int:
+        return self.col_idx.numel()
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nnz / (self.out_features * self.in_features)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """bool (out_features, in_features): True at the nonzeros."""
+        mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool, device=self.col_idx.device)
+        mask[self.index.rows(), self.col_idx.long()] = True
+        return mask
+
+    def indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, col) int64 tensors aligned with ``values``."""
+        return self.index.rows(), self.col_idx.long()
+
+    def flat_indices(self) -> torch.Tensor:
+        """row * in_features + col for every nonzero, int64, ascending (CSR order)."""
+        rows, cols = self.indices()
+        return rows * self.in_features + cols
+
+    # -- conversions ---------------------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, *, mask: torch.Tensor | None = None, sparsity: float | None = None):
+        """A SparseLinear holding ``linear``'s weights at ``mask`` (or, with ``sparsity``, at its largest |w|;
+        ties: lower flat index)."""
+        fn = "SparseLinear.from_dense"
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{fn}: linear must be an nn.Linear, got {type(linear).__name__}")
+        if (sparsity is None) == (mask is None):
+            raise ValueError(f"{fn}: give exactly one of sparsity= or mask=")
+        weight = linear.weight.detach()
+        if mask is None:
+            keep = _nnz(_check_sparsity(fn, sparsity), weight.numel())
+            order = weight.double().abs().flatten().argsort(descending=True, stable=True)[:keep]
+            mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
+            mask[order] = True
+            mask = mask.view_as(weight)
+        else:
+            mask = _check_mask(fn, mask, tuple(weight.shape)).to(weight.device)
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            mask=mask,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        with torch.no_grad():
+            layer.values.copy_(weight[mask])
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def dense_weight(self) -> torch.Tensor:
+        """The (out_features, in_features) weight with zeros off the mask (differentiable in ``values``)."""
+        return self.index.to_dense(self.values)
+
+    def to_dense(self) -> nn.Linear:
+        """An ``nn.Linear`` with the same function."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            self.bias is not None,
+            device=self.values.device,
+            dtype=self.values.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.index.to_dense(self.values.detach()))
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # -- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sparse_linear(x, self.values, self.index, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"sparsity={self.sparsity:.4f}, nnz={self.nnz}"
+        )
+
+    # -- topology ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_topology(self, *, drop: torch.Tensor, grow: torch.Tensor) -> TopologyUpdate:
+        """Remove the connections ``drop`` and add ``grow`` (flat indices row * in_features + col).
+
+        Kept connections keep their values; added ones start at 0; a connection both dropped and grown
+        stays and keeps its value (RigL's rule). ``values`` stays the same Parameter object (its data is
+        replaced), so optimizers keep tracking it; use the returned :class:`TopologyUpdate` to carry
+        per-nonzero optimizer state over (``update.apply(state)``). Atomic: on bad arguments a ValueError is
+        raised and nothing changes.
+
+        Raises:
+            ValueError: indices out of range or repeated, ``drop`` naming an inactive connection, or ``grow``
+                naming an active connection that is not also dropped.
+        """
+        fn = "SparseLinear.update_topology"
+        numel = self.out_features * self.in_features
+        old_flat = self.flat_indices()
+        device = old_flat.device
+        sets = {}
+        for name, idx in (("drop", drop), ("grow", grow)):
+            check_tensor(fn, name, idx, dtypes=(torch.int64, torch.int32), ndim=1)
+            idx = idx.to(device=device, dtype=torch.int64)
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise ValueError(
+                    f"{fn}: {name} indices must lie in [0, {numel}), got [{int(idx.min())}, {int(idx.max())}]"
+                )
+            if torch.unique(idx).numel() != idx.numel():
+                raise ValueError(f"{fn}: {name} has repeated indices")
+            sets[name] = idx
+        active = torch.zeros(numel, dtype=torch.bool, device=device)
+        active[old_flat] = True
+        if not bool(active[sets["drop"]].all()):
+            bad = sets["drop"][~active[sets["drop"]]][0]
+            raise ValueError(f"{fn}: drop names inactive connection {int(bad)} (row {int(bad) // self.in_features})")
+        dropped = torch.zeros(numel, dtype=torch.bool, device=device)
+        dropped[sets["drop"]] = True
+        clash = active[sets["grow"]] & ~dropped[sets["grow"]]
+        if bool(clash.any()):
+            bad = int(sets["grow"][clash][0])
+            raise ValueError(f"{fn}: grow names connection {bad}, which is active and not dropped")
+
+        regrown = torch.zeros(numel, dtype=torch.bool, device=device)
+        regrown[sets["grow"]] = True
+        new_active = (active & ~dropped) | regrown
+        new_mask = new_active.view(self.out_features, self.in_features)
+        index = CSRIndex.from_mask(new_mask)
+        slot_of = torch.full((numel,), -1, dtype=torch.int64, device=device)
+        slot_of[new_active] = torch.arange(index.nnz, device=device)  # CSR order == ascending flat index
+        old_to_new = slot_of[old_flat]
+        old_to_new[dropped[old_flat] & ~regrown[old_flat]] = -1
+        grown = slot_of[sets["grow"][~active[sets["grow"]]]].sort().values
+        update = TopologyUpdate(old_to_new, grown, index.nnz)
+
+        # Everything is computed; now change the layer (nothing above touched it).
+        new_values = update.apply(self.values.data)
+        new_grad = update.apply(self.values.grad) if self.values.grad is not None else None
+        self._set_index(index)
+        self.values.data = new_values
+        self.values.grad = new_grad
+        return update
+
+    # -- state_dict: the topology may differ from this layer's current one ----------------------------------
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        row_ptr, col_idx = state_dict.get(prefix + "row_ptr"), state_dict.get(prefix + "col_idx")
+        if row_ptr is not None and col_idx is not None:
+            from .._csr import check_csr
+
+            check_csr("SparseLinear.load_state_dict", row_ptr, col_idx, self.out_features, self.in_features)
+            index = CSRIndex.from_csr(
+                row_ptr.to(self.row_ptr.device), col_idx.to(self.col_idx.device), self.in_features
+            )
+            self._set_index(index)
+            values = state_dict.get(prefix + "values")
+            if values is not None and values.shape != self.values.shape:
+                self.values.data = self.values.data.new_empty(values.shape)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
