@@ -8,6 +8,13 @@ density (50%), so unlike the sweeps of other ops there is no density axis.
     python benchmarks/sweep.py                                   # every shape below, every dtype
     python benchmarks/sweep.py --shape 8192x8192 --dtype fp16 --backend cpu
     python benchmarks/sweep.py --quick                           # smoke run: small shapes, seconds
+
+``sweep.py linear`` sweeps the sparse linear layer instead (sparsity x batch x shape x dtype x mode, against
+dense F.linear, torch CSR and SparseProp) through :mod:`sparsekern.bench.linear`, the code behind
+``sparsekern bench linear``; it writes <out>/linear-sweep.md and .json by default.
+
+    python benchmarks/sweep.py linear --shape 4096x4096 --batch 2048 --mode fwd --sparsity 0.9 --sparsity 0.95
+    python benchmarks/sweep.py linear --quick --backend reference
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import argparse
 import sys
 
 DTYPES = ("fp16", "bf16", "int8", "fp32")
+LINEAR_DTYPES = ("fp32", "bf16")
 BACKENDS = ("cpu", "triton", "cuda", "reference")
 # Square sizes around the 4096x4096 goal shape, on top of the model shapes of `sparsekern bench semi24`.
 EXTRA_SQUARES = (1024, 2048, 8192)
@@ -52,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         epilog="Without --shape: the model shapes of `sparsekern bench semi24` plus squares "
         + ", ".join(f"{n}x{n}" for n in EXTRA_SQUARES)
-        + ". On the CPU, triton is never timed (interpreter timings are not speeds) and cuda needs a GPU.",
+        + ". On the CPU, triton is never timed (interpreter timings are not speeds) and cuda needs a GPU. "
+        + "For the sparse linear sweep: sweep.py linear --help.",
     )
     parser.add_argument("--shape", action="append", type=_shape, metavar="ROWSxCOLS", help="weight shape; repeatable")
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="repeatable (default: all)")
@@ -76,7 +85,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def build_linear_parser() -> argparse.ArgumentParser:
+    from sparsekern.bench import add_linear_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="sweep.py linear",
+        description="Sweep the sparse linear layer (sparse_linear, path sparse and auto) against dense F.linear, "
+        "torch.sparse.mm (CSR) and SparseProp; the code of `sparsekern bench linear`.",
+        epilog="Unset axes take the defaults shown (the --quick ones with --quick).",
+    )
+    parser.add_argument("--dtype", action="append", choices=LINEAR_DTYPES, help="repeatable (default: all)")
+    parser.add_argument(
+        "--repeat", type=_positive_int, default=None, help="timed calls per case (default: 5, or 3 with --quick)"
+    )
+    parser.add_argument("--quick", action="store_true", help="a 64->96 weight, B 8 and 70, 3 sparsities: seconds")
+    parser.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
+    parser.add_argument("--name", default="linear-sweep", help="file name stem (default: %(default)s)")
+    add_linear_arguments(parser)
+    return parser
+
+
+def main_linear(argv: list[str]) -> int:
+    args = build_linear_parser().parse_args(argv)
+    import torch
+
+    from sparsekern.bench import linear
+
+    if args.backend in ("cuda", "triton") and not torch.cuda.is_available():
+        print(f"sweep.py linear: --backend {args.backend} needs a CUDA GPU; none is visible", file=sys.stderr)
+        return 2
+    code, markdown, _ = linear.run_linear(
+        grid=linear.grid_from_args(args),
+        settings=linear.settings_from_args(args),
+        backend=args.backend,
+        out=args.out,
+        name=args.name,
+        title="sparsekern sparse linear sweep",
+    )
+    print(markdown)
+    print(f"wrote {args.out}/{args.name}.md and {args.out}/{args.name}.json")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "linear":
+        return main_linear(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     # torch is imported only now, so --help and argument errors stay fast.

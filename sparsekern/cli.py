@@ -43,6 +43,12 @@ def _info(args: argparse.Namespace) -> int:
                 reason = "no CUDA GPU visible"
             lines.append(f"  {device}: {name:9s} -> {'available' if reason is None else 'unavailable: ' + reason}")
         lines.append(f"  {device}: auto picks {_auto_choice(device, cuda_ok)}")
+    from .ops.sparse_linear import DENSITY_CROSSOVER
+
+    lines.append("sparse_linear dispatch (path='auto'): sparse kernels up to this density, dense-masked GEMM above:")
+    for (device, dtype), density in DENSITY_CROSSOVER.items():
+        source = "measured, see README" if device == "cpu" else "not measured on a GPU: DESIGN's estimate"
+        lines.append(f"  {device} {str(dtype).replace('torch.', '')}: density <= {density:g} ({source})")
     if args.json:
         print(json.dumps({"lines": lines, "extension": build}, indent=2))
     else:

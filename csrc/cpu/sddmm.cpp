@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #include "sparsekern/batch_tiles.h"
 #include "sparsekern/csr.h"
@@ -49,31 +48,29 @@ inline __attribute__((always_inline)) void sddmm_item(const SddmmArgs& a, int64_
   }
 }
 
-// Portable path: per nonzero one 16-lane vector of partial products (GCC/Clang vectors), then a pairwise sum of
-// its lanes.
+// The sum of the 4 lanes, pairwise.
+inline float sum_lanes(const batch_tiles::vec4& v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+
+// Portable path: per nonzero one 4-lane vector of partial products (GCC/Clang vectors), then its lane sum.
 template <int L>
 inline __attribute__((always_inline)) void sddmm_walk_portable(const float* gblock, const float* xt,
                                                                const int64_t* row_ptr, const int32_t* col_idx,
                                                                int64_t o0, int64_t o1, float* acc) {
-  using batch_tiles::load_vec16;
-  using batch_tiles::vec16;
-  constexpr int NV = L / 16;
+  using batch_tiles::kVec;
+  using batch_tiles::load_vec;
+  using batch_tiles::vec4;
+  constexpr int NV = L / kVec;
   for (int64_t o = o0; o < o1; ++o) {
-    vec16 g[NV];
-    for (int i = 0; i < NV; ++i) load_vec16(g[i], gblock + (o - o0) * L + 16 * i);
+    vec4 g[NV];
+    for (int i = 0; i < NV; ++i) load_vec(g[i], gblock + (o - o0) * L + kVec * i);
     for (int64_t j = row_ptr[o]; j < row_ptr[o + 1]; ++j) {
       const float* xs = xt + int64_t(col_idx[j]) * L;
-      vec16 s = {}, xv;
+      vec4 s = {}, xv;
       for (int i = 0; i < NV; ++i) {
-        load_vec16(xv, xs + 16 * i);
+        load_vec(xv, xs + kVec * i);
         s += g[i] * xv;
       }
-      float h[16];
-      std::memcpy(h, &s, sizeof(h));
-      for (int w = 8; w >= 1; w /= 2) {
-        for (int i = 0; i < w; ++i) h[i] += h[i + w];
-      }
-      acc[j] += h[0];
+      acc[j] += sum_lanes(s);
     }
   }
 }

@@ -52,47 +52,55 @@ inline __attribute__((always_inline)) void spmm_item(const SpmmArgs& a, int64_t 
 constexpr int64_t kChunk = 32;
 constexpr int64_t kChunks = 16;
 
-// Portable path: the AVX-512 kernel's summation order in GCC/Clang vectors (two chains of NV = L/16 vectors).
+// Portable path: the AVX-512 kernel's summation order in GCC/Clang vectors (two chains of L/4 vectors). The
+// row total lives in the staging block, so the hot loop's accumulators fit the 16 xmm registers of SSE2 and AVX2.
 template <int L>
 inline __attribute__((always_inline)) void spmm_rows_portable(const float* tile, const int64_t* row_ptr,
                                                               const int32_t* col_idx, const float* values,
                                                               int64_t o0, int64_t cols, float* stage) {
-  using batch_tiles::load_vec16;
-  using batch_tiles::vec16;
-  constexpr int NV = L / 16;
+  using batch_tiles::kVec;
+  using batch_tiles::load_vec;
+  using batch_tiles::vec4;
+  constexpr int NV = L / kVec;
   for (int64_t c = 0; c < cols; ++c) {
-    vec16 total[NV] = {};
+    float* total = stage + c * L;
+    std::fill_n(total, L, 0.0f);
     const int64_t end = row_ptr[o0 + c + 1];
     for (int64_t j = row_ptr[o0 + c]; j < end;) {
-      vec16 block[NV] = {};
+      vec4 block[NV] = {};
       for (int64_t k = 0; k < kChunks && j < end; ++k) {
         const int64_t stop = std::min(end, j + kChunk);
-        vec16 a0[NV] = {}, a1[NV] = {};
+        vec4 a0[NV] = {}, a1[NV] = {};
         for (; j + 2 <= stop; j += 2) {
           const float *p = tile + int64_t(col_idx[j]) * L, *q = tile + int64_t(col_idx[j + 1]) * L;
-          const float v = values[j], w = values[j + 1];
+          const vec4 v = vec4{} + values[j], w = vec4{} + values[j + 1];
           for (int i = 0; i < NV; ++i) {
-            vec16 xp, xq;
-            load_vec16(xp, p + 16 * i);
-            load_vec16(xq, q + 16 * i);
+            vec4 xp, xq;
+            load_vec(xp, p + kVec * i);
+            load_vec(xq, q + kVec * i);
             a0[i] += v * xp;
             a1[i] += w * xq;
           }
         }
         if (j < stop) {
           const float* p = tile + int64_t(col_idx[j]) * L;
+          const vec4 v = vec4{} + values[j];
           for (int i = 0; i < NV; ++i) {
-            vec16 xp;
-            load_vec16(xp, p + 16 * i);
-            a0[i] += values[j] * xp;
+            vec4 xp;
+            load_vec(xp, p + kVec * i);
+            a0[i] += v * xp;
           }
           ++j;
         }
         for (int i = 0; i < NV; ++i) block[i] += a0[i] + a1[i];
       }
-      for (int i = 0; i < NV; ++i) total[i] += block[i];
+      for (int i = 0; i < NV; ++i) {
+        vec4 t;
+        load_vec(t, total + kVec * i);
+        t += block[i];
+        std::memcpy(total + kVec * i, &t, sizeof(t));
+      }
     }
-    std::memcpy(stage + c * L, total, sizeof(total));
   }
 }
 

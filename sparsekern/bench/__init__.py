@@ -1,8 +1,9 @@
 """``sparsekern bench <name>``: benchmarks of sparsekern's ops, sharing :mod:`sparsekern.bench.harness`.
 
 Each benchmark is one module here with a ``run(args) -> int``; it is listed in ``_BENCHES`` with its help text
-and dtypes. This file imports neither torch nor the modules, so building the command line stays fast.
-To add one (``linear``, ``grow``): write ``sparsekern/bench/<name>.py`` with ``run(args)`` and add a ``_Bench``.
+and dtypes, and optionally a function adding options of its own (``linear``'s sweep axes). This file imports
+neither torch nor the modules, so building the command line stays fast.
+To add one (``grow``): write ``sparsekern/bench/<name>.py`` with ``run(args)`` and add a ``_Bench``.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["add_bench_arguments", "run_bench"]
+__all__ = ["add_bench_arguments", "add_linear_arguments", "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,95 @@ class _Bench:
     help: str
     description: str
     dtypes: tuple[str, ...]
+    # Adds the benchmark's own options to its subcommand's parser (after the shared ones).
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _sparsity(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), such as 0.9, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a sparsity in [0, 1), such as 0.9, got {text!r}")
+    return value
+
+
+def _linear_shape(text: str) -> tuple[int, int]:
+    """``INxOUT``: the weight of ``nn.Linear(IN, OUT)``."""
+    try:
+        n_in, n_out = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected INxOUT such as 768x3072, got {text!r}") from None
+    if n_in < 1 or n_out < 1:
+        raise argparse.ArgumentTypeError(f"expected positive sizes in INxOUT, got {text!r}")
+    return n_in, n_out
+
+
+LINEAR_MODES = ("fwd", "fwdbwd")
+LINEAR_BACKENDS = ("cpu", "cuda", "triton", "reference")
+
+
+def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sweep axes of ``sparsekern bench linear`` (also used by ``benchmarks/sweep.py linear``)."""
+    parser.add_argument(
+        "--sparsity",
+        action="append",
+        type=_sparsity,
+        metavar="S",
+        help="fraction of zero weights, in [0, 1); repeatable (default: 0.5 0.7 0.8 0.9 0.95 0.98 0.99)",
+    )
+    parser.add_argument(
+        "--batch", action="append", type=_positive_int, metavar="B", help="rows of x; repeatable (default: 256 2048)"
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=_linear_shape,
+        metavar="INxOUT",
+        help="nn.Linear(IN, OUT); repeatable (default: 768x3072 3072x768 4096x4096)",
+    )
+    parser.add_argument(
+        "--mode",
+        action="append",
+        choices=LINEAR_MODES,
+        help="fwd: forward only; fwdbwd: forward + dX + dW at the nonzeros; repeatable (default: both)",
+    )
+    parser.add_argument(
+        "--backend",
+        choices=LINEAR_BACKENDS,
+        default="cpu",
+        help="sparsekern kernels to time (default: %(default)s, the C++ kernels on CPU tensors; cuda and triton "
+        "run on a CUDA GPU; reference is the plain-PyTorch fallback)",
+    )
+    parser.add_argument(
+        "--max-time",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="cut the timed calls of one function short once they total this long; a call this long is timed "
+        "once or twice (default: 1.0, or 0.2 with --quick)",
+    )
 
 
 _BENCHES: dict[str, _Bench] = {
@@ -37,17 +128,21 @@ _BENCHES: dict[str, _Bench] = {
         ),
         dtypes=("fp16", "bf16", "int8", "fp32"),
     ),
+    "linear": _Bench(
+        module="sparsekern.bench.linear",
+        help="sparse linear layer (sparse_linear) vs dense F.linear, torch.sparse.mm (CSR) and SparseProp",
+        description=(
+            "Times sparsekern.ops.sparse_linear (path='sparse', and path='auto' as SparseLinear runs it) against "
+            "dense F.linear on the masked dense weight, torch.sparse.mm with a CSR weight, and SparseProp when it "
+            "is installed, over sparsity x batch x shape x dtype, forward and forward+backward (dX and dW at the "
+            "nonzeros), checking every result against a float64 reference. Prints the DESIGN goals next to the "
+            "achieved speedups and the sparsity from which the sparse path beats dense. Writes <out>/linear.md and "
+            "<out>/linear.json. Exit code 1 when a sparsekern call fails or its error exceeds twice dense's."
+        ),
+        dtypes=("fp32", "bf16"),
+        add_arguments=add_linear_arguments,
+    ),
 }
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +163,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
             choices=bench.dtypes,
             help="dtype to run; repeat the option for several (default: all)",
         )
+        if bench.add_arguments is not None:
+            bench.add_arguments(p)
 
 
 def run_bench(args: argparse.Namespace) -> int:

@@ -17,7 +17,7 @@ PATHS = ("auto", "sparse", "dense")
 # and dtype. CPU: measured with `sparsekern bench linear` on the 2-core AVX-512 machine (see README). CUDA: not
 # measured on a GPU yet; DESIGN's estimate that tensor-core GEMMs win below ~95% sparsity.
 DENSITY_CROSSOVER: dict[tuple[str, torch.dtype], float] = {
-    ("cpu", torch.float32): 0.25,
+    ("cpu", torch.float32): 0.35,
     ("cpu", torch.bfloat16): 0.25,
     ("cpu", torch.float16): 0.25,
     ("cuda", torch.float32): 0.05,

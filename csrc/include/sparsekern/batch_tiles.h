@@ -28,8 +28,10 @@
 #define SPARSEKERN_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
 #endif
 
-// Runtime ISA dispatch of the portable path: the loader picks the widest clone this CPU supports.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+// Runtime ISA dispatch of the portable path: the loader picks the widest clone this CPU supports. (Defining it
+// empty on the command line builds the x86-64 baseline alone, to test that clone.)
+#if defined(SPARSEKERN_PORTABLE_CLONES)
+#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define SPARSEKERN_PORTABLE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define SPARSEKERN_PORTABLE_CLONES
@@ -39,7 +41,7 @@ namespace sparsekern {
 namespace batch_tiles {
 
 constexpr int64_t kBlock = 16;          // W rows staged per transposed write-back: one 64-byte fp32 line of y
-constexpr int kPortableLanes = 32;      // the portable path's tile width: 4 ymm accumulators under AVX2
+constexpr int kPortableLanes = 16;      // the portable tile width: 4 xmm per accumulator
 constexpr int64_t kTileBudget = 512 << 10;  // bytes of a tile: half of L2, the rest for W's stream and y
 
 // The AVX-512 kernels need F (fp32 FMA, fp16 conversion), BW/VL (16-bit masked moves) and DQ.
@@ -189,12 +191,13 @@ struct WorkerBuffers {
 // ---------------------------------------------------------------------------------------------------------------
 // Portable packing, write-back and lane vectors (fp32 tiles); compiled into each caller's target_clones clones.
 
-// 16 fp32 lanes as a GCC/Clang vector: each clone lowers it to one zmm, two ymm or four xmm registers. Arrays of
-// them with constant trip counts stay in registers, where a plain float[L] accumulator would round-trip memory.
-typedef float vec16 __attribute__((vector_size(64)));
+// 4 fp32 lanes as a GCC/Clang vector, the width every target has natively (SSE2, NEON; AVX2 and AVX-512 as xmm).
+// Arrays of them with constant trip counts stay in registers, where a plain float[L] accumulator would round-trip
+// memory; a wider vector type would live in memory wherever the target lacks it.
+typedef float vec4 __attribute__((vector_size(16)));
+constexpr int kVec = 4;
 
-// (Passed by reference: a vec16 by value would change the ABI between clones.)
-inline void load_vec16(vec16& v, const float* p) { std::memcpy(&v, p, sizeof(v)); }
+inline void load_vec(vec4& v, const float* p) { std::memcpy(&v, p, sizeof(v)); }
 
 // tile[c][l] = src[l][c] for l < rows (src row-major with leading dimension ld), 0 for rows <= l < L.
 template <int L, typename T>
