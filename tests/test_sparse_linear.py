@@ -272,3 +272,40 @@ def test_spmm_and_sddmm_check_indices():
         spmm(x, index.row_ptr, index.col_idx.long(), values, 4)
     with pytest.raises(ValueError, match=r"g and x must have the same batch size"):
         sddmm(torch.randn(2, 4), x, index.row_ptr, index.col_idx)
+
+
+@pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the compiled extension")
+def test_portable_cpu_kernels_match_reference():
+    """CI machines have AVX-512, so the portable spmm/sddmm path is forced in a subprocess."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sparsekern\n"
+        "from sparsekern._csr import CSRIndex\n"
+        "from sparsekern.ops.sparse_linear import sparse_linear\n"
+        "assert sparsekern._extension.build_info()['cpu_isa'].startswith('baseline')\n"
+        "for dtype in (torch.float32, torch.bfloat16):\n"
+        "    mask = torch.rand(37, 70) < 0.3\n"
+        "    index = CSRIndex.from_mask(mask)\n"
+        "    x = torch.randn(67, 70).to(dtype).requires_grad_()\n"
+        "    v = torch.randn(index.nnz).to(dtype).requires_grad_()\n"
+        "    y = sparse_linear(x, v, index, backend='cpu', path='sparse')\n"
+        "    gx, gv = torch.autograd.grad(y.float().square().sum(), (x, v))\n"
+        "    x64, v64 = x.detach().double().requires_grad_(), v.detach().double().requires_grad_()\n"
+        "    y64 = sparse_linear(x64, v64, index, backend='reference')\n"
+        "    gx64, gv64 = torch.autograd.grad(y.detach().double().mul(2).mul(y64).sum(), (x64, v64))\n"
+        "    tol = 1e-4 if dtype == torch.float32 else 3e-2\n"
+        "    assert torch.allclose(y.double(), y64, rtol=tol, atol=tol), dtype\n"
+        "    assert torch.allclose(gx.double(), gx64, rtol=tol, atol=tol * 10), dtype\n"
+        "    assert torch.allclose(gv.double(), gv64, rtol=tol, atol=tol * 10), dtype\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "SPARSEKERN_CPU_ISA": "baseline"},
+    )
+    assert result.returncode == 0, result.stderr
