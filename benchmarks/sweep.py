@@ -29,33 +29,9 @@ BACKENDS = ("cpu", "triton", "cuda", "reference")
 EXTRA_SQUARES = (1024, 2048, 8192)
 
 
-def _shape(text: str) -> tuple[int, int]:
-    try:
-        rows, cols = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected ROWSxCOLS such as 4096x4096, got {text!r}") from None
-    if rows < 1 or cols < 1:
-        raise argparse.ArgumentTypeError(f"expected positive sizes, got {text!r}")
-    return rows, cols
-
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return int(text)
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from sparsekern.bench import positive_float, positive_int, size_pair
+
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Without --shape: the model shapes of `sparsekern bench semi24` plus squares "
@@ -63,7 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         + ". On the CPU, triton is never timed (interpreter timings are not speeds) and cuda needs a GPU. "
         + "For the sparse linear sweep: sweep.py linear --help.",
     )
-    parser.add_argument("--shape", action="append", type=_shape, metavar="ROWSxCOLS", help="weight shape; repeatable")
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=size_pair("ROWSxCOLS", "4096x4096"),
+        metavar="ROWSxCOLS",
+        help="weight shape; repeatable",
+    )
     parser.add_argument("--dtype", action="append", choices=DTYPES, help="repeatable (default: all)")
     parser.add_argument(
         "--backend",
@@ -71,10 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
         choices=BACKENDS,
         help="repeatable (default: all that can run here); reference always runs",
     )
-    parser.add_argument("--repeat", type=_positive_int, default=5, help="timed calls per case (default: %(default)s)")
+    parser.add_argument("--repeat", type=positive_int, default=5, help="timed calls per case (default: %(default)s)")
     parser.add_argument(
         "--max-time",
-        type=_positive_float,
+        type=positive_float,
         default=10.0,
         help="seconds after which a case stops (at least 3 calls) (default: %(default)s)",
     )
@@ -86,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_linear_parser() -> argparse.ArgumentParser:
-    from sparsekern.bench import add_linear_arguments
+    from sparsekern.bench import add_linear_arguments, positive_int
 
     parser = argparse.ArgumentParser(
         prog="sweep.py linear",
@@ -96,7 +78,7 @@ def build_linear_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dtype", action="append", choices=LINEAR_DTYPES, help="repeatable (default: all)")
     parser.add_argument(
-        "--repeat", type=_positive_int, default=None, help="timed calls per case (default: 5, or 3 with --quick)"
+        "--repeat", type=positive_int, default=None, help="timed calls per case (default: 5, or 3 with --quick)"
     )
     parser.add_argument("--quick", action="store_true", help="a 64->96 weight, B 8 and 70, 3 sparsities: seconds")
     parser.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from sparsekern import _extension
 
+ROOT = Path(__file__).resolve().parents[1]
 HAS_GPU = torch.cuda.is_available()
 requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
 
@@ -82,3 +86,11 @@ def device_for(backend: str) -> str:
     if backend == "cuda" or (backend == "triton" and HAS_GPU):
         return "cuda"
     return "cpu"
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter at the repository root, with extra environment variables (for what
+    is read once per process: SPARSEKERN_CPU_ISA, CUDA initialisation)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
+    )

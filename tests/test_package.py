@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,12 +43,6 @@ def test_pure_python_switch(monkeypatch):
     assert _setup_module().extensions() == ([], {})
 
 
-def _run(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env}, timeout=300
-    )
-
-
 def test_import_does_not_initialise_cuda():
     code = (
         "import torch\n"
@@ -58,7 +53,7 @@ def test_import_does_not_initialise_cuda():
         "sparsekern.cli.build_parser()\n"
         "assert not torch.cuda.is_initialized()\n"
     )
-    result = _run(code)
+    result = run_python(code)
     assert result.returncode == 0, result.stderr
 
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from helpers import ALL_DTYPES, HAS_GPU, assert_bits_equal, backend_params, bits, device_for, random_semi24
+from helpers import ALL_DTYPES, HAS_GPU, assert_bits_equal, backend_params, bits, device_for, random_semi24, run_python
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass as torch_compress,
 )
@@ -256,13 +254,5 @@ def test_portable_cpu_kernel_is_bit_identical():
         "    except ValueError as e:\n"
         "        assert 'row 3, columns 4..' in str(e), e\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "SPARSEKERN_CPU_ISA": "baseline"},
-    )
+    result = run_python(code, SPARSEKERN_CPU_ISA="baseline")
     assert result.returncode == 0, result.stderr

@@ -203,20 +203,9 @@ std::tuple<at::Tensor, at::Tensor> semi24_compress_cpu(const at::Tensor& dense) 
     auto* meta_ptr = reinterpret_cast<typename Fmt::Meta*>(meta.data_ptr());
     std::atomic<int64_t> first_bad{INT64_MAX};
     at::parallel_for(0, m, 32, [&](int64_t r0, int64_t r1) {
-      const int64_t bad = compress_fn<Fmt>(in, out, meta_ptr, m, k, r0, r1);
-      int64_t seen = first_bad.load();
-      while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
-      }
+      semi24::atomic_min(first_bad, compress_fn<Fmt>(in, out, meta_ptr, m, k, r0, r1));
     });
-    const int64_t bad = first_bad.load();
-    if (bad != INT64_MAX) {
-      const int64_t groups_per_row = k / Fmt::kGroup;
-      const int64_t row = bad / groups_per_row, col = (bad % groups_per_row) * Fmt::kGroup;
-      TORCH_CHECK_VALUE(false, "semi24_compress: dense is not ", Fmt::kPairs ? "1:2" : "2:4",
-                        " sparse: row ", row, ", columns ", col, "..", col + Fmt::kGroup - 1, " hold more than ",
-                        Fmt::kKept, " nonzero", Fmt::kKept > 1 ? "s" : "",
-                        " (prune first: sparsekern.semi24_mask or to_semi_structured(prune=True))");
-    }
+    semi24::check_no_bad_group<Fmt>(first_bad.load(), k);
   });
   return {packed, meta};
 }

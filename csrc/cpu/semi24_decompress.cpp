@@ -78,18 +78,9 @@ at::Tensor semi24_decompress_cpu(const at::Tensor& packed, const at::Tensor& met
     Bits* out = reinterpret_cast<Bits*>(dense.data_ptr());
     std::atomic<int64_t> first_bad{INT64_MAX};
     at::parallel_for(0, m, 32, [&](int64_t r0, int64_t r1) {
-      const int64_t bad = decompress_rows<Fmt>(in, meta_ptr, out, m, k, r0, r1);
-      int64_t seen = first_bad.load();
-      while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
-      }
+      semi24::atomic_min(first_bad, decompress_rows<Fmt>(in, meta_ptr, out, m, k, r0, r1));
     });
-    const int64_t bad = first_bad.load();
-    if (bad != INT64_MAX) {
-      const int64_t groups_per_row = k / Fmt::kGroup;
-      const int64_t row = bad / groups_per_row, col = (bad % groups_per_row) * Fmt::kGroup;
-      TORCH_CHECK_VALUE(false, "semi24_decompress: meta holds an invalid code for row ", row, ", columns ", col,
-                        "..", col + Fmt::kGroup - 1, " (not produced by semi24_compress?)");
-    }
+    semi24::check_no_bad_code<Fmt>(first_bad.load(), k);
   });
   return dense;
 }

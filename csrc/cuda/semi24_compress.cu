@@ -88,15 +88,7 @@ std::tuple<at::Tensor, at::Tensor> semi24_compress_cuda(const at::Tensor& dense_
         reinterpret_cast<const uint4*>(dense.data_ptr()), reinterpret_cast<uint4*>(packed.data_ptr()),
         reinterpret_cast<typename Fmt::Meta*>(meta.data_ptr()), m, k_meta, cu::first_bad_ptr(first_bad));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t bad = cu::first_bad_value(first_bad);
-    if (bad != INT64_MAX) {
-      const int64_t groups_per_row = k / Fmt::kGroup;
-      const int64_t row = bad / groups_per_row, col = (bad % groups_per_row) * Fmt::kGroup;
-      TORCH_CHECK_VALUE(false, "semi24_compress: dense is not ", Fmt::kPairs ? "1:2" : "2:4",
-                        " sparse: row ", row, ", columns ", col, "..", col + Fmt::kGroup - 1, " hold more than ",
-                        Fmt::kKept, " nonzero", Fmt::kKept > 1 ? "s" : "",
-                        " (prune first: sparsekern.semi24_mask or to_semi_structured(prune=True))");
-    }
+    semi24::check_no_bad_group<Fmt>(cu::first_bad_value(first_bad), k);
   });
   return {packed, meta};
 }

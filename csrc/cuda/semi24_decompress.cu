@@ -91,13 +91,7 @@ at::Tensor semi24_decompress_cuda(const at::Tensor& packed_in, const at::Tensor&
         reinterpret_cast<const uint4*>(packed.data_ptr()), reinterpret_cast<const Meta*>(meta.data_ptr()),
         reinterpret_cast<uint4*>(dense.data_ptr()), m, k_meta, cu::first_bad_ptr(first_bad));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    const int64_t bad = cu::first_bad_value(first_bad);
-    if (bad != INT64_MAX) {
-      const int64_t groups_per_row = k / Fmt::kGroup;
-      const int64_t row = bad / groups_per_row, col = (bad % groups_per_row) * Fmt::kGroup;
-      TORCH_CHECK_VALUE(false, "semi24_decompress: meta holds an invalid code for row ", row, ", columns ", col,
-                        "..", col + Fmt::kGroup - 1, " (not produced by semi24_compress?)");
-    }
+    semi24::check_no_bad_code<Fmt>(cu::first_bad_value(first_bad), k);
   });
   return dense;
 }

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["add_bench_arguments", "add_linear_arguments", "run_bench"]
+__all__ = ["add_bench_arguments", "add_linear_arguments", "positive_float", "positive_int", "run_bench", "size_pair"]
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,7 @@ class _Bench:
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -37,7 +37,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -57,15 +57,19 @@ def _sparsity(text: str) -> float:
     return value
 
 
-def _linear_shape(text: str) -> tuple[int, int]:
-    """``INxOUT``: the weight of ``nn.Linear(IN, OUT)``."""
-    try:
-        n_in, n_out = (int(part) for part in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected INxOUT such as 768x3072, got {text!r}") from None
-    if n_in < 1 or n_out < 1:
-        raise argparse.ArgumentTypeError(f"expected positive sizes in INxOUT, got {text!r}")
-    return n_in, n_out
+def size_pair(form: str, example: str):
+    """An argparse type for two positive sizes written ``AxB``; ``form`` names them (``INxOUT``, ``ROWSxCOLS``)."""
+
+    def parse(text: str) -> tuple[int, int]:
+        try:
+            first, second = (int(part) for part in text.lower().split("x"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {form} such as {example}, got {text!r}") from None
+        if first < 1 or second < 1:
+            raise argparse.ArgumentTypeError(f"expected positive sizes in {form}, got {text!r}")
+        return first, second
+
+    return parse
 
 
 LINEAR_MODES = ("fwd", "fwdbwd")
@@ -82,12 +86,12 @@ def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
         help="fraction of zero weights, in [0, 1); repeatable (default: 0.5 0.7 0.8 0.9 0.95 0.98 0.99)",
     )
     parser.add_argument(
-        "--batch", action="append", type=_positive_int, metavar="B", help="rows of x; repeatable (default: 256 2048)"
+        "--batch", action="append", type=positive_int, metavar="B", help="rows of x; repeatable (default: 256 2048)"
     )
     parser.add_argument(
         "--shape",
         action="append",
-        type=_linear_shape,
+        type=size_pair("INxOUT", "768x3072"),  # the weight of nn.Linear(IN, OUT)
         metavar="INxOUT",
         help="nn.Linear(IN, OUT); repeatable (default: 768x3072 3072x768 4096x4096)",
     )
@@ -106,7 +110,7 @@ def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-time",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         metavar="SECONDS",
         help="cut the timed calls of one function short once they total this long; a call this long is timed "
@@ -155,7 +159,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
             "--out", default="bench-results", help="directory for the .md and .json results (default: %(default)s)"
         )
         p.add_argument(
-            "--repeat", type=_positive_int, default=None, help="timed calls per case (default: 5, or 3 with --quick)"
+            "--repeat", type=positive_int, default=None, help="timed calls per case (default: 5, or 3 with --quick)"
         )
         p.add_argument(
             "--dtype",

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <atomic>
 #include <cstdint>
 
 #include "sparsekern/semi24.h"
@@ -50,6 +51,35 @@ void dispatch_format(at::ScalarType dtype, const char* what, F&& f) {
 }
 
 inline at::ScalarType meta_dtype(at::ScalarType dtype) { return dtype == at::kChar ? at::kInt : at::kShort; }
+
+// Kernels report the first offending group as a row-major flat index (row * groups_per_row + group), or
+// INT64_MAX when there is none; these turn it into the ValueError every backend raises.
+template <typename Fmt>
+void check_no_bad_group(int64_t bad, int64_t k) {
+  if (bad == INT64_MAX) return;
+  const int64_t groups_per_row = k / Fmt::kGroup;
+  const int64_t row = bad / groups_per_row, col = (bad % groups_per_row) * Fmt::kGroup;
+  TORCH_CHECK_VALUE(false, "semi24_compress: dense is not ", Fmt::kPairs ? "1:2" : "2:4", " sparse: row ", row,
+                    ", columns ", col, "..", col + Fmt::kGroup - 1, " hold more than ", Fmt::kKept, " nonzero",
+                    Fmt::kKept > 1 ? "s" : "",
+                    " (prune first: sparsekern.semi24_mask or to_semi_structured(prune=True))");
+}
+
+template <typename Fmt>
+void check_no_bad_code(int64_t bad, int64_t k) {
+  if (bad == INT64_MAX) return;
+  const int64_t groups_per_row = k / Fmt::kGroup;
+  const int64_t row = bad / groups_per_row, col = (bad % groups_per_row) * Fmt::kGroup;
+  TORCH_CHECK_VALUE(false, "semi24_decompress: meta holds an invalid code for row ", row, ", columns ", col, "..",
+                    col + Fmt::kGroup - 1, " (not produced by semi24_compress?)");
+}
+
+// Lowers `target` to `value` if smaller (CPU threads merging their first bad group).
+inline void atomic_min(std::atomic<int64_t>& target, int64_t value) {
+  int64_t seen = target.load();
+  while (value < seen && !target.compare_exchange_weak(seen, value)) {
+  }
+}
 
 }  // namespace semi24
 }  // namespace sparsekern
