@@ -90,7 +90,11 @@ class CSRIndex(NamedTuple):
 
         return csr_rows(self.row_ptr)
 
+    def flat(self) -> torch.Tensor:
+        """row * n_in + col of every nonzero, int64 (nnz), ascending (CSR order)."""
+        return self.rows() * self.n_in + self.col_idx.long()
+
     def to_dense(self, values: torch.Tensor) -> torch.Tensor:
         dense = torch.zeros(self.n_out, self.n_in, dtype=values.dtype, device=values.device)
-        dense[self.rows(), self.col_idx.long()] = values
+        dense.view(-1).scatter_(0, self.flat(), values)
         return dense

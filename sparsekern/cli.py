@@ -43,12 +43,19 @@ def _info(args: argparse.Namespace) -> int:
                 reason = "no CUDA GPU visible"
             lines.append(f"  {device}: {name:9s} -> {'available' if reason is None else 'unavailable: ' + reason}")
         lines.append(f"  {device}: auto picks {_auto_choice(device, cuda_ok)}")
-    from .ops.sparse_linear import DENSITY_CROSSOVER
+    from .ops.sparse_linear import DENSITY_CROSSOVER, SMALL_BATCH
 
     lines.append("sparse_linear dispatch (path='auto'): sparse kernels up to this density, dense-masked GEMM above:")
-    for (device, dtype), density in DENSITY_CROSSOVER.items():
-        source = "measured, see README" if device == "cpu" else "not measured on a GPU: DESIGN's estimate"
-        lines.append(f"  {device} {str(dtype).replace('torch.', '')}: density <= {density:g} ({source})")
+    for (device, dtype), c in DENSITY_CROSSOVER.items():
+        source = {
+            ("cpu", torch.float32): "measured, see README",
+            ("cpu", torch.bfloat16): "forward above the small batch measured; the rest set like fp32's",
+            ("cpu", torch.float16): "not measured: set like bf16's",
+        }.get((device, dtype), "not measured on a GPU: DESIGN's estimate")
+        lines.append(
+            f"  {device} {str(dtype).replace('torch.', '')}: forward {c.inference:g} (batch <= {SMALL_BATCH}: "
+            f"{c.small_batch:g}), training {c.training:g} ({source})"
+        )
     if args.json:
         print(json.dumps({"lines": lines, "extension": build}, indent=2))
     else:

@@ -111,10 +111,10 @@ def test_bench_linear_reports_failures_and_wrong_results(tmp_path, monkeypatch, 
     """A sparse path that raises becomes failure rows, one that is wrong is marked NO; both fail the run."""
     real = linear.sparse_linear
 
-    def broken(x, values, index, bias=None, *, backend="auto", path="auto"):
+    def broken(x, values, index, bias=None, *, backend="auto", path="auto", workspace=None):
         if x.dtype == torch.bfloat16:
             raise RuntimeError("boom")
-        return real(x, values, index, bias, backend=backend, path=path) * 1.01
+        return real(x, values, index, bias, backend=backend, path=path, workspace=workspace) * 1.01
 
     monkeypatch.setattr(linear, "sparse_linear", broken)
     argv = [*QUICK, "--batch", "8", "--sparsity", "0.9", "--repeat", "1", "--out", str(tmp_path)]
@@ -339,16 +339,19 @@ def _row(label, batch, dtype, mode, sparsity, sparse, auto=None, csr=None, sp=No
 
 def test_crossover_is_the_start_of_the_winning_run():
     speeds = {0.5: 0.5, 0.7: 1.2, 0.8: 0.9, 0.9: 1.5, 0.95: 3.0}
-    rows = [_row("a", 8, "fp32", "fwd", s, v) for s, v in speeds.items()]
-    rows += [_row("a", 8, "fp32", "fwdbwd", s, 0.5) for s in speeds]
-    rows += [_row("a", 8, "bf16", "fwd", s, None) for s in speeds]
-    cross = {(c["dtype"], c["mode"]): c for c in linear.crossovers(rows)}
-    assert cross["fp32", "fwd"]["beats_dense_from"] == 0.9  # 70% wins, but 80% loses again
-    assert cross["fp32", "fwd"]["auto_sparse_from"] == ">= 65%"  # DENSITY_CROSSOVER 0.35
-    assert cross["fp32", "fwdbwd"]["beats_dense_from"] is None and cross["fp32", "fwdbwd"]["measured"]
-    assert not cross["bf16", "fwd"]["measured"]
+    rows = [_row("a", 256, "fp32", "fwd", s, v) for s, v in speeds.items()]
+    rows += [_row("a", 256, "fp32", "fwdbwd", s, 0.5) for s in speeds]
+    rows += [_row("a", 256, "bf16", "fwd", s, None) for s in speeds]
+    rows += [_row("a", 8, "fp32", "fwd", s, v) for s, v in speeds.items()]
+    cross = {(c["batch"], c["dtype"], c["mode"]): c for c in linear.crossovers(rows)}
+    assert cross[256, "fp32", "fwd"]["beats_dense_from"] == 0.9  # 70% wins, but 80% loses again
+    assert cross[256, "fp32", "fwd"]["auto_sparse_from"] == ">= 65%"  # DENSITY_CROSSOVER inference 0.35
+    assert cross[256, "fp32", "fwdbwd"]["auto_sparse_from"] == ">= 75%"  # training 0.25
+    assert cross[8, "fp32", "fwd"]["auto_sparse_from"] == ">= 50%"  # small batch 0.5
+    assert cross[256, "fp32", "fwdbwd"]["beats_dense_from"] is None and cross[256, "fp32", "fwdbwd"]["measured"]
+    assert not cross[256, "bf16", "fwd"]["measured"]
     table = linear.crossover_section(list(cross.values())).rows
-    assert [row[4] for row in table] == ["90%", "never (in this sweep)", "not measured (sparse path failed)"]
+    assert [row[4] for row in table] == ["90%", "never (in this sweep)", "not measured (sparse path failed)", "90%"]
 
 
 def test_goals_read_at_b2048_fp32():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import backend_params, device_for
+from helpers import backend_params, device_for, run_python
 
 import sparsekern
 from sparsekern._csr import CSRIndex
@@ -202,11 +202,48 @@ def test_topology_update_carries_optimizer_state():
 
 
 @pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the compiled extension")
-def test_torch_compile_fullgraph():
-    layer = SparseLinear(24, 16, sparsity=0.8)
-    x = torch.randn(5, 24)
+@pytest.mark.parametrize("sparsity", [0.8, 0.2], ids=["sparse-path", "dense-path"])
+def test_torch_compile_fullgraph(sparsity):
+    layer = SparseLinear(24, 16, sparsity=sparsity)
+    x = torch.randn(5, 24, requires_grad=True)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
-    assert torch.allclose(compiled(x), layer(x), rtol=1e-5, atol=1e-6)
+    y, y_eager = compiled(x), layer(x)
+    assert torch.allclose(y, y_eager, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(y.square().sum(), (x, layer.values))
+    grads_eager = torch.autograd.grad(y_eager.square().sum(), (x, layer.values))
+    for got, want in zip(grads, grads_eager, strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_dense_path_workspace_follows_values_and_topology(dtype):
+    """The dense path reuses one dense weight per topology: it must see every value change (including fused
+    AdamW's, which does not bump the version counter), a new topology, and a second call before backward."""
+    torch.manual_seed(0)
+    layer = SparseLinear(37, 29, mask=_mask(29, 37, 0.7), dtype=dtype)  # 70% density: the dense path
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    for step in range(3):
+        x = torch.randn(6, 37, dtype=dtype)
+        y1, y2 = layer(x), layer(x * 2)  # two calls in one graph, like a shared layer
+        (y1.float().square().sum() + y2.float().sum()).backward()
+        w = layer.dense_weight().detach().double().requires_grad_()
+        x64 = x.double()
+        r1, r2 = F.linear(x64, w, layer.bias.double()), F.linear(x64 * 2, w, layer.bias.double())
+        (r1.square().sum() + r2.sum()).backward()
+        _assert_close(y1, r1.detach(), F.linear(x, layer.dense_weight().detach(), layer.bias))
+        rows, cols = layer.indices()
+        expected = w.grad[rows, cols]
+        tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+        assert torch.allclose(layer.values.grad.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+        opt.step()
+        opt.zero_grad()
+        if step == 1:  # a new topology: drop 5 connections, grow 5 others
+            inactive = (~layer.mask).flatten().nonzero().flatten()
+            layer.update_topology(drop=layer.flat_indices()[:5], grow=inactive[:5])
+    with torch.no_grad():
+        x = torch.randn(4, 37, dtype=dtype)
+        assert torch.equal(layer(x), layer.to_dense()(x))
 
 
 @pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the compiled extension")
@@ -216,7 +253,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.sparsekern.spmm.default, (x, index.row_ptr, index.col_idx, values, 9))
     g = torch.randn(5, 9)
     torch.library.opcheck(torch.ops.sparsekern.sddmm.default, (g, x, index.row_ptr, index.col_idx))
-    args = (x.requires_grad_(), values.requires_grad_(), *index[:5], None, 9, "cpu", "sparse")
+    args = (x.requires_grad_(), values.requires_grad_(), *index[:5], None, 9, "cpu")
     torch.library.opcheck(torch.ops.sparsekern.sparse_linear.default, args)
 
 
@@ -277,10 +314,6 @@ def test_spmm_and_sddmm_check_indices():
 @pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the compiled extension")
 def test_portable_cpu_kernels_match_reference():
     """CI machines have AVX-512, so the portable spmm/sddmm path is forced in a subprocess."""
-    import os
-    import subprocess
-    import sys
-
     code = (
         "import torch, sparsekern\n"
         "from sparsekern._csr import CSRIndex\n"
@@ -301,11 +334,31 @@ def test_portable_cpu_kernels_match_reference():
         "    assert torch.allclose(gx.double(), gx64, rtol=tol, atol=tol * 10), dtype\n"
         "    assert torch.allclose(gv.double(), gv64, rtol=tol, atol=tol * 10), dtype\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "SPARSEKERN_CPU_ISA": "baseline"},
-    )
+    result = run_python(code, SPARSEKERN_CPU_ISA="baseline")
     assert result.returncode == 0, result.stderr
+
+
+def test_auto_path_depends_on_batch_and_training(monkeypatch):
+    from sparsekern.ops import sparse_linear as op
+
+    index = CSRIndex.from_mask(torch.arange(100 * 10).view(100, 10) % 10 < 4)  # density exactly 0.4
+    big, small = torch.randn(256, 10), torch.randn(op.SMALL_BATCH, 10)
+    assert op.choose_path("auto", index, big, "cpu") == "dense"  # 0.4 > inference 0.35
+    assert op.choose_path("auto", index, small, "cpu") == "sparse"  # <= small-batch 0.5
+    assert op.choose_path("auto", index, small, "cpu", training=True) == "dense"  # > training 0.25
+    assert op.choose_path("auto", index, big, "reference") == "sparse"
+    assert op.choose_path("dense", index, small, "cpu") == "dense"
+    assert op.density_crossover("xla", torch.float32, 8, False) == 0.0
+
+    taken = []
+    real = op._dense_path
+    monkeypatch.setattr(op, "_dense_path", lambda *a: taken.append("dense") or real(*a))
+    values = torch.randn(index.nnz)
+    if sparsekern._extension.available():
+        sparse_linear(small, values, index)  # inference, small batch: sparse
+        assert taken == []
+        sparse_linear(small, values.requires_grad_(), index)  # a backward follows: dense
+        assert taken == ["dense"]
+        with torch.no_grad():
+            sparse_linear(small, values, index)
+        assert taken == ["dense"]

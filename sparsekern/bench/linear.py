@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from .._csr import CSRIndex
 from ..ops import _backend
-from ..ops.sparse_linear import DENSITY_CROSSOVER, choose_path, sparse_linear
+from ..ops.sparse_linear import DENSITY_CROSSOVER, DenseWorkspace, choose_path, density_crossover, sparse_linear
 from . import harness
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -61,7 +61,7 @@ GOAL_DTYPE = "fp32"
 AUTO_FLOOR = 0.9  # auto never below 0.9x dense, at any sparsity
 BASELINES_FROM = 0.8  # faster than torch CSR and SparseProp at every sparsity >= 80%
 
-SPARSEPROP_MISSING = "SparseProp: not installed (pip install sparseprop)"
+SPARSEPROP_MISSING = "SparseProp: not installed (pip install --no-build-isolation sparseprop scipy pybind11)"
 
 
 @dataclass(frozen=True)
@@ -229,8 +229,10 @@ def _as_dict(mode: str, to_values: Callable[[Any], torch.Tensor] | None = None) 
 
 
 def build_sparsekern(p: Problem, x, values, grad, mode: str, backend: str, path: str) -> tuple[Fn, Extract]:
-    # sparse_linear is looked up when called, so a test can replace it in this module.
-    forward = lambda xx, vv: sparse_linear(xx, vv, p.index, backend=backend, path=path)  # noqa: E731
+    # sparse_linear is looked up when called, so a test can replace it in this module. The workspace is what
+    # SparseLinear keeps for the dense path (one dense weight per topology, only its nonzeros rewritten per call).
+    workspace = DenseWorkspace()
+    forward = lambda xx, vv: sparse_linear(xx, vv, p.index, backend=backend, path=path, workspace=workspace)  # noqa: E731
     param = values if mode == "fwd" else values.detach().requires_grad_()
     return _grads(mode, forward, x, param, grad), _as_dict(mode)
 
@@ -412,7 +414,7 @@ def run_case(
     w = p.index.to_dense(values)
     ref = p.reference(mode)
     try:
-        row["auto_path"] = choose_path("auto", p.index, x, backend)
+        row["auto_path"] = choose_path("auto", p.index, x, backend, training=mode == "fwdbwd")
     except Exception as exc:  # noqa: BLE001
         row["auto_path"] = failure(exc)
     results: dict[str, dict[str, Any]] = {}
@@ -723,8 +725,8 @@ def crossovers(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if first["backend"] == "reference":
             auto_from = "always (the reference backend has no dense path choice)"
         else:
-            crossover = DENSITY_CROSSOVER.get((torch.device(first["device"]).type, DTYPES[dtype]))
-            auto_from = "never" if crossover is None else f">= {_pct(round(1 - crossover, 6))}"
+            crossover = density_crossover(torch.device(first["device"]).type, DTYPES[dtype], batch, mode == "fwdbwd")
+            auto_from = "never" if crossover == 0.0 else f">= {_pct(round(1 - crossover, 6))}"
         out.append(
             {
                 "shape": shape,
@@ -918,7 +920,9 @@ def run_linear(
         "sparseprop": sparseprop_note,
         "grid": dataclasses.asdict(grid),
         "settings": dataclasses.asdict(settings),
-        "density_crossover": {f"{d}:{str(t).removeprefix('torch.')}": v for (d, t), v in DENSITY_CROSSOVER.items()},
+        "density_crossover": {
+            f"{d}:{str(t).removeprefix('torch.')}": dataclasses.asdict(v) for (d, t), v in DENSITY_CROSSOVER.items()
+        },
         "goals": goal_rows,
         "crossover": cross,
         "rows": rows,

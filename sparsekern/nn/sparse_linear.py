@@ -10,7 +10,7 @@ from torch import nn
 
 from .._csr import CSRIndex
 from .._validate import check_tensor
-from ..ops.sparse_linear import sparse_linear
+from ..ops.sparse_linear import DenseWorkspace, sparse_linear
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -130,6 +130,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("csc_ptr", index.csc_ptr, persistent=False)
         self.register_buffer("csc_row", index.csc_row, persistent=False)
         self.register_buffer("csc_perm", index.csc_perm, persistent=False)
+        self._workspace = DenseWorkspace()  # the dense path's weight, valid for this topology only
 
     @property
     def index(self) -> CSRIndex:
@@ -158,8 +159,7 @@ class SparseLinear(nn.Module):
 
     def flat_indices(self) -> torch.Tensor:
         """row * in_features + col for every nonzero, int64, ascending (CSR order)."""
-        rows, cols = self.indices()
-        return rows * self.in_features + cols
+        return self.index.flat()
 
     # -- conversions ---------------------------------------------------------------------------------------
     @classmethod
@@ -215,7 +215,7 @@ class SparseLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.values, self.index, self.bias)
+        return sparse_linear(x, self.values, self.index, self.bias, workspace=self._workspace)
 
     def extra_repr(self) -> str:
         return (

@@ -20,10 +20,16 @@ lib.define("semi24_decompress(Tensor packed, Tensor meta) -> Tensor")
 lib.define("spmm(Tensor x, Tensor row_ptr, Tensor col_idx, Tensor values, int n_out) -> Tensor")
 # sddmm: the gradient of values, out[j] = sum over b of g[b, row(j)] * x[b, col_idx[j]] (only at the nonzeros).
 lib.define("sddmm(Tensor g, Tensor x, Tensor row_ptr, Tensor col_idx) -> Tensor")
-# The sparse linear layer's autograd op: y = x @ W.T + bias with W = (values, CSR/CSC index). `backend` is a
-# resolved kernel family and `path` is "sparse" (spmm / sddmm) or "dense" (scatter W, dense GEMM), decided
-# per call by density in ops/sparse_linear.py so that forward and backward agree.
+# The sparse linear layer's autograd op on the sparse path: y = x @ W.T + bias with W = (values, CSR/CSC index),
+# forward by spmm, dX by spmm through the CSC, dvalues by sddmm. `backend` is a resolved kernel family. The
+# dense path (scatter W, dense GEMM) is plain autograd in ops/sparse_linear.py, chosen per call by density.
 lib.define(
     "sparse_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor csc_ptr, Tensor csc_row, "
-    "Tensor csc_perm, Tensor? bias, int n_out, str backend, str path) -> Tensor"
+    "Tensor csc_perm, Tensor? bias, int n_out, str backend) -> Tensor"
 )
+
+# Fused top-k over the outer product (RigL grow); see ops/outer_topk.py. x (B, n_in), g (B, n_out); the k largest
+# |sum_b g[b, o] * x[b, i]| outside the CSR pattern (row_ptr int64 (n_out + 1), col_idx int32, columns ascending
+# and unique per row), as flat indices o * n_in + i (int64) and scores (float32), by score descending, ties by
+# ascending index. Never forms the (n_out, n_in) scores.
+lib.define("outer_topk(Tensor x, Tensor g, int k, Tensor row_ptr, Tensor col_idx) -> (Tensor index, Tensor score)")

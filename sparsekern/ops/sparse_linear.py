@@ -3,6 +3,8 @@ dW only at the nonzeros) and a per-call choice between the sparse kernels and a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -13,69 +15,139 @@ from . import spmm as _spmm
 
 PATHS = ("auto", "sparse", "dense")
 
-# Largest density (nnz / (n_out * n_in)) at which the sparse kernels beat the dense-masked path, by device type
-# and dtype. CPU: measured with `sparsekern bench linear` on the 2-core AVX-512 machine (see README). CUDA: not
-# measured on a GPU yet; DESIGN's estimate that tensor-core GEMMs win below ~95% sparsity.
-DENSITY_CROSSOVER: dict[tuple[str, torch.dtype], float] = {
-    ("cpu", torch.float32): 0.35,
-    ("cpu", torch.bfloat16): 0.25,
-    ("cpu", torch.float16): 0.25,
-    ("cuda", torch.float32): 0.05,
-    ("cuda", torch.bfloat16): 0.05,
-    ("cuda", torch.float16): 0.05,
+
+@dataclass(frozen=True)
+class Crossover:
+    """Largest density (nnz / (n_out * n_in)) at which the sparse kernels beat the dense-masked path."""
+
+    inference: float  # forward only, batches of more than SMALL_BATCH rows
+    small_batch: float  # forward only, at most SMALL_BATCH rows: the dense GEMM is bound by reading all of W
+    training: float  # forward and backward (dX, and dW at the nonzeros)
+
+
+SMALL_BATCH = 64
+
+# By device type and dtype. CPU fp32: measured with `sparsekern bench linear` on the 2-core AVX-512 machine (see
+# README): forward B=2048 crosses at 0.35, B=16 still wins 2x at 0.5, forward+backward loses below 0.25-0.3.
+# CPU bf16: forward measured at B=2048; its other entries, and fp16 entirely, are set like fp32's, not measured.
+# CUDA: not measured on a GPU yet; DESIGN's estimate that tensor-core GEMMs win below ~95% sparsity.
+DENSITY_CROSSOVER: dict[tuple[str, torch.dtype], Crossover] = {
+    ("cpu", torch.float32): Crossover(inference=0.35, small_batch=0.5, training=0.25),
+    ("cpu", torch.bfloat16): Crossover(inference=0.25, small_batch=0.5, training=0.25),
+    ("cpu", torch.float16): Crossover(inference=0.25, small_batch=0.5, training=0.25),
+    ("cuda", torch.float32): Crossover(0.05, 0.05, 0.05),
+    ("cuda", torch.bfloat16): Crossover(0.05, 0.05, 0.05),
+    ("cuda", torch.float16): Crossover(0.05, 0.05, 0.05),
 }
 
 
-def choose_path(path: str, index: CSRIndex, x: torch.Tensor, backend: str) -> str:
+def density_crossover(device_type: str, dtype: torch.dtype, batch: int, training: bool) -> float:
+    """The density up to which ``path="auto"`` takes the sparse kernels (0.0: never)."""
+    table = DENSITY_CROSSOVER.get((device_type, dtype))
+    if table is None:
+        return 0.0
+    if training:
+        return table.training
+    return table.small_batch if batch <= SMALL_BATCH else table.inference
+
+
+def choose_path(path: str, index: CSRIndex, x: torch.Tensor, backend: str, training: bool = False) -> str:
+    """The path of one call: "sparse" or "dense". ``training``: a backward will follow; x is (B, n_in)."""
     if path not in PATHS:
         raise ValueError(f"sparse_linear: path must be one of {PATHS}, got {path!r}")
     if path != "auto":
         return path
     if backend == "reference":
         return "sparse"
-    crossover = DENSITY_CROSSOVER.get((x.device.type, x.dtype), 0.0)
+    crossover = density_crossover(x.device.type, x.dtype, x.shape[0], training)
     return "sparse" if index.density <= crossover else "dense"
 
 
+class DenseWorkspace:
+    """A dense (n_out, n_in) weight kept by a layer for the dense path, so a call scatters only the nonzeros.
+
+    A fresh dense weight costs a zero fill of n_out * n_in elements (and, for large weights, the page faults of
+    a new allocation) on every call: at 50% density and B=256 that was most of the time of the dense path. The
+    workspace is zero off the mask for good (it is only ever written at the nonzeros of one topology; a new
+    topology needs a new workspace), so each call overwrites the nnz values and nothing else.
+
+    The writes go through ``.data``, which does not bump the version counter that autograd checks: a layer
+    called twice before its backward writes the same values twice (values only change in an optimizer step,
+    after the backward).
+    """
+
+    def __init__(self) -> None:
+        self._flat: torch.Tensor | None = None
+        self._weight: torch.Tensor | None = None
+
+    def weight(self, index: CSRIndex, values: torch.Tensor) -> torch.Tensor:
+        if self._flat is None or self._flat.device != values.device:
+            self._flat, self._weight = index.flat().to(values.device), None
+        if self._weight is None or self._weight.dtype != values.dtype:
+            self._weight = values.new_zeros(index.n_out, index.n_in)
+        w = self._weight.data
+        w.view(-1).scatter_(0, self._flat, values.detach())
+        return w
+
+    def flat(self) -> torch.Tensor:
+        assert self._flat is not None
+        return self._flat
+
+
+class _DenseMaskedLinear(torch.autograd.Function):
+    """y = x @ W.T + bias on a scattered dense W; dvalues = (G^T X) at the nonzeros. Dense GEMMs throughout."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, weight, flat):
+        ctx.save_for_backward(x)
+        ctx.weight, ctx.flat, ctx.has_bias = weight, flat, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        grad_x = grad @ ctx.weight if ctx.needs_input_grad[0] else None
+        grad_values = (grad.T @ x).view(-1).index_select(0, ctx.flat) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_values, grad_bias, None, None
+
+
+def _dense_path(x, values, index: CSRIndex, bias, workspace: DenseWorkspace | None) -> torch.Tensor:
+    if torch.compiler.is_compiling():  # traced: a fresh weight, no writes behind autograd's back
+        return _DenseMaskedLinear.apply(x, values, bias, index.to_dense(values.detach()), index.flat())
+    workspace = workspace if workspace is not None else DenseWorkspace()
+    weight = workspace.weight(index, values)
+    return _DenseMaskedLinear.apply(x, values, bias, weight, workspace.flat())
+
+
 @torch.library.register_fake("sparsekern::sparse_linear")
-def _fake(x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm, bias, n_out, backend, path):
+def _fake(x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm, bias, n_out, backend):
     return x.new_empty(x.shape[0], n_out)
 
 
 @torch.library.impl("sparsekern::sparse_linear", "CompositeExplicitAutograd")
-def _impl(x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm, bias, n_out, backend, path):
-    if path == "dense":
-        index = CSRIndex(row_ptr, col_idx, csc_ptr, csc_row, csc_perm, n_out, x.shape[1])
-        return F.linear(x, index.to_dense(values), bias)
+def _impl(x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm, bias, n_out, backend):
     y = _spmm.run(backend, x, row_ptr, col_idx, values, n_out)
     return y if bias is None else y.add_(bias)
 
 
 def _setup_context(ctx, inputs, output):
-    x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm, bias, n_out, backend, path = inputs
+    x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm, bias, n_out, backend = inputs
     ctx.save_for_backward(x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm)
-    ctx.n_out, ctx.backend, ctx.path, ctx.has_bias = n_out, backend, path, bias is not None
+    ctx.n_out, ctx.backend, ctx.has_bias = n_out, backend, bias is not None
 
 
 def _backward(ctx, grad):
     x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm = ctx.saved_tensors
     grad = grad.contiguous()
-    need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     grad_x = grad_values = grad_bias = None
-    if ctx.path == "dense":
-        index = CSRIndex(row_ptr, col_idx, csc_ptr, csc_row, csc_perm, ctx.n_out, x.shape[1])
-        if need_x:
-            grad_x = grad @ index.to_dense(values)
-        if need_values:
-            grad_values = (grad.T @ x)[index.rows(), col_idx.long()]
-    else:
-        if need_x:
-            grad_x = _spmm.run(ctx.backend, grad, csc_ptr, csc_row, values[csc_perm], x.shape[1])
-        if need_values:
-            grad_values = _sddmm.run(ctx.backend, grad, x, row_ptr, col_idx)
+    if ctx.needs_input_grad[0]:
+        grad_x = _spmm.run(ctx.backend, grad, csc_ptr, csc_row, values[csc_perm], x.shape[1])
+    if ctx.needs_input_grad[1]:
+        grad_values = _sddmm.run(ctx.backend, grad, x, row_ptr, col_idx)
     if ctx.has_bias and ctx.needs_input_grad[7]:
         grad_bias = grad.sum(0)
-    return grad_x, grad_values, None, None, None, None, None, grad_bias, None, None, None
+    return grad_x, grad_values, None, None, None, None, None, grad_bias, None, None
 
 
 torch.library.register_autograd("sparsekern::sparse_linear", _backward, setup_context=_setup_context)
@@ -89,6 +161,7 @@ def sparse_linear(
     *,
     backend: str = "auto",
     path: str = "auto",
+    workspace: DenseWorkspace | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for a sparse ``W`` given by its nonzero ``values`` and a :class:`CSRIndex`.
 
@@ -101,8 +174,11 @@ def sparse_linear(
         index: the weight's index (``CSRIndex.from_mask(mask)``).
         bias: optional (n_out) in x's dtype.
         backend: kernel family, "auto", "cpu", "triton", "cuda" or "reference".
-        path: "auto" (by density: the sparse kernels where they beat a dense GEMM on this device, see
-            ``DENSITY_CROSSOVER`` and ``sparsekern info``), "sparse" or "dense" (scatter W, dense GEMM).
+        path: "auto" (the sparse kernels up to the density where they stop beating a dense GEMM on this device,
+            for this batch size and for training or inference: see ``DENSITY_CROSSOVER`` and
+            ``sparsekern info``), "sparse" or "dense" (scatter W, dense GEMM).
+        workspace: a :class:`DenseWorkspace` the caller keeps for this index (``SparseLinear`` does), so the
+            dense path rewrites only the nonzeros of one dense weight instead of building a new one per call.
 
     Returns:
         (..., n_out) in x's dtype.
@@ -122,10 +198,14 @@ def sparse_linear(
     else:
         check_same_device(fn, x=x, values=values, index=index.row_ptr)
     chosen = _spmm.resolve(fn, x, backend)
-    chosen_path = choose_path(path, index, x, chosen)
     lead = x.shape[:-1]
+    x2 = x.reshape(-1, index.n_in).contiguous()
+    training = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)
+    chosen_path = choose_path(path, index, x2, chosen, training)
+    if chosen_path == "dense":
+        return _dense_path(x2, values, index, bias, workspace).reshape(*lead, index.n_out)
     y = torch.ops.sparsekern.sparse_linear(
-        x.reshape(-1, index.n_in).contiguous(),
+        x2,
         values.contiguous(),
         index.row_ptr,
         index.col_idx,
@@ -135,6 +215,5 @@ def sparse_linear(
         bias,
         index.n_out,
         chosen,
-        chosen_path,
     )
     return y.reshape(*lead, index.n_out)
