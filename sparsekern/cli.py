@@ -49,8 +49,8 @@ def _info(args: argparse.Namespace) -> int:
     for (device, dtype), c in DENSITY_CROSSOVER.items():
         source = {
             ("cpu", torch.float32): "measured, see README",
-            ("cpu", torch.bfloat16): "forward above the small batch measured; the rest set like fp32's",
-            ("cpu", torch.float16): "not measured: set like bf16's",
+            ("cpu", torch.bfloat16): "measured at B 256 and 2048; the small batch set like fp32's",
+            ("cpu", torch.float16): "measured: no fast fp16 GEMM on the CPU, sparse always wins",
         }.get((device, dtype), "not measured on a GPU: DESIGN's estimate")
         lines.append(
             f"  {device} {str(dtype).replace('torch.', '')}: forward {c.inference:g} (batch <= {SMALL_BATCH}: "

@@ -216,7 +216,7 @@ def test_torch_compile_fullgraph(sparsity):
 
 
 @pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the compiled extension")
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])  # fp16: always sparse
 def test_dense_path_workspace_follows_values_and_topology(dtype):
     """The dense path reuses one dense weight per topology: it must see every value change (including fused
     AdamW's, which does not bump the version counter), a new topology, and a second call before backward."""
@@ -226,6 +226,7 @@ def test_dense_path_workspace_follows_values_and_topology(dtype):
     for step in range(3):
         x = torch.randn(6, 37, dtype=dtype)
         y1, y2 = layer(x), layer(x * 2)  # two calls in one graph, like a shared layer
+        assert layer._workspace._weight is not None  # the dense path ran, through the workspace
         (y1.float().square().sum() + y2.float().sum()).backward()
         w = layer.dense_weight().detach().double().requires_grad_()
         x64 = x.double()
@@ -234,7 +235,7 @@ def test_dense_path_workspace_follows_values_and_topology(dtype):
         _assert_close(y1, r1.detach(), F.linear(x, layer.dense_weight().detach(), layer.bias))
         rows, cols = layer.indices()
         expected = w.grad[rows, cols]
-        tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[dtype]
+        tol = {torch.float32: 1e-4, torch.bfloat16: 5e-2}[dtype]
         assert torch.allclose(layer.values.grad.double(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
         opt.step()
         opt.zero_grad()
@@ -345,7 +346,7 @@ def test_auto_path_depends_on_batch_and_training(monkeypatch):
     big, small = torch.randn(256, 10), torch.randn(op.SMALL_BATCH, 10)
     assert op.choose_path("auto", index, big, "cpu") == "dense"  # 0.4 > inference 0.35
     assert op.choose_path("auto", index, small, "cpu") == "sparse"  # <= small-batch 0.5
-    assert op.choose_path("auto", index, small, "cpu", training=True) == "dense"  # > training 0.25
+    assert op.choose_path("auto", index, small, "cpu", training=True) == "dense"  # > training 0.3
     assert op.choose_path("auto", index, big, "reference") == "sparse"
     assert op.choose_path("dense", index, small, "cpu") == "dense"
     assert op.density_crossover("xla", torch.float32, 8, False) == 0.0

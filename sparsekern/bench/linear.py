@@ -41,7 +41,7 @@ from ..ops import _backend
 from ..ops.sparse_linear import DENSITY_CROSSOVER, DenseWorkspace, choose_path, density_crossover, sparse_linear
 from . import harness
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwdbwd")
 MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward+backward (dX, dW at the nonzeros)"}
 IMPLS = ("dense", "sparse", "auto", "torch_csr", "sparseprop")  # the keys of every row's "results", in timing order

@@ -27,14 +27,16 @@ class Crossover:
 
 SMALL_BATCH = 64
 
-# By device type and dtype. CPU fp32: measured with `sparsekern bench linear` on the 2-core AVX-512 machine (see
-# README): forward B=2048 crosses at 0.35, B=16 still wins 2x at 0.5, forward+backward loses below 0.25-0.3.
-# CPU bf16: forward measured at B=2048; its other entries, and fp16 entirely, are set like fp32's, not measured.
-# CUDA: not measured on a GPU yet; DESIGN's estimate that tensor-core GEMMs win below ~95% sparsity.
+# By device type and dtype. CPU: from `sparsekern bench linear` runs on the 2-core AVX-512 machine (see README).
+# fp32: forward at B >= 256 crosses near density 0.35, at B=16 sparse still wins 2x at 0.5; forward+backward
+# wins at 0.3 in most cases. bf16: oneDNN's bf16 GEMM is twice as fast as fp32's, so sparse wins later.
+# fp16: torch has no fast fp16 GEMM on the CPU, so the sparse kernels (fp32 accumulation) win at every density
+# measured (0.5 and up). CUDA: not measured on a GPU yet; DESIGN's estimate that tensor-core GEMMs win below
+# ~95% sparsity.
 DENSITY_CROSSOVER: dict[tuple[str, torch.dtype], Crossover] = {
-    ("cpu", torch.float32): Crossover(inference=0.35, small_batch=0.5, training=0.25),
-    ("cpu", torch.bfloat16): Crossover(inference=0.25, small_batch=0.5, training=0.25),
-    ("cpu", torch.float16): Crossover(inference=0.25, small_batch=0.5, training=0.25),
+    ("cpu", torch.float32): Crossover(inference=0.35, small_batch=0.5, training=0.3),
+    ("cpu", torch.bfloat16): Crossover(inference=0.25, small_batch=0.5, training=0.2),
+    ("cpu", torch.float16): Crossover(inference=1.0, small_batch=1.0, training=1.0),
     ("cuda", torch.float32): Crossover(0.05, 0.05, 0.05),
     ("cuda", torch.bfloat16): Crossover(0.05, 0.05, 0.05),
     ("cuda", torch.float16): Crossover(0.05, 0.05, 0.05),
@@ -63,6 +65,14 @@ def choose_path(path: str, index: CSRIndex, x: torch.Tensor, backend: str, train
     return "sparse" if index.density <= crossover else "dense"
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """t viewed as integers of its element size: torch's scatter_ is 4x slower on bf16/fp16 than on int16."""
+    return t.view(_SAME_SIZE_INT[t.element_size()])
+
+
 class DenseWorkspace:
     """A dense (n_out, n_in) weight kept by a layer for the dense path, so a call scatters only the nonzeros.
 
@@ -86,7 +96,7 @@ class DenseWorkspace:
         if self._weight is None or self._weight.dtype != values.dtype:
             self._weight = values.new_zeros(index.n_out, index.n_in)
         w = self._weight.data
-        w.view(-1).scatter_(0, self._flat, values.detach())
+        _bits(w.view(-1)).scatter_(0, self._flat, _bits(values.detach()))
         return w
 
     def flat(self) -> torch.Tensor:
@@ -107,7 +117,10 @@ class _DenseMaskedLinear(torch.autograd.Function):
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         grad_x = grad @ ctx.weight if ctx.needs_input_grad[0] else None
-        grad_values = (grad.T @ x).view(-1).index_select(0, ctx.flat) if ctx.needs_input_grad[1] else None
+        if ctx.needs_input_grad[1]:
+            grad_values = _bits((grad.T @ x).view(-1)).index_select(0, ctx.flat).view(grad.dtype)
+        else:
+            grad_values = None
         grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return grad_x, grad_values, grad_bias, None, None
 
