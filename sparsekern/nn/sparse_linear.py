@@ -32,6 +32,14 @@ def _nnz(sparsity: float, numel: int) -> int:
     return int(round((1.0 - sparsity) * numel))
 
 
+def _contains(sorted_set: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """bool per entry of values: is it in sorted_set (ascending, unique)?"""
+    if sorted_set.numel() == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_set, values).clamp_(max=sorted_set.numel() - 1)
+    return sorted_set[pos] == values
+
+
 @dataclass(frozen=True)
 class TopologyUpdate:
     """What :meth:`SparseLinear.update_topology` did, so per-nonzero state (optimizer moments) can follow.
@@ -253,28 +261,30 @@ class SparseLinear(nn.Module):
             if torch.unique(idx).numel() != idx.numel():
                 raise ValueError(f"{fn}: {name} has repeated indices")
             sets[name] = idx
-        active = torch.zeros(numel, dtype=torch.bool, device=device)
-        active[old_flat] = True
-        if not bool(active[sets["drop"]].all()):
-            bad = sets["drop"][~active[sets["drop"]]][0]
-            raise ValueError(f"{fn}: drop names inactive connection {int(bad)} (row {int(bad) // self.in_features})")
-        dropped = torch.zeros(numel, dtype=torch.bool, device=device)
-        dropped[sets["drop"]] = True
-        clash = active[sets["grow"]] & ~dropped[sets["grow"]]
+        # Sorted flat indices and binary searches throughout: O(nnz log nnz) time and memory, never a tensor of
+        # n_out * n_in entries (16384^2 would need GiBs), so a RigL step stays as lean as the fused grow.
+        drop_sorted, grow_sorted = sets["drop"].sort().values, sets["grow"].sort().values
+        drop_active = _contains(old_flat, drop_sorted)
+        if not bool(drop_active.all()):
+            bad = int(drop_sorted[~drop_active][0])
+            raise ValueError(f"{fn}: drop names inactive connection {bad} (row {bad // self.in_features})")
+        grow_active = _contains(old_flat, grow_sorted)
+        clash = grow_active & ~_contains(drop_sorted, grow_sorted)
         if bool(clash.any()):
-            bad = int(sets["grow"][clash][0])
+            bad = int(grow_sorted[clash][0])
             raise ValueError(f"{fn}: grow names connection {bad}, which is active and not dropped")
 
-        regrown = torch.zeros(numel, dtype=torch.bool, device=device)
-        regrown[sets["grow"]] = True
-        new_active = (active & ~dropped) | regrown
-        new_mask = new_active.view(self.out_features, self.in_features)
-        index = CSRIndex.from_mask(new_mask)
-        slot_of = torch.full((numel,), -1, dtype=torch.int64, device=device)
-        slot_of[new_active] = torch.arange(index.nnz, device=device)  # CSR order == ascending flat index
-        old_to_new = slot_of[old_flat]
-        old_to_new[dropped[old_flat] & ~regrown[old_flat]] = -1
-        grown = slot_of[sets["grow"][~active[sets["grow"]]]].sort().values
+        keep = ~_contains(drop_sorted, old_flat) | _contains(grow_sorted, old_flat)  # a regrown one stays
+        added = grow_sorted[~grow_active]
+        new_flat = torch.cat([old_flat[keep], added]).sort().values  # CSR order == ascending flat index
+        rows = new_flat // self.in_features
+        row_ptr = torch.zeros(self.out_features + 1, dtype=torch.int64, device=device)
+        torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0, out=row_ptr[1:])
+        col_idx = (new_flat - rows * self.in_features).to(torch.int32)
+        index = CSRIndex.from_csr(row_ptr, col_idx, self.in_features)
+        old_to_new = torch.full_like(old_flat, -1)
+        old_to_new[keep] = torch.searchsorted(new_flat, old_flat[keep])
+        grown = torch.searchsorted(new_flat, added)
         update = TopologyUpdate(old_to_new, grown, index.nnz)
 
         # Everything is computed; now change the layer (nothing above touched it).
