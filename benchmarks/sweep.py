@@ -15,6 +15,12 @@ dense F.linear, torch CSR and SparseProp) through :mod:`sparsekern.bench.linear`
 
     python benchmarks/sweep.py linear --shape 4096x4096 --batch 2048 --mode fwd --sparsity 0.9 --sparsity 0.95
     python benchmarks/sweep.py linear --quick --backend reference
+
+``sweep.py grow`` sweeps RigL's grow step (``sparsekern.outer_topk`` against dense g.T @ x, mask and torch.topk,
+time and peak memory) over shape x batch x sparsity x drop fraction through :mod:`sparsekern.bench.grow`, the
+code behind ``sparsekern bench grow``; it writes <out>/grow-sweep.md and .json by default.
+
+    python benchmarks/sweep.py grow --shape 8192x8192 --batch 512 --sparsity 0.95 --alpha 0.3
 """
 
 from __future__ import annotations
@@ -109,10 +115,56 @@ def main_linear(argv: list[str]) -> int:
     return code
 
 
+def main_grow(argv: list[str]) -> int:
+    from sparsekern.bench import positive_float, positive_int, size_pair
+
+    parser = argparse.ArgumentParser(
+        prog="sweep.py grow",
+        description="Sweep outer_topk (RigL grow) against dense g.T @ x + mask + torch.topk; the code of "
+        "`sparsekern bench grow`. Every combination of the axes below is one case.",
+    )
+    parser.add_argument("--shape", action="append", type=size_pair("OUTxIN", "4096x4096"), metavar="OUTxIN")
+    parser.add_argument("--batch", action="append", type=positive_int, metavar="B")
+    parser.add_argument("--sparsity", action="append", type=float, metavar="S", help="in [0, 1)")
+    parser.add_argument("--alpha", action="append", type=positive_float, metavar="A", help="drop fraction")
+    parser.add_argument("--dtype", action="append", choices=("fp32", "bf16"), help="repeatable (default: fp32)")
+    parser.add_argument("--backend", choices=("cpu", "cuda", "triton", "reference"), default="cpu")
+    parser.add_argument("--repeat", type=positive_int, default=5, help="timed calls per case (default: %(default)s)")
+    parser.add_argument("--max-time", type=positive_float, default=3.0, help="seconds per function (default: 3)")
+    parser.add_argument("--out", default="bench-results", help="output directory (default: %(default)s)")
+    parser.add_argument("--name", default="grow-sweep", help="file name stem (default: %(default)s)")
+    args = parser.parse_args(argv)
+    for s in args.sparsity or ():
+        if not 0.0 <= s < 1.0:
+            parser.error(f"--sparsity must be in [0, 1), got {s}")
+    import torch
+
+    from sparsekern.bench import grow
+
+    if args.backend in ("cuda", "triton") and not torch.cuda.is_available():
+        print(f"sweep.py grow: --backend {args.backend} needs a CUDA GPU; none is visible", file=sys.stderr)
+        return 2
+    cases = tuple(
+        grow.Case(n_out, n_in, b, s, a)
+        for n_out, n_in in dict.fromkeys(args.shape or [(4096, 4096)])
+        for b in dict.fromkeys(args.batch or [256, 2048])
+        for s in dict.fromkeys(args.sparsity or [0.9, 0.99])
+        for a in dict.fromkeys(args.alpha or [0.1, 0.3])
+    )
+    settings = grow.Settings(repeat=args.repeat, max_time=args.max_time)
+    dtypes = list(dict.fromkeys(args.dtype or ["fp32"]))
+    code, markdown, _ = grow.run_grow(cases, dtypes, args.backend, settings, args.out, name=args.name)
+    print(markdown)
+    print(f"wrote {args.out}/{args.name}.md and {args.out}/{args.name}.json")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "linear":
         return main_linear(argv[1:])
+    if argv and argv[0] == "grow":
+        return main_grow(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     # torch is imported only now, so --help and argument errors stay fast.

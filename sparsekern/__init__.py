@@ -8,6 +8,7 @@ from . import _extension, nn  # noqa: F401  (_extension loads the compiled kerne
 from .ops import (
     BACKENDS,
     BackendUnavailableError,
+    outer_topk,
     semi24_compress,
     semi24_decompress,
     semi24_mask,
@@ -20,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "nn",
+    "outer_topk",
     "semi24_compress",
     "semi24_decompress",
     "semi24_mask",

@@ -56,6 +56,10 @@ def _info(args: argparse.Namespace) -> int:
             f"  {device} {str(dtype).replace('torch.', '')}: forward {c.inference:g} (batch <= {SMALL_BATCH}: "
             f"{c.small_batch:g}), training {c.training:g} ({source})"
         )
+    lines.append(
+        "outer_topk (RigL grow): backend='auto' as above (C++ on CPU tensors, Triton on CUDA tensors); every "
+        "backend returns the same bits (one float32 summation order); float64 runs the reference"
+    )
     if args.json:
         print(json.dumps({"lines": lines, "extension": build}, indent=2))
     else:

@@ -119,3 +119,43 @@ def sddmm_reference(g: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col
     """out[j] = sum_b g[b, row(j)] * x[b, col_idx[j]]: the gradient of W's values, only at its nonzeros."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (g.to(acc).T @ x.to(acc))[csr_rows(row_ptr), col_idx.long()].to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fused top-k over the outer product (RigL grow). The exclusion is a CSR pattern (row_ptr int64, col_idx int32)
+# over the (n_out, n_in) score matrix.
+
+
+def outer_topk_scores_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The (n_out, n_in) float32 scores |sum_b g[b, o] * x[b, i]| in the order every kernel reproduces.
+
+    The sum runs over b = 0, 1, ..., B - 1 from +0, each product rounded to float32 and then added (two
+    roundings, never a fused multiply-add), with x and g first converted to float32. float64 inputs are summed
+    the same way in float64 and the absolute value is rounded to float32 once at the end.
+    """
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs, gs = x.to(acc), g.to(acc)
+    total = torch.zeros(g.shape[1], x.shape[1], dtype=acc, device=x.device)
+    for b in range(x.shape[0]):
+        total += torch.outer(gs[b], xs[b])  # outer rounds each product; += rounds each sum
+    return total.abs().to(torch.float32)
+
+
+def outer_topk_reference(
+    x: torch.Tensor, g: torch.Tensor, k: int, row_ptr: torch.Tensor, col_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest scores (:func:`outer_topk_scores_reference`) outside the CSR pattern (row_ptr, col_idx).
+
+    Returns (index int64 (k), score float32 (k)): flat indices o * n_in + i sorted by score descending, equal
+    scores by ascending index. Materialises the dense (n_out, n_in) scores: a brute-force oracle.
+    """
+    n_out, n_in = g.shape[1], x.shape[1]
+    scores = outer_topk_scores_reference(x, g).reshape(-1)
+    candidate = torch.ones(n_out * n_in, dtype=torch.bool, device=scores.device)
+    candidate[csr_rows(row_ptr) * n_in + col_idx.long()] = False
+    flat = candidate.nonzero().squeeze(1)
+    if bool(torch.isnan(scores[flat]).any()):  # only candidates count: an excluded score is never looked at
+        raise ValueError("outer_topk: a score overflowed float32 to NaN (inf - inf); scale x or g down")
+    # stable: equal scores keep ascending flat index
+    order = torch.sort(scores[flat], descending=True, stable=True).indices[:k]
+    return flat[order], scores[flat][order]

@@ -143,8 +143,26 @@ _BENCHES: dict[str, _Bench] = {
             "achieved speedups and the sparsity from which the sparse path beats dense. Writes <out>/linear.md and "
             "<out>/linear.json. Exit code 1 when a sparsekern call fails or its error exceeds twice dense's."
         ),
-        dtypes=("fp32", "bf16"),
+        dtypes=("fp32", "bf16", "fp16"),
         add_arguments=add_linear_arguments,
+    ),
+    "grow": _Bench(
+        module="sparsekern.bench.grow",
+        help="RigL grow: sparsekern.outer_topk vs dense g.T @ x, mask and torch.topk (time and peak memory)",
+        description=(
+            "Times sparsekern.outer_topk (the k highest-scoring inactive positions of |g.T @ x|, never forming it) "
+            "against the dense path (g.T @ x, masked, torch.topk) at 4096x4096 with B 256 and 2048, sparsity 0.9 "
+            "and 0.99, drop fraction 0.1 and 0.3, and at 16384x16384 (the dense path is skipped where it would not "
+            "fit in memory), with the peak memory of each. Prints the DESIGN goals next to the achieved figures. "
+            "Writes <out>/grow.md and <out>/grow.json."
+        ),
+        dtypes=("fp32", "bf16"),
+        add_arguments=lambda p: p.add_argument(
+            "--backend",
+            choices=("cpu", "cuda", "triton", "reference"),
+            default="cpu",
+            help="sparsekern kernel to time (default: %(default)s; cuda and triton need a CUDA GPU)",
+        ),
     ),
 }
 

@@ -92,7 +92,7 @@ FULL = Grid(
     shapes=((768, 3072), (3072, 768), (4096, 4096)),
     batches=(256, 2048),
     sparsities=(0.5, 0.7, 0.8, 0.9, 0.95, 0.98, 0.99),
-    dtypes=("fp32", "bf16"),
+    dtypes=tuple(DTYPES),
     modes=MODES,
 )
 # Odd sizes (not multiples of any tile), a batch that is not a multiple of 64: a smoke run of seconds.

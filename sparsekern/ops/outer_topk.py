@@ -1,0 +1,245 @@
+"""``sparsekern::outer_topk``: the k largest |g.T @ x| outside an excluded pattern, never forming g.T @ x."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .._csr import VALUE_DTYPES, CSRIndex
+from .._validate import check_tensor
+from ..reference import csr_rows, outer_topk_reference
+from .spmm import resolve
+
+# Flat indices are packed next to the 31-bit score key in one 64-bit sort key by every kernel (outer_topk.h).
+MAX_POSITIONS = 1 << 33
+
+
+@torch.library.register_fake("sparsekern::outer_topk")
+def _fake(x, g, k, row_ptr, col_idx):
+    return x.new_empty(k, dtype=torch.int64), x.new_empty(k, dtype=torch.float32)
+
+
+@functools.cache
+def _triton_op():
+    # Defined on first use, so TRITON_INTERPRET (read when Triton kernels are defined) can be set late.
+    from ..kernels.outer_topk import _outer_topk_fwd
+
+    @torch.library.triton_op("sparsekern::outer_topk_triton", mutates_args=())
+    def outer_topk_triton(
+        x: torch.Tensor, g: torch.Tensor, k: int, row_ptr: torch.Tensor, col_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _outer_topk_fwd(x, g, k, row_ptr, col_idx)
+
+    # The body reads histograms back to pick thresholds, so fake tensors take the shape function instead.
+    outer_topk_triton.register_fake(_fake)
+    return outer_topk_triton
+
+
+def run(backend: str, x, g, k: int, row_ptr, col_idx) -> tuple[torch.Tensor, torch.Tensor]:
+    """outer_topk on a resolved backend, without argument checks (the exclusion is canonical: see
+    :func:`exclusion_csr`)."""
+    if backend == "reference":
+        return outer_topk_reference(x, g, k, row_ptr, col_idx)
+    if backend == "triton":
+        return _triton_op()(x, g, k, row_ptr, col_idx)
+    return torch.ops.sparsekern.outer_topk(x, g, k, row_ptr, col_idx)
+
+
+def _canonical(fn: str, row_ptr: torch.Tensor, cols: torch.Tensor, n_out: int, n_in: int) -> tuple[torch.Tensor, ...]:
+    """CSR (row_ptr int64, col_idx int32) with columns ascending and unique within each row. An index that is
+    so already (every CSR sparsekern builds) is returned as it is, checked in O(nnz) bytes; others are sorted."""
+    row_ptr, cols = row_ptr.to(torch.int64).contiguous(), cols.to(torch.int32).contiguous()
+    nnz = cols.numel()
+    if nnz and (int(cols.min()) < 0 or int(cols.max()) >= n_in):
+        raise ValueError(
+            f"{fn}: exclude's column indices must lie in [0, {n_in}), got [{int(cols.min())}, {int(cols.max())}]"
+        )
+    if nnz < 2:
+        return row_ptr, cols
+    increasing = cols[1:] > cols[:-1]
+    starts = row_ptr[1:-1]
+    increasing[starts[(starts > 0) & (starts < nnz)] - 1] = True  # a row may start anywhere
+    if bool(increasing.all()):
+        return row_ptr, cols
+    flat = torch.unique(csr_rows(row_ptr) * n_in + cols.long())  # sorted, without duplicates
+    counts = torch.bincount(flat // n_in, minlength=n_out)
+    row_ptr = torch.zeros(n_out + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=row_ptr[1:])
+    return row_ptr, (flat % n_in).to(torch.int32)
+
+
+def _csr_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_csr.csr_from_mask`` a block of rows at a time: nonzero() of the whole mask would hold 16 bytes per
+    excluded position at once (a RigL mask at 90% sparsity: 40% of the dense scores' size)."""
+    n_out, n_in = mask.shape
+    row_ptr = torch.zeros(n_out + 1, dtype=torch.int64, device=mask.device)
+    torch.cumsum(mask.sum(1), 0, out=row_ptr[1:])
+    col_idx = torch.empty(int(row_ptr[-1]), dtype=torch.int32, device=mask.device)
+    step = max(1, (1 << 20) // max(1, n_in))
+    for r0 in range(0, n_out, step):
+        r1 = min(n_out, r0 + step)
+        col_idx[row_ptr[r0] : row_ptr[r1]] = mask[r0:r1].nonzero()[:, 1].to(torch.int32)
+    return row_ptr, col_idx
+
+
+def exclusion_csr(fn: str, exclude, n_out: int, n_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The excluded pattern as a canonical CSR (row_ptr int64 (n_out + 1), col_idx int32, columns ascending and
+    unique within each row), from None, a bool (n_out, n_in) mask, a sparse CSR tensor or a
+    :class:`sparsekern._csr.CSRIndex`. Never builds anything (n_out, n_in)-sized."""
+    shape = (n_out, n_in)
+    if exclude is None:
+        empty = torch.zeros(0, dtype=torch.int32, device=device)
+        return torch.zeros(n_out + 1, dtype=torch.int64, device=device), empty
+    if isinstance(exclude, CSRIndex):
+        if (exclude.n_out, exclude.n_in) != shape:
+            raise ValueError(
+                f"{fn}: exclude must be (n_out, n_in) = {shape} (g's columns, x's columns), "
+                f"got a CSRIndex of {(exclude.n_out, exclude.n_in)}"
+            )
+        row_ptr, cols = exclude.row_ptr, exclude.col_idx
+        if row_ptr.device != device or cols.device != device:
+            raise ValueError(f"{fn}: exclude must be on x's device {device}, got {row_ptr.device}")
+        if row_ptr.numel() != n_out + 1 or int(row_ptr[0]) != 0 or int(row_ptr[-1]) != cols.numel():
+            raise ValueError(f"{fn}: exclude's row_ptr must run from 0 to nnz={cols.numel()} over {n_out + 1} entries")
+        return _canonical(fn, row_ptr, cols, n_out, n_in)
+    if not isinstance(exclude, torch.Tensor):
+        raise TypeError(
+            f"{fn}: exclude must be None, a bool tensor, a sparse CSR tensor or a sparsekern CSRIndex, "
+            f"got {type(exclude).__name__}"
+        )
+    if exclude.device != device:
+        raise ValueError(f"{fn}: exclude must be on x's device {device}, got {exclude.device}")
+    if tuple(exclude.shape) != shape:
+        raise ValueError(
+            f"{fn}: exclude must have shape (n_out, n_in) = {shape} (g's columns, x's columns), "
+            f"got {tuple(exclude.shape)}"
+        )
+    if exclude.layout == torch.sparse_csr:
+        return _canonical(fn, exclude.crow_indices(), exclude.col_indices(), n_out, n_in)
+    if exclude.layout != torch.strided:
+        raise TypeError(f"{fn}: exclude must be a dense bool mask or a sparse CSR tensor, got layout {exclude.layout}")
+    if exclude.dtype != torch.bool:
+        raise TypeError(f"{fn}: exclude must be a bool mask (True: excluded), got dtype {exclude.dtype}")
+    return _csr_from_mask(exclude)  # row-major order: canonical
+
+
+def _all_gather_batch(fn: str, group, x: torch.Tensor, g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x and g of every rank of ``group`` concatenated along the batch in rank order. Batch sizes may differ;
+    everything else must agree, which is checked on every rank alike (so all raise, none hangs)."""
+    import torch.distributed as dist
+
+    dtype_code = VALUE_DTYPES.index(x.dtype)
+    meta = torch.tensor([x.shape[0], x.shape[1], g.shape[1], dtype_code, k], dtype=torch.int64, device=x.device)
+    world = dist.get_world_size(group)
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta, group=group)
+    metas = [m.tolist() for m in metas]
+    for rank, (_, n_in, n_out, code, k_r) in enumerate(metas):
+        if (n_in, n_out, code, k_r) != tuple(metas[0][1:]):
+            raise ValueError(
+                f"{fn}: every rank of group must pass the same n_in, n_out, dtype and k; rank 0 has "
+                f"(n_in={metas[0][1]}, n_out={metas[0][2]}, dtype={VALUE_DTYPES[metas[0][3]]}, k={metas[0][4]}), "
+                f"rank {rank} has (n_in={n_in}, n_out={n_out}, dtype={VALUE_DTYPES[code]}, k={k_r})"
+            )
+    batches = [m[0] for m in metas]
+    most = max(batches)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        # As raw bytes, padded to the largest batch: every backend moves uint8, whatever the dtype.
+        raw = t.contiguous().view(torch.uint8)
+        padded = raw.new_zeros(most, raw.shape[1])
+        padded[: raw.shape[0]] = raw
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:b] for p, b in zip(parts, batches, strict=True)]).view(t.dtype)
+
+    return gather(x), gather(g)
+
+
+def outer_topk(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    k: int,
+    *,
+    exclude=None,
+    backend: str = "auto",
+    group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest entries of |g.T @ x| outside ``exclude``, without ever forming g.T @ x (RigL's grow).
+
+    For a linear layer with inputs x and output gradients g, ``|g.T @ x|`` is |dL/dW|; RigL grows the inactive
+    connections where it is largest. This computes it tile by tile, keeps only candidates above a threshold and
+    finishes with an exact top-k: nothing of size n_out * n_in is allocated (the caller's own bool ``exclude``
+    mask aside), and peak extra memory is O(k + tiles in flight) besides the O(nnz) exclusion index (on the CPU
+    at 16384 x 16384, B = 256, k = 8M: about 170 MiB, where the dense scores alone take 1 GiB).
+
+    The score of (o, i) is ``|s|`` with ``s = sum_b g[b, o] * x[b, i]`` summed in float32 in a fixed order:
+    b = 0, 1, ..., B - 1 from +0, each product rounded to float32 and then added (never a fused multiply-add),
+    after converting x and g to float32. Every backend (C++, Triton, CUDA, reference) computes exactly these
+    bits, so results are identical across backends, not merely close. float64 inputs run the reference, which
+    sums in float64 and rounds |s| to float32.
+
+    Args:
+        x: (B, n_in) float32, bfloat16, float16 (or float64): the layer's inputs.
+        g: (B, n_out), same dtype: the gradients of the layer's outputs.
+        k: how many positions to return, 0 <= k <= n_out * n_in - (excluded positions).
+        exclude: positions that may not be returned (RigL: the active connections): None, a bool
+            (n_out, n_in) mask (True = excluded), a sparse CSR tensor (its pattern is excluded, whatever its
+            values) or a :class:`sparsekern._csr.CSRIndex` (a ``SparseLinear``'s index).
+        backend: "auto" (C++ on CPU tensors, Triton on CUDA tensors), "cpu", "triton", "cuda" or "reference".
+        group: a ``torch.distributed`` process group: x and g of every rank are all-gathered (batch sizes may
+            differ) and every rank returns the result for the concatenated batch (in rank order), identical on
+            all ranks. n_in, n_out, dtype and k must agree across ranks.
+
+    Returns:
+        index: int64 (k): flat positions o * n_in + i, sorted by score descending, equal scores by ascending
+        index (so results are deterministic).
+        score: float32 (k): their scores.
+
+    Raises:
+        TypeError: x, g or exclude is of an unsupported type or dtype.
+        ValueError: shapes, batch sizes, devices or dtypes disagree; k is not an int in [0, candidates];
+            x or g holds inf or NaN; the score of a position not excluded overflows to NaN (inf - inf);
+            n_out * n_in exceeds 2**33 (kernels pack the flat index into 33 bits).
+
+    Example::
+
+        >>> x, g = torch.randn(64, 300), torch.randn(64, 200)     # a 300 -> 200 layer, batch 64
+        >>> active = torch.rand(200, 300) < 0.1                   # its current connections
+        >>> index, score = sparsekern.outer_topk(x, g, 1000, exclude=active)
+        >>> rows, cols = index // 300, index % 300                # the 1000 connections to grow
+    """
+    fn = "outer_topk"
+    check_tensor(fn, "x", x, dtypes=VALUE_DTYPES, ndim=2)
+    check_tensor(fn, "g", g, dtypes=VALUE_DTYPES, ndim=2)
+    if g.dtype != x.dtype:
+        raise ValueError(f"{fn}: g must have x's dtype {x.dtype}, got {g.dtype}")
+    if g.device != x.device:
+        raise ValueError(f"{fn}: x and g must be on one device, got x on {x.device}, g on {g.device}")
+    if g.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{fn}: x (B, n_in) and g (B, n_out) must have the same batch size B, got {x.shape[0]} and {g.shape[0]}"
+        )
+    if not isinstance(k, int) or isinstance(k, bool):
+        raise TypeError(f"{fn}: k must be an int, got {type(k).__name__}")
+    if k < 0:
+        raise ValueError(f"{fn}: k must be >= 0, got {k}")
+    n_out, n_in = g.shape[1], x.shape[1]
+    if n_out * n_in > MAX_POSITIONS:
+        raise ValueError(f"{fn}: n_out * n_in must be at most 2**33, got {n_out} * {n_in} = {n_out * n_in}")
+    backend = resolve(fn, x, backend)
+    row_ptr, col_idx = exclusion_csr(fn, exclude, n_out, n_in, x.device)
+    candidates = n_out * n_in - col_idx.numel()
+    if k > candidates:
+        raise ValueError(
+            f"{fn}: k must be at most the number of candidates n_out * n_in - excluded = {n_out} * {n_in} - "
+            f"{col_idx.numel()} = {candidates}, got {k}"
+        )
+    if group is not None:
+        x, g = _all_gather_batch(fn, group, x, g, k)
+    for name, t in (("x", x), ("g", g)):
+        # In blocks: isfinite over all of x at once holds several temporaries of x's size.
+        if not all(bool(torch.isfinite(block).all()) for block in t.reshape(-1).split(1 << 18)):
+            raise ValueError(f"{fn}: {name} must be finite, got inf or NaN" + (" (on some rank)" if group else ""))
+    return run(backend, x.contiguous(), g.contiguous(), k, row_ptr, col_idx)
