@@ -14,16 +14,26 @@ from .ops import (
     semi24_mask,
     to_semi_structured,
 )
+from .training import IMP, SET, SNIP, RigL, Static, drop_and_grow, snip_scores, sparsify, sparsity_report
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "IMP",
+    "RigL",
+    "SET",
+    "SNIP",
+    "Static",
+    "drop_and_grow",
     "nn",
     "outer_topk",
     "semi24_compress",
     "semi24_decompress",
     "semi24_mask",
+    "snip_scores",
+    "sparsify",
+    "sparsity_report",
     "to_semi_structured",
 ]

@@ -1,4 +1,4 @@
-"""The ``sparsekern`` command line: ``sparsekern info`` and ``sparsekern bench …``."""
+"""The ``sparsekern`` command line: ``sparsekern info``, ``sparsekern bench …`` and ``sparsekern demo``."""
 
 from __future__ import annotations
 
@@ -86,6 +86,12 @@ def _bench(args: argparse.Namespace) -> int:
     return run_bench(args)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .training.demo import demo_main
+
+    return demo_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsekern", description="Fast, exact sparse kernels for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
+    demo = sub.add_parser("demo", help="train an MLP on the UCI digits: dense, RigL, SET, SNIP, static and IMP")
+    from .training.demo import add_demo_arguments
+
+    add_demo_arguments(demo)
+    demo.set_defaults(func=_demo)
     return parser
 
 

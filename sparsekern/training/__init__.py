@@ -1,0 +1,29 @@
+"""Sparse training methods: sparsify(), layer-wise densities, RigL, SET, SNIP, static masks and IMP (DESIGN §4)."""
+
+from .distribution import DISTRIBUTIONS, layer_nnz
+from .drop_grow import DropGrowPlan, drop_and_grow
+from .imp import IMP, IMPRound
+from .schedule import UpdateSchedule
+from .sparsifier import SET, SNIP, RigL, Sparsifier, Static
+from .sparsify import LAYOUTS, SparsityReport, compress, snip_scores, sparsify, sparsity_report
+
+__all__ = [
+    "DISTRIBUTIONS",
+    "IMP",
+    "IMPRound",
+    "LAYOUTS",
+    "SET",
+    "SNIP",
+    "DropGrowPlan",
+    "RigL",
+    "Sparsifier",
+    "SparsityReport",
+    "Static",
+    "UpdateSchedule",
+    "compress",
+    "drop_and_grow",
+    "layer_nnz",
+    "snip_scores",
+    "sparsify",
+    "sparsity_report",
+]

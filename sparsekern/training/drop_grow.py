@@ -1,0 +1,374 @@
+"""The drop-and-grow step of RigL and SET on one sparse layer (DESIGN §1.2, §4).
+
+Drop the n smallest |w| among the active connections; grow n positions among those not kept by the drop
+(largest |dL/dW| for RigL, uniformly at random for SET). A connection both dropped and grown stays and keeps
+its value; newly grown connections start at 0 with zero optimizer state. The number of nonzeros is unchanged.
+
+Two kinds of layer are handled alike:
+- :class:`~sparsekern.nn.SparseLinear` (compressed): |w| is read from its nnz values; the grow scores come from
+  the layer's inputs x and output gradients g through :func:`sparsekern.outer_topk`, so the dense n_out × n_in
+  gradient is never formed; micro-batches of one step are concatenated along the batch, which makes the scores
+  exactly their sum.
+- a module whose dense ``weight`` is masked by a bool ``weight_mask`` buffer (``sparsify(layout="masked")``):
+  the grow scores are |weight.grad|, the dense gradient autograd computes anyway (accumulated over micro-batches
+  and, under DDP, already all-reduced).
+
+Selection rules, identical for both: ties in |w| drop the lower flat index (row * n_in + col) first; ties in
+the grow score grow the lower flat index first.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..nn.sparse_linear import SparseLinear
+from ..ops.outer_topk import outer_topk
+from ._optim_state import carry_state, check_state
+
+GROW_MODES = ("gradient", "random")
+
+
+def is_masked(module: nn.Module) -> bool:
+    """True for a module whose dense ``weight`` is masked by a bool ``weight_mask`` buffer of the same shape."""
+    mask = getattr(module, "weight_mask", None)
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(mask, torch.Tensor)
+        and mask.dtype == torch.bool
+        and isinstance(weight, nn.Parameter)
+        and mask.shape == weight.shape
+    )
+
+
+@dataclass(frozen=True)
+class DropGrowPlan:
+    """One layer's update, computed before anything changes (all flat indices int64, ascending)."""
+
+    dropped: torch.Tensor  # active connections removed by the drop
+    grown: torch.Tensor  # positions added by the grow (may include dropped ones, which then stay)
+    active: torch.Tensor  # the connections after the update
+
+    @property
+    def n(self) -> int:
+        return self.dropped.numel()
+
+
+def select_drop(active: torch.Tensor, values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dropped, kept): the n smallest |values| of the ``active`` flat indices (ascending, aligned with values),
+    ties to the lower index, and the rest; both ascending."""
+    magnitude = values.detach().abs()
+    if magnitude.element_size() < 4:
+        magnitude = magnitude.float()  # exact, and kthvalue covers it everywhere
+    drop = torch.zeros(active.numel(), dtype=torch.bool, device=active.device)
+    if n > 0:
+        # O(nnz) instead of a sort: everything below the n-th smallest |w|, then the lowest-index ties at it
+        threshold = torch.kthvalue(magnitude, n).values
+        drop = magnitude < threshold
+        ties = (magnitude == threshold).nonzero().reshape(-1)[: n - int(drop.sum())]
+        drop[ties] = True
+    return active[drop], active[~drop]  # boolean selection keeps the ascending order
+
+
+def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The union of two disjoint ascending int64 tensors, ascending, in O(len(a) + len(b) log len(a))."""
+    at_b = torch.searchsorted(a, b) + torch.arange(b.numel(), device=b.device)  # b's slots in the merged order
+    from_b = torch.zeros(a.numel() + b.numel(), dtype=torch.bool, device=a.device)
+    from_b[at_b] = True
+    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
+    out[from_b] = b
+    out[~from_b] = a
+    return out
+
+
+def grow_from_scores(scores: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
+    """The n largest of a dense score tensor outside ``kept`` (ties: lower flat index), ascending."""
+    flat = scores.detach().reshape(-1).abs()  # a new tensor; scores stay untouched
+    if not bool(torch.isfinite(flat).all()):
+        raise ValueError("drop_and_grow: the gradient holds inf or NaN; no connection was changed")
+    flat[kept] = -1.0  # below every |score|
+    # stable descending sort: equal scores keep ascending flat order
+    return torch.sort(flat, descending=True, stable=True).indices[:n].sort().values
+
+
+def grow_random(kept: torch.Tensor, numel: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """n distinct positions drawn uniformly from [0, numel) minus ``kept`` (ascending), in O(n) memory.
+
+    Draws rounds of ``torch.randint(numel, (m,), generator=generator)`` with
+    ``m = ceil(1.25 * left * numel / candidates) + 16`` (``left``: positions still to find) and accepts, in draw
+    order, each position that is a candidate and not yet taken, until n are taken. (This is the exact rule, so
+    a reference can replay it.)
+    """
+    candidates = numel - kept.numel()
+    if n > candidates:
+        raise ValueError(f"drop_and_grow: cannot grow {n} connections among {candidates} free positions")
+    taken: list[torch.Tensor] = []
+    seen = kept
+    left = n
+    while left > 0:
+        m = math.ceil(1.25 * left * numel / candidates) + 16
+        draw = torch.randint(numel, (m,), generator=generator, device=generator.device).to(kept.device)
+        # first occurrence of each drawn position, in draw order
+        uniq, inverse = torch.unique(draw, return_inverse=True)
+        first = torch.full((uniq.numel(),), m, dtype=torch.int64, device=kept.device)
+        first.scatter_reduce_(0, inverse, torch.arange(m, device=kept.device), reduce="amin")
+        if seen.numel():
+            free = seen[torch.searchsorted(seen, uniq).clamp(max=seen.numel() - 1)] != uniq
+        else:
+            free = torch.ones_like(uniq, dtype=torch.bool)
+        order = first[free].argsort()
+        accepted = uniq[free][order][:left]
+        taken.append(accepted)
+        seen = torch.cat([seen, accepted]).sort().values
+        left -= accepted.numel()
+    return torch.cat(taken).sort().values if taken else kept.new_zeros(0)
+
+
+class _Layer(abc.ABC):
+    """A sparse layer as the training methods see it: its mask, its trained parameter, plan and commit."""
+
+    shape: tuple[int, ...]
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    @abc.abstractmethod
+    def param(self) -> nn.Parameter:
+        """The trained parameter (SparseLinear.values or the dense weight)."""
+
+    @abc.abstractmethod
+    def active(self) -> torch.Tensor:
+        """Ascending flat indices of the active connections."""
+
+    @abc.abstractmethod
+    def count(self) -> int:
+        """The number of active connections."""
+
+    @abc.abstractmethod
+    def active_values(self) -> torch.Tensor:
+        """The weights at ``active()``, aligned."""
+
+    @abc.abstractmethod
+    def mask(self) -> torch.Tensor:
+        """bool mask of the weight's shape."""
+
+    @abc.abstractmethod
+    def grow_by_gradient(self, kept: torch.Tensor, n: int, batches, group) -> torch.Tensor:
+        """The n positions outside ``kept`` with the largest |dL/dW| (ascending)."""
+
+    @abc.abstractmethod
+    def commit(self, plan: DropGrowPlan, optimizer) -> None:
+        """Apply a plan to the layer and, if given, the optimizer state."""
+
+    def plan(self, n: int, grow: str, *, batches=None, generator=None, group=None) -> DropGrowPlan:
+        active = self.active()
+        if not 0 <= n <= active.numel():
+            raise ValueError(f"drop_and_grow: n must lie in [0, active connections={active.numel()}], got {n}")
+        dropped, kept = select_drop(active, self.active_values(), n)
+        if grow == "gradient":
+            grown = self.grow_by_gradient(kept, n, batches, group)
+        else:
+            grown = grow_random(kept, self.numel, n, generator)
+        return DropGrowPlan(dropped, grown, merge_sorted(kept, grown))
+
+
+class CompressedLayer(_Layer):
+    def __init__(self, module: SparseLinear):
+        super().__init__(module)
+        self.shape = (module.out_features, module.in_features)
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.module.values
+
+    def active(self) -> torch.Tensor:
+        return self.module.flat_indices()
+
+    def count(self) -> int:
+        return self.module.nnz
+
+    def active_values(self) -> torch.Tensor:
+        return self.module.values
+
+    def mask(self) -> torch.Tensor:
+        return self.module.mask
+
+    def grow_by_gradient(self, kept, n, batches, group) -> torch.Tensor:
+        if not batches:
+            raise ValueError(
+                "drop_and_grow: no inputs and output gradients were recorded for this SparseLinear; run forward "
+                "and backward (in training mode, with autograd on) before the update step"
+            )
+        x = torch.cat([b[0] for b in batches])
+        g = torch.cat([b[1] for b in batches])
+        n_out, n_in = self.shape
+        if x.shape[1:] != (n_in,) or g.shape[1:] != (n_out,) or x.shape[0] != g.shape[0]:
+            raise ValueError(
+                f"drop_and_grow: x must be (B, {n_in}) and g (B, {n_out}), got {tuple(x.shape)} and {tuple(g.shape)}"
+            )
+        exclude = _csr_pattern(kept, n_out, n_in)
+        g = g.to(x.dtype)
+        index, _ = outer_topk(x, g, n, exclude=exclude, group=group)
+        return index.sort().values
+
+    def commit(self, plan: DropGrowPlan, optimizer) -> None:
+        update = self.module.update_topology(drop=plan.dropped, grow=plan.grown)
+        if optimizer is not None:
+            carry_state(optimizer, self.module.values, update.apply)
+
+
+class MaskedLayer(_Layer):
+    def __init__(self, module: nn.Module):
+        super().__init__(module)
+        self.shape = tuple(module.weight.shape)
+
+    @property
+    def param(self) -> nn.Parameter:
+        return self.module.weight
+
+    def active(self) -> torch.Tensor:
+        return self.module.weight_mask.reshape(-1).nonzero().reshape(-1)
+
+    def count(self) -> int:
+        return int(self.module.weight_mask.sum())
+
+    def active_values(self) -> torch.Tensor:
+        return self.module.weight.detach().reshape(-1)[self.module.weight_mask.reshape(-1)]
+
+    def mask(self) -> torch.Tensor:
+        return self.module.weight_mask.clone()
+
+    def grow_by_gradient(self, kept, n, batches, group) -> torch.Tensor:
+        grad = self.module.weight.grad
+        if grad is None:
+            raise ValueError("drop_and_grow: the masked weight has no gradient; run backward before the update step")
+        return grow_from_scores(grad, kept, n)
+
+    def commit(self, plan: DropGrowPlan, optimizer) -> None:
+        module = self.module
+        new = torch.zeros(self.numel, dtype=torch.bool, device=module.weight_mask.device)
+        new[plan.active] = True
+        new = new.view(self.shape)
+        both = module.weight_mask & new  # connections before and after: they keep value, gradient and state
+        with torch.no_grad():
+            module.weight.mul_(both)
+            if module.weight.grad is not None:
+                module.weight.grad.mul_(both)
+            module.weight_mask.copy_(new)
+        if optimizer is not None:
+            carry_state(optimizer, module.weight, lambda s: s * both)
+
+    def mask_gradient(self) -> None:
+        if self.module.weight.grad is not None:
+            self.module.weight.grad.mul_(self.module.weight_mask)
+
+    def apply_mask(self) -> None:
+        with torch.no_grad():
+            self.module.weight.mul_(self.module.weight_mask)
+
+
+def _csr_pattern(flat: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
+    """A sparse CSR tensor with nonzeros at the (ascending) flat indices: outer_topk's exclusion, O(nnz)."""
+    counts = torch.bincount(flat // n_in, minlength=n_out)
+    crow = torch.zeros(n_out + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    ones = torch.ones(flat.numel(), dtype=torch.float32, device=flat.device)
+    with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice; only the pattern is read
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        return torch.sparse_csr_tensor(crow, flat % n_in, ones, (n_out, n_in), check_invariants=False)
+
+
+def as_layer(module: nn.Module) -> _Layer:
+    """The training view of a SparseLinear or of a module masked by ``sparsify(layout="masked")``."""
+    if isinstance(module, SparseLinear):
+        return CompressedLayer(module)
+    if is_masked(module):
+        return MaskedLayer(module)
+    raise TypeError(
+        "drop_and_grow: layer must be a sparsekern.nn.SparseLinear or a module with a dense weight and a bool "
+        f"weight_mask buffer (sparsify(layout='masked')), got {type(module).__name__}"
+    )
+
+
+def drop_and_grow(
+    layer: nn.Module,
+    n: int,
+    *,
+    grow: str = "gradient",
+    x: torch.Tensor | list[torch.Tensor] | None = None,
+    g: torch.Tensor | list[torch.Tensor] | None = None,
+    generator: torch.Generator | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    group=None,
+) -> DropGrowPlan:
+    """Drop the ``n`` smallest-magnitude connections of one sparse layer and grow ``n`` new ones (RigL / SET).
+
+    Kept connections keep their values, gradients and optimizer state; grown ones start at 0 with zero gradient
+    and zero optimizer state; a connection both dropped and grown stays as it was. The nonzero count is
+    unchanged. All selections are made before anything changes, so on any error nothing changes.
+
+    Args:
+        layer: a :class:`~sparsekern.nn.SparseLinear`, or a Linear/Conv module masked by
+            ``sparsify(layout="masked")`` (a dense ``weight`` and a bool ``weight_mask`` buffer).
+        n: connections to move, in [0, active connections].
+        grow: "gradient" (RigL: the largest |dL/dW| among positions not kept) or "random" (SET; needs
+            ``generator``).
+        x, g: for ``grow="gradient"`` on a SparseLinear: its inputs (B, in_features) and output gradients
+            (B, out_features), or lists of them, one per micro-batch of the step (concatenated along the batch,
+            so the score is exactly the accumulated gradient). A masked layer uses its ``weight.grad`` instead.
+        generator: a ``torch.Generator`` for ``grow="random"``.
+        optimizer: if given, its per-parameter state follows the update (see :mod:`._optim_state`).
+        group: a ``torch.distributed`` process group: the grow scores of a SparseLinear use every rank's batch
+            (``outer_topk(group=...)``); a masked layer's gradient is assumed all-reduced already (DDP).
+
+    Returns:
+        the :class:`DropGrowPlan` that was applied (dropped, grown and resulting active flat indices).
+
+    Raises:
+        TypeError: a layer of another kind, or an optimizer whose state cannot follow.
+        ValueError: n out of range, missing x/g or gradient, non-finite scores, bad ``grow``.
+
+    Example::
+
+        >>> layer = sparsekern.nn.SparseLinear(64, 32, sparsity=0.9)
+        >>> x = torch.randn(16, 64)
+        >>> y = layer(x)
+        >>> y.retain_grad(); y.square().sum().backward()
+        >>> plan = drop_and_grow(layer, 20, x=x, g=y.grad)
+        >>> layer.nnz, plan.n
+        (205, 20)
+    """
+    fn = "drop_and_grow"
+    if grow not in GROW_MODES:
+        raise ValueError(f"{fn}: grow must be one of {GROW_MODES}, got {grow!r}")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"{fn}: n must be an int, got {type(n).__name__}")
+    target = as_layer(layer)
+    if grow == "random" and not isinstance(generator, torch.Generator):
+        raise ValueError(f"{fn}: grow='random' needs generator=torch.Generator(), got {generator!r}")
+    batches = None
+    if isinstance(target, CompressedLayer) and grow == "gradient":
+        if x is None or g is None:
+            raise ValueError(f"{fn}: grow='gradient' on a SparseLinear needs its inputs x and output gradients g")
+        xs, gs = (list(x), list(g)) if isinstance(x, (list, tuple)) else ([x], [g])
+        if len(xs) != len(gs):
+            raise ValueError(f"{fn}: x and g must list the same number of micro-batches, got {len(xs)} and {len(gs)}")
+        batches = [
+            (a.detach().reshape(-1, a.shape[-1]), b.detach().reshape(-1, b.shape[-1]))
+            for a, b in zip(xs, gs, strict=True)
+        ]
+    if optimizer is not None:
+        check_state(fn, optimizer, [target.param])
+    plan = target.plan(n, grow, batches=batches, generator=generator, group=group)
+    target.commit(plan, optimizer)
+    return plan

@@ -1,0 +1,364 @@
+"""Sparsifiers: Static, SNIP, SET and RigL, with one API (torch.ao.pruning's shape: build, then step)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from ._optim_state import check_optimizer, check_state
+from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer
+from .schedule import UpdateSchedule
+from .sparsify import SparsityReport, _unwrap, sparse_layers, sparsity_report
+
+
+def _checksum(active: torch.Tensor) -> torch.Tensor:
+    """A cheap int64 fingerprint of a set of flat indices (count, sum, a mixed sum)."""
+    a = active.to(torch.int64)
+    return torch.stack([a.new_tensor(a.numel()), a.sum(), (a * (a % 65521 + 1)).sum()])
+
+
+class Sparsifier:
+    """Fixed masks: the base of every sparsifier and, as ``Static``, the one for static sparse training.
+
+    Build it on a sparsified model (:func:`sparsify`) and its optimizer, then call ``step()`` in place of
+    ``optimizer.step()``, once per optimizer step (after all micro-batches' backward passes). On masked layers
+    ``step()`` zeros the gradient off the mask before the optimizer step and re-applies the mask after it; on
+    SparseLinear layers only the nonzeros exist, so the optimizer step is all there is.
+
+    Args:
+        model: the sparsified model (a DDP wrapper is looked through; its process group is used for RigL/SET).
+        optimizer: the optimizer over the model's parameters, created after :func:`sparsify`.
+        group: a ``torch.distributed`` process group for data-parallel training (default: the DDP wrapper's).
+
+    Raises:
+        ValueError: the model has no sparse layer, or the optimizer does not hold the sparse parameters.
+        TypeError: an optimizer whose state cannot follow mask updates (L-BFGS, SparseAdam, Adafactor, or any
+            state tensor not shaped like its parameter).
+
+    Example::
+
+        >>> report = sparsekern.sparsify(model, 0.9)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> sparsifier = sparsekern.Static(model, optimizer)
+        >>> for x, y in batches:
+        ...     nn.functional.cross_entropy(model(x), y).backward()
+        ...     sparsifier.step()                      # instead of optimizer.step()
+        ...     optimizer.zero_grad()
+    """
+
+    keep_optimizer_step = False  # RigL/SET: also step the optimizer on update steps
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None):
+        fn = type(self).__name__
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
+        if group is None and isinstance(model, nn.parallel.DistributedDataParallel):
+            group = model.process_group
+        self.model = _unwrap(model)
+        modules = sparse_layers(self.model)
+        if not modules:
+            raise ValueError(f"{fn}: the model has no sparse layer; call sparsekern.sparsify(model, ...) first")
+        self.layers = {name: as_layer(m) for name, m in modules.items()}
+        check_optimizer(fn, optimizer, [layer.param for layer in self.layers.values()])
+        self.optimizer = optimizer
+        self.group = group
+        self.steps = 0  # optimizer steps taken (calls of step())
+        self._records: dict[str, list[list]] = {}
+        self._capturing = False
+        self._hooks = []
+
+    # -- the schedule (subclasses that move connections override these) ------------------------------------
+    def is_update_step(self, step: int) -> bool:
+        """True when optimizer step ``step`` (1-based) changes the masks."""
+        return False
+
+    def _plan(self, step: int) -> dict[str, DropGrowPlan]:
+        return {}
+
+    # -- training -------------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """One optimizer step with the masks kept, or (on an update step) the mask update; True if the masks
+        changed. If the update raises, the model, masks, optimizer state and step count are as they were."""
+        t = self.steps + 1
+        updated = self.is_update_step(t)
+        if updated:
+            plans = self._plan(t)
+            self._verify_across_ranks(plans)
+            if self.keep_optimizer_step:
+                self._optimizer_step()
+            for name, plan in plans.items():
+                self.layers[name].commit(plan, self.optimizer)
+        else:
+            self._optimizer_step()
+        self.steps = t
+        self._records.clear()
+        self._capturing = self.is_update_step(t + 1)
+        return updated
+
+    def _optimizer_step(self) -> None:
+        masked = [layer for layer in self.layers.values() if isinstance(layer, MaskedLayer)]
+        for layer in masked:
+            layer.mask_gradient()
+        self.optimizer.step()
+        for layer in masked:
+            layer.apply_mask()
+
+    def _verify_across_ranks(self, plans: dict[str, DropGrowPlan]) -> None:
+        # Every rank must reach the same masks; compare fingerprints before anything changes.
+        if self.group is None or not plans:
+            return
+        import torch.distributed as dist
+
+        local = torch.cat([_checksum(plans[name].active) for name in sorted(plans)])
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(gathered, local, group=self.group)
+        for rank, other in enumerate(gathered):
+            if not torch.equal(other, gathered[0]):
+                raise RuntimeError(
+                    f"{type(self).__name__}.step: the new masks of rank {rank} differ from rank 0's (checksums "
+                    f"{other.tolist()} vs {gathered[0].tolist()}); are the weights synchronised (DDP)? nothing changed"
+                )
+
+    # -- inspection and checkpoints --------------------------------------------------------------------------
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{weight name ("fc1.weight"): bool mask of the weight's shape}, whatever the layout."""
+        return {name: layer.mask() for name, layer in self.layers.items()}
+
+    def report(self) -> SparsityReport:
+        return sparsity_report(self.model)
+
+    def _config(self) -> dict:
+        return {}
+
+    def _extra_state(self) -> dict:
+        return {}
+
+    def _load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        """Step count, configuration, masks (flat indices) and RNG state: with the model's and optimizer's
+        state_dicts, enough to resume and reproduce the run that did not stop."""
+        return {
+            "kind": type(self).__name__,
+            "steps": self.steps,
+            "config": self._config(),
+            "active": {name: layer.active().cpu() for name, layer in self.layers.items()},
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`. Load the model's state_dict (which holds the topology) first.
+
+        Raises:
+            ValueError: a state of another sparsifier kind or configuration, or masks that differ from the
+                model's (load the model's state_dict first).
+        """
+        fn = f"{type(self).__name__}.load_state_dict"
+        if not isinstance(state, dict) or state.get("kind") != type(self).__name__:
+            got = state.get("kind") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{fn}: expected the state of a {type(self).__name__}, got {got!r}")
+        if state["config"] != self._config():
+            raise ValueError(f"{fn}: configuration {state['config']} differs from this sparsifier's {self._config()}")
+        if set(state["active"]) != set(self.layers):
+            raise ValueError(f"{fn}: state has layers {sorted(state['active'])}, the model has {sorted(self.layers)}")
+        for name, layer in self.layers.items():
+            if not torch.equal(state["active"][name].to(layer.active().device), layer.active()):
+                raise ValueError(
+                    f"{fn}: the mask of {name!r} differs from the model's; load the model's state_dict first"
+                )
+        self._load_extra_state(state)
+        self.steps = int(state["steps"])
+        self._records.clear()
+        self._capturing = self.is_update_step(self.steps + 1)
+
+    def remove(self) -> None:
+        """Detach the hooks this sparsifier installed (the masks stay)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+
+
+class Static(Sparsifier):
+    __doc__ = Sparsifier.__doc__
+
+
+class SNIP(Sparsifier):
+    """SNIP (Lee et al. 2019): masks chosen once from the saliency |g ⊙ w| on a batch at initialisation, then fixed.
+
+    The masks are chosen by :func:`snip_scores` and ``sparsify(..., distribution="global", scores=...)`` on the
+    dense model (SNIP needs the dense initial weights); this sparsifier then trains with those masks fixed,
+    exactly like :class:`Static`.
+
+    Example::
+
+        >>> scores = sparsekern.snip_scores(model, lambda m: nn.functional.cross_entropy(m(x0), y0))
+        >>> sparsekern.sparsify(model, 0.9, distribution="global", scores=scores)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> sparsifier = sparsekern.SNIP(model, optimizer)         # then step() as with Static
+    """
+
+
+class _DropGrow(Sparsifier):
+    grow = "gradient"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        *,
+        total_steps: int,
+        delta_t: int = 100,
+        alpha: float = 0.3,
+        t_end: float | int = 0.75,
+        keep_optimizer_step: bool = False,
+        group=None,
+    ):
+        self.schedule = UpdateSchedule(total_steps, delta_t, alpha, t_end)
+        super().__init__(model, optimizer, group=group)
+        if not isinstance(keep_optimizer_step, bool):
+            raise TypeError(f"{type(self).__name__}: keep_optimizer_step must be a bool, got {keep_optimizer_step!r}")
+        self.keep_optimizer_step = keep_optimizer_step
+        self._capturing = self.is_update_step(1)
+
+    def is_update_step(self, step: int) -> bool:
+        return self.schedule.is_update(step)
+
+    def _config(self) -> dict:
+        return {**dataclasses.asdict(self.schedule), "keep_optimizer_step": self.keep_optimizer_step}
+
+    def _plan(self, step: int) -> dict[str, DropGrowPlan]:
+        check_state(f"{type(self).__name__}.step", self.optimizer, [layer.param for layer in self.layers.values()])
+        plans = {}
+        for name, layer in self.layers.items():
+            if layer.count() == layer.numel:
+                continue  # a dense layer: the grow could only give back what the drop took
+            n = self.schedule.n_drop(step, layer.count())
+            plans[name] = layer.plan(
+                n, self.grow, batches=self._batches(name), generator=self._generator(), group=self.group
+            )
+        return plans
+
+    def _batches(self, name: str):
+        return None
+
+    def _generator(self):
+        return None
+
+
+class SET(_DropGrow):
+    """SET (Mocanu et al. 2018) with RigL's schedule: every ``delta_t`` optimizer steps until ``t_end``, drop the
+    ⌊α_t · n_active⌋ smallest |w| of each layer and grow as many positions uniformly at random among those not kept
+    (a seeded generator, identical on every rank). Dense layers are left as they are, as with :class:`RigL`.
+
+    Args:
+        model, optimizer, group: as :class:`Static`.
+        total_steps: optimizer steps in the run (sets ``t_end``).
+        delta_t, alpha, t_end: the :class:`UpdateSchedule` (defaults 100, 0.3, 0.75).
+        keep_optimizer_step: also take the optimizer step on update steps (default: skip it, as RigL does).
+        seed: the generator's seed (its state is part of ``state_dict()``).
+
+    Example::
+
+        >>> sparsifier = sparsekern.SET(model, optimizer, total_steps=len(loader) * epochs, seed=0)
+        >>> # train as with Static: backward, sparsifier.step(), optimizer.zero_grad()
+    """
+
+    grow = "random"
+
+    def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
+                 keep_optimizer_step=False, seed: int = 0, group=None):  # fmt: skip
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"SET: seed must be an int, got {seed!r}")
+        super().__init__(model, optimizer, total_steps=total_steps, delta_t=delta_t, alpha=alpha, t_end=t_end,
+                         keep_optimizer_step=keep_optimizer_step, group=group)  # fmt: skip
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def _config(self) -> dict:
+        return {**super()._config(), "seed": self.seed}
+
+    def _generator(self):
+        return self.generator
+
+    def _extra_state(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def step(self) -> bool:
+        # The generator is consumed by planning; restore it if the update fails so a retry draws the same.
+        saved = self.generator.get_state()
+        try:
+            return super().step()
+        except BaseException:
+            self.generator.set_state(saved)
+            raise
+
+
+class RigL(_DropGrow):
+    """RigL (Evci et al. 2020, google-research/rigl): every ``delta_t`` optimizer steps until ``t_end``, each layer
+    drops its ⌊α_t · n_active⌋ smallest |w| (α_t = α/2 · (1 + cos(π t / t_end))) and grows as many positions with
+    the largest |dL/dW| among those not kept by the drop.
+
+    Grown weights start at 0 with zero optimizer state; a dropped connection that is grown again keeps its value
+    (so a dense layer, as ERK's capacity loop can make one, is left as it is);
+    the optimizer step of an update step is skipped (``keep_optimizer_step=True`` takes it). On SparseLinear
+    layers the scores come from :func:`sparsekern.outer_topk` over the layer inputs and output gradients of every
+    micro-batch of the update step (recorded by hooks, only during update steps), so the dense gradient is never
+    formed and gradient accumulation is exact; masked layers use their dense gradient. Under DDP the grow uses
+    every rank's batch and the new masks' checksums are compared across ranks before anything changes.
+
+    Args:
+        model, optimizer, group: as :class:`Static`.
+        total_steps: optimizer steps in the run (sets ``t_end``).
+        delta_t, alpha, t_end: the :class:`UpdateSchedule` (defaults 100, 0.3, 0.75 as in the paper).
+        keep_optimizer_step: also take the optimizer step on update steps (the new masks are chosen from the
+            weights and gradients before that step and applied after it).
+
+    Raises:
+        as :class:`Static`, and ValueError for bad schedule values; ``step()`` raises ValueError when an update
+        step has no recorded gradient (no backward) or non-finite scores, leaving everything unchanged.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        >>> sparsekern.sparsify(model, 0.9)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> rigl = sparsekern.RigL(model, optimizer, total_steps=1000)
+        >>> for step in range(1000):
+        ...     for x, y in micro_batches():                  # gradient accumulation is fine
+        ...         nn.functional.cross_entropy(model(x), y).backward()
+        ...     rigl.step()                                   # instead of optimizer.step()
+        ...     optimizer.zero_grad()
+    """
+
+    def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
+                 keep_optimizer_step=False, group=None):  # fmt: skip
+        super().__init__(model, optimizer, total_steps=total_steps, delta_t=delta_t, alpha=alpha, t_end=t_end,
+                         keep_optimizer_step=keep_optimizer_step, group=group)  # fmt: skip
+        for name, layer in self.layers.items():
+            if isinstance(layer, CompressedLayer):
+                self._hooks.append(layer.module.register_forward_hook(self._recorder(name)))
+
+    def _recorder(self, name: str):
+        def record(module, args, output):
+            if not self._capturing or not torch.is_grad_enabled() or not output.requires_grad:
+                return
+            entry = [args[0].detach().reshape(-1, module.in_features), None]
+            self._records.setdefault(name, []).append(entry)
+
+            def grad_hook(grad):
+                g = grad.detach().reshape(-1, module.out_features)
+                entry[1] = g if entry[1] is None else entry[1] + g  # several backward passes through one graph
+
+            output.register_hook(grad_hook)
+
+        return record
+
+    def _batches(self, name: str):
+        # A forward without a backward adds nothing to the gradient, so it adds nothing to the scores.
+        return [(x, g) for x, g in self._records.get(name, []) if g is not None]

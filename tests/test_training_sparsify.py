@@ -1,0 +1,339 @@
+"""Layer-wise densities against the formulas, sparsify() layouts and report, SNIP, IMP, bad configurations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern
+from sparsekern.nn import SparseLinear
+from sparsekern.training import IMP, SNIP, layer_nnz, snip_scores, sparsify, sparsity_report
+
+
+def erk_formula(shapes, sparsity, kind):
+    """ERK/ER by the definition: density_l = ε·raw_l, ε solving Σ density_l·n_l = (1 - s)·Σ n_l, with every layer
+    whose density would pass 1 made dense and ε solved again (brute force over the dense set)."""
+    numel = [math.prod(s) for s in shapes]
+    raw = [sum(s[:2]) / math.prod(s[:2]) if kind == "er" else sum(s) / math.prod(s) for s in shapes]
+    total = (1 - sparsity) * sum(numel)
+    dense: set[int] = set()
+    while True:
+        eps = (total - sum(numel[i] for i in dense)) / sum(
+            raw[i] * numel[i] for i in range(len(shapes)) if i not in dense
+        )
+        over = {i for i in range(len(shapes)) if i not in dense and eps * raw[i] > 1}
+        if not over:
+            return [1.0 if i in dense else eps * raw[i] for i in range(len(shapes))], round(total)
+        dense |= {i for i in over if raw[i] == max(raw[j] for j in over)}
+
+
+SHAPES = {
+    "mlp": [(256, 64), (256, 256), (10, 256)],
+    "convnet": [(16, 3, 3, 3), (32, 16, 3, 3), (64, 32, 3, 3), (10, 1024)],
+    "capacity": [(4, 4), (1000, 1000), (3, 2000)],
+}
+
+
+@pytest.mark.parametrize("sparsity", [0.5, 0.8, 0.9, 0.99])
+@pytest.mark.parametrize("kind", ["erk", "er"])
+@pytest.mark.parametrize("net", list(SHAPES))
+def test_er_erk_counts_match_formula(net, kind, sparsity):
+    shapes = SHAPES[net]
+    counts = layer_nnz(shapes, sparsity, kind)
+    densities, total = erk_formula(shapes, sparsity, kind)
+    assert sum(counts) == total  # exact overall count
+    for count, density, shape in zip(counts, densities, shapes, strict=True):
+        numel = math.prod(shape)
+        assert 0 <= count <= numel
+        assert abs(count - density * numel) < 1 + 1e-9  # largest-remainder rounding moves at most one
+
+
+def test_capacity_loop_makes_small_layers_dense():
+    counts = layer_nnz(SHAPES["capacity"], 0.9, "erk")
+    assert counts[0] == 16  # 4x4 would exceed density 1
+    assert sum(counts) == round(0.1 * (16 + 10**6 + 6000))
+
+
+def test_er_and_erk_differ_on_conv_only():
+    conv = [(16, 3, 3, 3), (32, 16, 3, 3)]
+    assert layer_nnz(conv, 0.9, "er") != layer_nnz(conv, 0.9, "erk")
+    assert layer_nnz(SHAPES["mlp"], 0.9, "er") == layer_nnz(SHAPES["mlp"], 0.9, "erk")
+
+
+def test_uniform_counts_and_dense_first():
+    shapes = SHAPES["convnet"]
+    assert layer_nnz(shapes, 0.9, "uniform") == [round(0.1 * math.prod(s)) for s in shapes]
+    counts = layer_nnz(shapes, 0.9, "uniform", dense=[True, False, False, False])
+    assert counts[0] == math.prod(shapes[0]) and counts[1:] == [round(0.1 * math.prod(s)) for s in shapes[1:]]
+    erk = layer_nnz(shapes, 0.9, "erk", dense=[True, False, False, False])
+    assert erk[0] == math.prod(shapes[0]) and sum(erk) == round(0.1 * sum(math.prod(s) for s in shapes))
+
+
+def test_layer_nnz_errors():
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\), got 1.0"):
+        layer_nnz([(4, 4)], 1.0)
+    with pytest.raises(ValueError, match="distribution must be one of"):
+        layer_nnz([(4, 4)], 0.5, "gaussian")
+    with pytest.raises(ValueError, match="shapes must be a non-empty list"):
+        layer_nnz([(4,)], 0.5)
+    with pytest.raises(ValueError, match="fewer than the dense layers need"):
+        layer_nnz([(100, 100), (2, 2)], 0.99, "erk", dense=[True, False])
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.norm = nn.BatchNorm2d(8)
+        self.emb = nn.Embedding(10, 4)
+        self.fc1 = nn.Linear(8 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.norm(self.conv(x))).flatten(1)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+@pytest.mark.parametrize("layout", ["compressed", "masked"])
+def test_sparsify_layouts_and_report(layout):
+    net = Net()
+    x = torch.randn(2, 3, 6, 6)
+    report = sparsify(net, 0.8, layout=layout, generator=torch.Generator().manual_seed(0))
+    assert [r.name for r in report.layers] == ["conv.weight", "fc1.weight", "fc2.weight"]
+    assert report.nnz == sum(layer_nnz([(8, 3, 3, 3), (32, 128), (10, 32)], 0.8, "erk"))
+    assert report.sparsity == pytest.approx(0.8, abs=1e-3)
+    assert isinstance(net.conv, nn.Conv2d) and net.conv.weight_mask.dtype == torch.bool  # conv: always masked
+    assert isinstance(net.fc1, SparseLinear) == (layout == "compressed")
+    assert not isinstance(net.norm, SparseLinear) and not hasattr(net.norm, "weight_mask")
+    assert not hasattr(net.emb, "weight_mask")
+    assert int((net.conv.weight != 0).sum()) <= report.layers[0].nnz
+    assert net(x).shape == (2, 10)
+    assert str(report).splitlines()[0].split() == ["weight", "kind", "shape", "nnz", "sparsity", "layout"]
+    assert report.to_dict()["overall"]["nnz"] == report.nnz
+    assert sparsity_report(net).to_dict() == report.to_dict()
+
+
+def test_sparsify_keeps_function_at_the_mask():
+    """compressed and masked layouts from the same mask compute the same function."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    b = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
+    b.load_state_dict(a.state_dict())
+    sparsify(a, 0.7, layout="compressed", generator=torch.Generator().manual_seed(1), rescale=True)
+    sparsify(b, 0.7, layout="masked", generator=torch.Generator().manual_seed(1), rescale=True)
+    x = torch.randn(4, 20)
+    torch.testing.assert_close(a(x), b(x))
+    nnz = int(b[0].weight_mask.sum())
+    kept = b[0].weight[b[0].weight_mask]
+    assert kept.abs().max() <= math.sqrt(600 / nnz) / math.sqrt(20) + 1e-6  # rescaled init bound
+
+
+def test_sparsify_include_exclude_and_scores():
+    net = Net()
+    report = sparsify(net, 0.5, include="fc*", exclude=["fc2"], layout="masked")
+    assert [r.name for r in report.layers] == ["fc1.weight"]
+    net = Net()
+    scores = {n: torch.arange(m.weight.numel(), dtype=torch.float64).view_as(m.weight)
+              for n, m in (("conv.weight", net.conv), ("fc1.weight", net.fc1), ("fc2.weight", net.fc2))}  # fmt: skip
+    report = sparsify(net, 0.9, distribution="uniform", scores=scores, layout="masked")
+    for r, m in zip(report.layers, (net.conv, net.fc1, net.fc2), strict=True):
+        flat = m.weight_mask.flatten()
+        assert bool(flat[-r.nnz :].all()) and not bool(flat[: -r.nnz].any())  # the largest scores are kept
+
+
+def test_sparsify_errors():
+    with pytest.raises(ValueError, match="layout must be one of"):
+        sparsify(Net(), 0.5, layout="dense")
+    with pytest.raises(ValueError, match="distribution='global' needs scores="):
+        sparsify(Net(), 0.5, distribution="global")
+    with pytest.raises(ValueError, match="include pattern 'decoder' matches no"):
+        sparsify(Net(), 0.5, include="decoder")
+    with pytest.raises(ValueError, match="no Linear/Conv1d/Conv2d layer to sparsify"):
+        sparsify(nn.Sequential(nn.ReLU()), 0.5)
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \[0, 1\)"):
+        sparsify(Net(), -0.1)
+    with pytest.raises(ValueError, match=r"scores has no entry for 'conv.weight'"):
+        sparsify(Net(), 0.5, scores={})
+    with pytest.raises(ValueError, match=r"scores\['conv.weight'\] must have the weight's shape"):
+        net = Net()
+        sparsify(net, 0.5, include="conv", scores={"conv.weight": torch.ones(3)})
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        sparsify("model", 0.5)
+    with pytest.raises(TypeError, match="rescale must be a bool"):
+        sparsify(Net(), 0.5, rescale="yes")
+
+
+def test_snip_global_top_saliency():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    x, y = torch.randn(8, 12), torch.randint(0, 4, (8,))
+
+    def loss(m):
+        return nn.functional.cross_entropy(m(x), y)
+
+    w = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    grads = torch.autograd.grad(loss(model), [model[0].weight, model[2].weight])
+    saliency = torch.cat([(g * v).abs().flatten() for g, v in zip(grads, w, strict=True)])
+    keep = round(0.2 * saliency.numel())
+    expected = torch.zeros_like(saliency, dtype=torch.bool)
+    expected[torch.sort(saliency.double(), descending=True, stable=True).indices[:keep]] = True
+
+    scores = snip_scores(model, loss)
+    assert model[0].weight.grad is None  # gradients untouched
+    report = sparsify(model, 0.8, distribution="global", scores=scores)
+    got = torch.cat([model[0].mask.flatten(), model[2].mask.flatten()])
+    assert torch.equal(got, expected) and report.nnz == keep
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    snip = SNIP(model, opt)
+    before = snip.masks()
+    for _ in range(3):
+        loss(model).backward()
+        assert not snip.step()
+        opt.zero_grad()
+    assert all(torch.equal(before[k], v) for k, v in snip.masks().items())
+    with pytest.raises(TypeError, match="loss_fn must be callable"):
+        snip_scores(nn.Linear(2, 2), 3)
+
+
+def _train(model, sparsifier, opt, steps, gen):
+    for _ in range(steps):
+        x = torch.randn(16, 12, generator=gen)
+        nn.functional.mse_loss(model(x), x[:, :4]).backward()
+        sparsifier.step()
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("layout", ["masked", "compressed"])
+def test_imp_rounds_prune_and_rewind(scope, layout):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    imp = IMP(model, 0.8, prune_fraction=0.5, scope=scope, rewind_step=2, layout=layout)
+    assert imp.rounds == 4  # 256 -> 128 -> 64 -> 51 (the target)
+    gen = torch.Generator().manual_seed(0)
+    rewind_point = None
+    for r in range(imp.rounds):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        sparsifier = imp.start_round(opt)
+        _train(model, sparsifier, opt, 2, gen)
+        if r == 0:
+            rewind_point = [m.dense_weight().detach().clone() if layout == "compressed" else m.weight.detach().clone()
+                            for m in (model[0], model[2])]  # fmt: skip
+            bias_point = model[0].bias.detach().clone()
+        _train(model, sparsifier, opt, 3, gen)
+        trained = [as_dense(m).abs() for m in (model[0], model[2])]
+        previous = [mask_of(m).clone() for m in (model[0], model[2])]
+        row = imp.end_round(loss=float(r))
+        assert row.metrics == {"loss": float(r)}
+        if r + 1 < imp.rounds:
+            masks = [mask_of(m) for m in (model[0], model[2])]
+            # survivors are the largest trained |w| (within each layer, or over all layers) ...
+            groups = list(zip(trained, previous, masks, strict=True))
+            if scope == "global":
+                groups = [tuple(torch.cat([g[i].flatten() for g in groups]) for i in range(3))]
+            for t, before, after in groups:
+                assert bool((before | ~after).all())  # pruning only removes
+                assert float(t[after].min()) >= float(t[before & ~after].max())
+            # ... rewound to their values at step 2 of round 0, with everything else rewound too
+            for point, m, layer in zip(rewind_point, masks, (model[0], model[2]), strict=True):
+                assert torch.equal(as_dense(layer), point * m)
+            assert torch.equal(model[0].bias.detach(), bias_point)
+    sparsities = [row.report.sparsity for row in imp.history]
+    assert sparsities[0] == 0 and sparsities == sorted(sparsities)
+    assert imp.history[-1].report.nnz == round(0.2 * 256)
+    assert [row["round"] for row in imp.report()] == [0, 1, 2, 3]
+    assert not torch.equal(model[0].bias.detach(), init["0.bias"])  # rewind point is step 2, not init
+    with pytest.raises(ValueError, match="all 4 rounds are done"):
+        imp.start_round(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def as_dense(m):
+    return m.dense_weight().detach() if isinstance(m, SparseLinear) else m.weight.detach()
+
+
+def mask_of(m):
+    return m.mask if isinstance(m, SparseLinear) else m.weight_mask
+
+
+@pytest.mark.parametrize("control", ["reinit", "random_mask"])
+def test_imp_controls(control):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    init = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    imp = IMP(model, 0.5, prune_fraction=0.5, control=control, seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sparsifier = imp.start_round(opt)
+    gen = torch.Generator().manual_seed(0)
+    _train(model, sparsifier, opt, 3, gen)
+    trained = [model[0].weight.detach().clone(), model[2].weight.detach().clone()]
+    imp.end_round()
+    flat = torch.cat([w.abs().flatten() for w in trained])
+    top = torch.zeros_like(flat, dtype=torch.bool)
+    top[torch.sort(flat.double(), descending=True, stable=True).indices[:128]] = True
+    magnitude = [top[: trained[0].numel()].view_as(trained[0]), top[trained[0].numel() :].view_as(trained[1])]
+    masks = [model[0].weight_mask, model[2].weight_mask]
+    assert [int(m.sum()) for m in masks] == [int(m.sum()) for m in magnitude]  # each layer's count is kept
+    same = all(torch.equal(a, b) for a, b in zip(masks, magnitude, strict=True))
+    assert same == (control == "reinit")  # reinit keeps the magnitude mask, random_mask places it at random
+    for layer, w0 in zip((model[0], model[2]), init, strict=True):
+        mask = layer.weight_mask
+        if control == "reinit":
+            assert not torch.equal(layer.weight.detach(), w0 * mask)
+            bound = 1 / math.sqrt(layer.weight.shape[1])
+            assert float(layer.weight.detach().abs().max()) <= bound
+        else:
+            assert torch.equal(layer.weight.detach(), w0 * mask)
+    counts = [int(model[0].weight_mask.sum()), int(model[2].weight_mask.sum())]
+    assert sum(counts) == 128
+
+
+def test_imp_errors():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match=r"sparsity must be a number in \(0, 1\), got 1"):
+        IMP(model, 1)
+    with pytest.raises(ValueError, match=r"prune_fraction must be a number in \(0, 1\)"):
+        IMP(model, 0.5, prune_fraction=0)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        IMP(model, 0.5, scope="row")
+    with pytest.raises(ValueError, match="control must be one of"):
+        IMP(model, 0.5, control="shuffle")
+    with pytest.raises(ValueError, match="rewind_step must be an int >= 0"):
+        IMP(model, 0.5, rewind_step=-1)
+    imp = IMP(nn.Sequential(nn.Linear(4, 4)), 0.5, rewind_step=100)
+    with pytest.raises(ValueError, match="no round started"):
+        imp.end_round()
+    imp.start_round(torch.optim.SGD(imp.model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="round already started"):
+        imp.start_round(torch.optim.SGD(imp.model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="round 0 ended before step rewind_step=100"):
+        imp.end_round()
+
+
+def test_exports():
+    for name in ("sparsify", "sparsity_report", "snip_scores", "RigL", "SET", "SNIP", "Static", "IMP", "drop_and_grow"):
+        assert getattr(sparsekern, name) is getattr(sparsekern.training, name)
+
+
+def test_compress_masked_linear_layers():
+    torch.manual_seed(0)
+    net = Net()
+    sparsify(net, 0.7, layout="masked")
+    x = torch.randn(2, 3, 6, 6)
+    net.eval()
+    expected = net(x)
+    masks = {"fc1.weight": net.fc1.weight_mask.clone(), "fc2.weight": net.fc2.weight_mask.clone()}
+    report = sparsekern.training.compress(net)
+    assert isinstance(net.fc1, SparseLinear) and isinstance(net.fc2, SparseLinear)
+    assert isinstance(net.conv, nn.Conv2d) and [r.layout for r in report.layers] == [
+        "masked",
+        "compressed",
+        "compressed",
+    ]
+    assert torch.equal(net.fc1.mask, masks["fc1.weight"]) and torch.equal(net.fc2.mask, masks["fc2.weight"])
+    torch.testing.assert_close(net(x), expected)
+    with pytest.raises(ValueError, match="no masked nn.Linear"):
+        sparsekern.training.compress(nn.Sequential(nn.Linear(2, 2)))
