@@ -29,7 +29,7 @@ import argparse
 import sys
 
 DTYPES = ("fp16", "bf16", "int8", "fp32")
-LINEAR_DTYPES = ("fp32", "bf16")
+LINEAR_DTYPES = ("fp32", "bf16", "fp16")
 BACKENDS = ("cpu", "triton", "cuda", "reference")
 # Square sizes around the 4096x4096 goal shape, on top of the model shapes of `sparsekern bench semi24`.
 EXTRA_SQUARES = (1024, 2048, 8192)

@@ -171,7 +171,7 @@ def test_bench_linear_options_select_the_sweep(tmp_path, capsys):
         (["--shape", "0x8"], "expected positive sizes in INxOUT, got '0x8'"),
         (["--mode", "bwd"], "invalid choice: 'bwd'"),
         (["--backend", "gpu"], "invalid choice: 'gpu'"),
-        (["--dtype", "fp16"], "invalid choice: 'fp16'"),
+        (["--dtype", "int8"], "invalid choice: 'int8'"),
         (["--max-time", "0"], "expected a positive number, got '0'"),
         (["--repeat", "-1"], "expected a positive integer, got -1"),
     ],
