@@ -8,13 +8,7 @@
 
 #include <cstdint>
 
-#ifndef SPARSEKERN_HD  // same definition as semi24.h, whichever header comes first
-#if defined(__CUDACC__)
-#define SPARSEKERN_HD __host__ __device__ __forceinline__ constexpr
-#else
-#define SPARSEKERN_HD inline constexpr
-#endif
-#endif
+#include "sparsekern/hd.h"
 
 namespace sparsekern {
 namespace csr {

@@ -13,11 +13,7 @@
 
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define SPARSEKERN_HD __host__ __device__ __forceinline__ constexpr
-#else
-#define SPARSEKERN_HD inline constexpr
-#endif
+#include "sparsekern/hd.h"
 
 namespace sparsekern {
 namespace semi24 {
