@@ -32,12 +32,27 @@ def check_csr(fn: str, row_ptr, col_idx, n_rows: int, n_cols: int, *, check_indi
 
 
 def csr_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_ptr int64, col_idx int32) of a bool (rows, cols) mask; nonzeros in row-major order."""
-    counts = mask.sum(1)
-    row_ptr = torch.zeros(mask.shape[0] + 1, dtype=torch.int64, device=mask.device)
-    torch.cumsum(counts, 0, out=row_ptr[1:])
-    col_idx = mask.nonzero()[:, 1].to(torch.int32)
+    """(row_ptr int64, col_idx int32) of a bool (rows, cols) mask; nonzeros in row-major order.
+
+    A block of rows at a time: nonzero() of the whole mask would hold 16 bytes per nonzero at once (a RigL
+    exclusion mask at 90% sparsity: 40% of the dense scores' size)."""
+    n_rows, n_cols = mask.shape
+    row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=mask.device)
+    torch.cumsum(mask.sum(1), 0, out=row_ptr[1:])
+    col_idx = torch.empty(int(row_ptr[-1]), dtype=torch.int32, device=mask.device)
+    step = max(1, (1 << 20) // max(1, n_cols))
+    for r0 in range(0, n_rows, step):
+        r1 = min(n_rows, r0 + step)
+        col_idx[row_ptr[r0] : row_ptr[r1]] = mask[r0:r1].nonzero()[:, 1].to(torch.int32)
     return row_ptr, col_idx
+
+
+def csr_from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_ptr int64, col_idx int32) of the positions ``flat`` (row * n_cols + col, ascending, unique)."""
+    rows = flat // n_cols
+    row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=row_ptr[1:])
+    return row_ptr, (flat - rows * n_cols).to(torch.int32)
 
 
 def transpose_index(

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._csr import CSRIndex
+from .._csr import CSRIndex, csr_from_flat
 from .._validate import check_tensor
 from ..ops.sparse_linear import DenseWorkspace, sparse_linear
 
@@ -277,10 +277,7 @@ class SparseLinear(nn.Module):
         keep = ~_contains(drop_sorted, old_flat) | _contains(grow_sorted, old_flat)  # a regrown one stays
         added = grow_sorted[~grow_active]
         new_flat = torch.cat([old_flat[keep], added]).sort().values  # CSR order == ascending flat index
-        rows = new_flat // self.in_features
-        row_ptr = torch.zeros(self.out_features + 1, dtype=torch.int64, device=device)
-        torch.cumsum(torch.bincount(rows, minlength=self.out_features), 0, out=row_ptr[1:])
-        col_idx = (new_flat - rows * self.in_features).to(torch.int32)
+        row_ptr, col_idx = csr_from_flat(new_flat, self.out_features, self.in_features)
         index = CSRIndex.from_csr(row_ptr, col_idx, self.in_features)
         old_to_new = torch.full_like(old_flat, -1)
         old_to_new[keep] = torch.searchsorted(new_flat, old_flat[keep])

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from .._csr import VALUE_DTYPES, CSRIndex
+from .._csr import VALUE_DTYPES, CSRIndex, csr_from_flat, csr_from_mask
 from .._validate import check_tensor
 from ..reference import csr_rows, outer_topk_reference
 from .spmm import resolve
@@ -63,24 +63,7 @@ def _canonical(fn: str, row_ptr: torch.Tensor, cols: torch.Tensor, n_out: int, n
     if bool(increasing.all()):
         return row_ptr, cols
     flat = torch.unique(csr_rows(row_ptr) * n_in + cols.long())  # sorted, without duplicates
-    counts = torch.bincount(flat // n_in, minlength=n_out)
-    row_ptr = torch.zeros(n_out + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=row_ptr[1:])
-    return row_ptr, (flat % n_in).to(torch.int32)
-
-
-def _csr_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_csr.csr_from_mask`` a block of rows at a time: nonzero() of the whole mask would hold 16 bytes per
-    excluded position at once (a RigL mask at 90% sparsity: 40% of the dense scores' size)."""
-    n_out, n_in = mask.shape
-    row_ptr = torch.zeros(n_out + 1, dtype=torch.int64, device=mask.device)
-    torch.cumsum(mask.sum(1), 0, out=row_ptr[1:])
-    col_idx = torch.empty(int(row_ptr[-1]), dtype=torch.int32, device=mask.device)
-    step = max(1, (1 << 20) // max(1, n_in))
-    for r0 in range(0, n_out, step):
-        r1 = min(n_out, r0 + step)
-        col_idx[row_ptr[r0] : row_ptr[r1]] = mask[r0:r1].nonzero()[:, 1].to(torch.int32)
-    return row_ptr, col_idx
+    return csr_from_flat(flat, n_out, n_in)
 
 
 def exclusion_csr(fn: str, exclude, n_out: int, n_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +104,7 @@ def exclusion_csr(fn: str, exclude, n_out: int, n_in: int, device: torch.device)
         raise TypeError(f"{fn}: exclude must be a dense bool mask or a sparse CSR tensor, got layout {exclude.layout}")
     if exclude.dtype != torch.bool:
         raise TypeError(f"{fn}: exclude must be a bool mask (True: excluded), got dtype {exclude.dtype}")
-    return _csr_from_mask(exclude)  # row-major order: canonical
+    return csr_from_mask(exclude)  # row-major order: canonical
 
 
 def _all_gather_batch(fn: str, group, x: torch.Tensor, g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._csr import csr_from_flat
 from ..nn.sparse_linear import SparseLinear
 from ..ops.outer_topk import outer_topk
 from ._optim_state import carry_state, check_state
@@ -279,13 +280,11 @@ class MaskedLayer(_Layer):
 
 def _csr_pattern(flat: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
     """A sparse CSR tensor with nonzeros at the (ascending) flat indices: outer_topk's exclusion, O(nnz)."""
-    counts = torch.bincount(flat // n_in, minlength=n_out)
-    crow = torch.zeros(n_out + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(counts, 0, out=crow[1:])
+    crow, col = csr_from_flat(flat, n_out, n_in)
     ones = torch.ones(flat.numel(), dtype=torch.float32, device=flat.device)
     with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice; only the pattern is read
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, flat % n_in, ones, (n_out, n_in), check_invariants=False)
+        return torch.sparse_csr_tensor(crow, col.long(), ones, (n_out, n_in), check_invariants=False)
 
 
 def as_layer(module: nn.Module) -> _Layer:
