@@ -107,7 +107,9 @@ class CSRIndex(NamedTuple):
 
     def flat(self) -> torch.Tensor:
         """row * n_in + col of every nonzero, int64 (nnz), ascending (CSR order)."""
-        return self.rows() * self.n_in + self.col_idx.long()
+        from .reference import csr_flat
+
+        return csr_flat(self.row_ptr, self.col_idx, self.n_in)
 
     def to_dense(self, values: torch.Tensor) -> torch.Tensor:
         dense = torch.zeros(self.n_out, self.n_in, dtype=values.dtype, device=values.device)

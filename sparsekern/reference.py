@@ -105,6 +105,36 @@ def csr_rows(row_ptr: torch.Tensor) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
 
 
+_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    """t viewed as integers of its element size: copies through it are bit-exact, and torch's scatter_ is 4x
+    slower on bf16/fp16 than on int16."""
+    return t.view(_SAME_SIZE_INT[t.element_size()])
+
+
+def csr_flat(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """row * n_cols + col of every nonzero of a CSR matrix, int64 (nnz), without a device sync."""
+    counts = row_ptr[1:] - row_ptr[:-1]
+    rows = torch.arange(counts.numel(), device=row_ptr.device)
+    return torch.repeat_interleave(rows, counts, output_size=col_idx.numel()) * n_cols + col_idx.long()
+
+
+def csr_dense_scatter_reference(dense: torch.Tensor, values: torch.Tensor, row_ptr, col_idx, shadow=None) -> None:
+    """dense[r, col_idx[j]] = values[j] for each nonzero j of row r, bit for bit; the rest of dense untouched.
+    ``shadow`` (optional, nnz) becomes a copy of values."""
+    as_bits(dense.view(-1)).scatter_(0, csr_flat(row_ptr, col_idx, dense.shape[1]), as_bits(values))
+    if shadow is not None:
+        shadow.copy_(values)
+
+
+def csr_dense_gather_reference(dense: torch.Tensor, row_ptr, col_idx) -> torch.Tensor:
+    """values[j] = dense[r, col_idx[j]] for each nonzero j of row r, bit for bit."""
+    flat = csr_flat(row_ptr, col_idx, dense.shape[1])
+    return as_bits(dense.view(-1)).index_select(0, flat).view(dense.dtype)
+
+
 def spmm_reference(
     x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, n_out: int
 ) -> torch.Tensor:

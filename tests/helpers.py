@@ -21,6 +21,7 @@ BITS_DTYPE = {
     torch.float16: torch.int16,
     torch.bfloat16: torch.int16,
     torch.float32: torch.int32,
+    torch.float64: torch.int64,
     torch.int8: torch.int8,
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import backend_params, device_for, run_python
+from helpers import backend_params, bits, device_for, run_python
 
 import sparsekern
 from sparsekern._csr import CSRIndex
@@ -245,6 +245,38 @@ def test_dense_path_workspace_follows_values_and_topology(dtype):
     with torch.no_grad():
         x = torch.randn(4, 37, dtype=dtype)
         assert torch.equal(layer(x), layer.to_dense()(x))
+
+
+@pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])  # fp16: always sparse
+def test_dense_path_inference_sees_every_value_edit(dtype):
+    """In an inference loop the workspace rewrites only rows whose values changed: edits behind autograd's back
+    (through .data: no version bump), a changed sign of zero, load_state_dict and in-place copies must all show."""
+    torch.manual_seed(1)
+    layer = SparseLinear(45, 33, mask=_mask(33, 45, 0.7), dtype=dtype)
+    x = torch.randn(5, 45, dtype=dtype)
+
+    def check():
+        y = layer(x)
+        assert layer._workspace._weight is not None  # the dense path ran
+        assert torch.equal(bits(layer._workspace._weight), bits(layer.dense_weight().detach()))
+        assert torch.equal(y, F.linear(x, layer.dense_weight().detach(), layer.bias))
+
+    with torch.no_grad():
+        check()
+        check()  # nothing changed
+        layer.values.data[100] += 1  # one value, no version bump
+        check()
+        layer.values.data[7] = 0.0
+        check()
+        layer.values.data[7] = -0.0  # equal as numbers, not as bits
+        check()
+        layer.values.copy_(torch.randn_like(layer.values))
+        check()
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
+        state["values"] = torch.randn_like(layer.values)
+        layer.load_state_dict(state)
+        check()
 
 
 @pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the compiled extension")

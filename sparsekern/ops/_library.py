@@ -27,6 +27,14 @@ lib.define(
     "sparse_linear(Tensor x, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor csc_ptr, Tensor csc_row, "
     "Tensor csc_perm, Tensor? bias, int n_out, str backend) -> Tensor"
 )
+# The dense path's moves between a CSR weight's values and a dense (n_rows, n_cols) matrix; see ops/csr_dense.py.
+# scatter_: dense[r, col_idx[j]] = values[j] for each nonzero j of row r, the rest of dense untouched; with a
+# shadow (values of the previous scatter into this dense), only rows whose values changed are written, and the
+# shadow becomes values. gather: values[j] = dense[r, col_idx[j]]. Bit-exact copies in any dtype.
+lib.define(
+    "csr_dense_scatter_(Tensor(a!) dense, Tensor values, Tensor row_ptr, Tensor col_idx, Tensor(b!)? shadow=None) -> ()"
+)
+lib.define("csr_dense_gather(Tensor dense, Tensor row_ptr, Tensor col_idx) -> Tensor")
 
 # Fused top-k over the outer product (RigL grow); see ops/outer_topk.py. x (B, n_in), g (B, n_out); the k largest
 # |sum_b g[b, o] * x[b, i]| outside the CSR pattern (row_ptr int64 (n_out + 1), col_idx int32, columns ascending

@@ -12,6 +12,7 @@ from .._csr import VALUE_DTYPES, CSRIndex
 from .._validate import check_same_device, check_tensor
 from . import sddmm as _sddmm
 from . import spmm as _spmm
+from .csr_dense import csr_dense_gather, csr_dense_scatter_
 
 PATHS = ("auto", "sparse", "dense")
 
@@ -65,21 +66,17 @@ def choose_path(path: str, index: CSRIndex, x: torch.Tensor, backend: str, train
     return "sparse" if index.density <= crossover else "dense"
 
 
-_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """t viewed as integers of its element size: torch's scatter_ is 4x slower on bf16/fp16 than on int16."""
-    return t.view(_SAME_SIZE_INT[t.element_size()])
-
-
 class DenseWorkspace:
-    """A dense (n_out, n_in) weight kept by a layer for the dense path, so a call scatters only the nonzeros.
+    """A dense (n_out, n_in) weight kept by a layer for the dense path, so a call writes only nonzeros.
 
     A fresh dense weight costs a zero fill of n_out * n_in elements (and, for large weights, the page faults of
     a new allocation) on every call: at 50% density and B=256 that was most of the time of the dense path. The
     workspace is zero off the mask for good (it is only ever written at the nonzeros of one topology; a new
-    topology needs a new workspace), so each call overwrites the nnz values and nothing else.
+    topology needs a new workspace). It also keeps a copy of the values it holds (the shadow), and each call
+    rewrites only the rows whose values changed bit-wise (``csr_dense_scatter_``): all of them after an
+    optimizer step, none in an inference loop, which then costs one comparison of nnz values instead of a write
+    of every line of the weight. Values are compared on every call, never trusted to be unchanged: fused
+    optimizers update parameters without bumping their version counter.
 
     The writes go through ``.data``, which does not bump the version counter that autograd checks: a layer
     called twice before its backward writes the same values twice (values only change in an optimizer step,
@@ -87,30 +84,31 @@ class DenseWorkspace:
     """
 
     def __init__(self) -> None:
-        self._flat: torch.Tensor | None = None
         self._weight: torch.Tensor | None = None
+        self._shadow: torch.Tensor | None = None  # the values the weight holds at the nonzeros
 
     def weight(self, index: CSRIndex, values: torch.Tensor) -> torch.Tensor:
-        if self._flat is None or self._flat.device != values.device:
-            self._flat, self._weight = index.flat().to(values.device), None
-        if self._weight is None or self._weight.dtype != values.dtype:
-            self._weight = values.new_zeros(index.n_out, index.n_in)
-        w = self._weight.data
-        _bits(w.view(-1)).scatter_(0, self._flat, _bits(values.detach()))
+        w, values = self._weight, values.detach()
+        if w is None or w.dtype != values.dtype or w.device != values.device:
+            w = self._weight = values.new_zeros(index.n_out, index.n_in)
+            self._shadow = None
+        w = w.data
+        if self._shadow is None:
+            csr_dense_scatter_(w, values, index.row_ptr, index.col_idx)
+            self._shadow = values.clone()
+        else:  # rewrites only the rows whose values changed since the last call (none in an inference loop)
+            csr_dense_scatter_(w, values, index.row_ptr, index.col_idx, self._shadow)
         return w
-
-    def flat(self) -> torch.Tensor:
-        assert self._flat is not None
-        return self._flat
 
 
 class _DenseMaskedLinear(torch.autograd.Function):
     """y = x @ W.T + bias on a scattered dense W; dvalues = (G^T X) at the nonzeros. Dense GEMMs throughout."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, weight, flat):
+    def forward(ctx, x, values, bias, weight, row_ptr, col_idx):
         ctx.save_for_backward(x)
-        ctx.weight, ctx.flat, ctx.has_bias = weight, flat, bias is not None
+        ctx.weight, ctx.has_bias = weight, bias is not None
+        ctx.index = row_ptr, col_idx
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -118,19 +116,20 @@ class _DenseMaskedLinear(torch.autograd.Function):
         (x,) = ctx.saved_tensors
         grad_x = grad @ ctx.weight if ctx.needs_input_grad[0] else None
         if ctx.needs_input_grad[1]:
-            grad_values = _bits((grad.T @ x).view(-1)).index_select(0, ctx.flat).view(grad.dtype)
+            grad_values = csr_dense_gather((grad.T @ x).contiguous(), *ctx.index)
         else:
             grad_values = None
         grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_values, grad_bias, None, None
+        return grad_x, grad_values, grad_bias, None, None, None
 
 
 def _dense_path(x, values, index: CSRIndex, bias, workspace: DenseWorkspace | None) -> torch.Tensor:
     if torch.compiler.is_compiling():  # traced: a fresh weight, no writes behind autograd's back
-        return _DenseMaskedLinear.apply(x, values, bias, index.to_dense(values.detach()), index.flat())
+        weight = index.to_dense(values.detach())
+        return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx)
     workspace = workspace if workspace is not None else DenseWorkspace()
     weight = workspace.weight(index, values)
-    return _DenseMaskedLinear.apply(x, values, bias, weight, workspace.flat())
+    return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx)
 
 
 @torch.library.register_fake("sparsekern::sparse_linear")
