@@ -12,10 +12,13 @@ random unstructured sparse ``W`` (no bias):
 * ``torch CSR``: ``torch.sparse.mm(W.to_sparse_csr(), x.T).T``;
 * ``SparseProp``: ``sparseprop.modules.SparseLinear`` (fp32 on the CPU only), when the package is installed.
 
-Mode ``fwdbwd`` is the forward, then ``torch.autograd.grad`` of the output with a fixed random output gradient:
-dX and the weight gradient (dense: the full (n_out, n_in) dW; sparsekern and SparseProp: only at the nonzeros;
-CSR: torch's CSR gradient). Every result is compared with a float64 computation; ``ok`` means sparsekern's
-error is at most twice dense's own error in the same dtype (the flash-attention rule).
+Mode ``fwd`` is inference: the forward without autograd, on weights that do not change between calls. Mode
+``fwdbwd`` is the forward, then ``torch.autograd.grad`` of the output with a fixed random output gradient: dX and
+the weight gradient (dense: the full (n_out, n_in) dW; sparsekern and SparseProp: only at the nonzeros; CSR:
+torch's CSR gradient). As in training, sparsekern's values change between these calls (negated in place after
+each, inside the timed region), so the dense path rewrites its whole workspace every time. Every result is
+compared with a float64 computation; ``ok`` means sparsekern's error is at most twice dense's own error in the same
+dtype (the flash-attention rule).
 """
 
 from __future__ import annotations
@@ -233,8 +236,18 @@ def build_sparsekern(p: Problem, x, values, grad, mode: str, backend: str, path:
     # SparseLinear keeps for the dense path (one dense weight per topology, only its nonzeros rewritten per call).
     workspace = DenseWorkspace()
     forward = lambda xx, vv: sparse_linear(xx, vv, p.index, backend=backend, path=path, workspace=workspace)  # noqa: E731
-    param = values if mode == "fwd" else values.detach().requires_grad_()
-    return _grads(mode, forward, x, param, grad), _as_dict(mode)
+    if mode == "fwd":  # inference: the weights do not change between calls
+        return _grads(mode, forward, x, values, grad), _as_dict(mode)
+    param = values.detach().requires_grad_()
+    step = _grads(mode, forward, x, param, grad)
+
+    def training_step():  # as an optimizer step would, change every value after each call (timed, against us)
+        out = step()
+        with torch.no_grad():
+            param.neg_()
+        return out
+
+    return training_step, _as_dict(mode)
 
 
 def build_dense(p: Problem, x, w, grad, mode: str) -> tuple[Fn, Extract]:
