@@ -56,6 +56,14 @@ def _info(args: argparse.Namespace) -> int:
             f"  {device} {str(dtype).replace('torch.', '')}: forward {c.inference:g} (batch <= {SMALL_BATCH}: "
             f"{c.small_batch:g}), training {c.training:g} ({source})"
         )
+    if _extension.available():
+        scatter = "the C++ kernel, rewriting only the rows whose values changed"
+    else:
+        scatter = f"torch's scatter_/index_select ({_extension.unavailable_reason})"
+    lines.append(
+        f"  dense path: W's nonzeros moved by csr_dense_scatter_/gather: on CPU tensors {scatter}; on CUDA tensors "
+        "torch's scatter_/index_select"
+    )
     lines.append(
         "outer_topk (RigL grow): backend='auto' as above (C++ on CPU tensors, Triton on CUDA tensors); every "
         "backend returns the same bits (one float32 summation order); float64 runs the reference"

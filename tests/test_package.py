@@ -76,6 +76,7 @@ def test_info_without_extension_says_why():
     assert result.returncode == 0, result.stderr
     assert "extension: not loaded -- switched off by SPARSEKERN_DISABLE_EXTENSION" in result.stdout
     assert "cpu: auto picks reference" in result.stdout
+    assert "on CPU tensors torch's scatter_/index_select (switched off by SPARSEKERN_DISABLE" in result.stdout
 
 
 def test_cli_help():
