@@ -30,12 +30,12 @@ SMALL_BATCH = 64
 
 # By device type and dtype. CPU: from `sparsekern bench linear` runs on the 2-core AVX-512 machine (see README).
 # fp32: forward at B >= 256 crosses near density 0.35, at B=16 sparse still wins 2x at 0.5; forward+backward
-# wins at 0.3 in most cases. bf16: oneDNN's bf16 GEMM is twice as fast as fp32's, so sparse wins later.
+# too crosses between 0.4 (sparse 0.77-1.21x of dense) and 0.3 (1.07-1.59x). bf16: oneDNN's bf16 GEMM is twice as fast as fp32's, so sparse wins later.
 # fp16: torch has no fast fp16 GEMM on the CPU, so the sparse kernels (fp32 accumulation) win at every density
 # measured (0.5 and up). CUDA: not measured on a GPU yet; DESIGN's estimate that tensor-core GEMMs win below
 # ~95% sparsity.
 DENSITY_CROSSOVER: dict[tuple[str, torch.dtype], Crossover] = {
-    ("cpu", torch.float32): Crossover(inference=0.35, small_batch=0.5, training=0.3),
+    ("cpu", torch.float32): Crossover(inference=0.35, small_batch=0.5, training=0.35),
     ("cpu", torch.bfloat16): Crossover(inference=0.25, small_batch=0.5, training=0.2),
     ("cpu", torch.float16): Crossover(inference=1.0, small_batch=1.0, training=1.0),
     ("cuda", torch.float32): Crossover(0.05, 0.05, 0.05),
