@@ -378,7 +378,7 @@ def test_auto_path_depends_on_batch_and_training(monkeypatch):
     big, small = torch.randn(256, 10), torch.randn(op.SMALL_BATCH, 10)
     assert op.choose_path("auto", index, big, "cpu") == "dense"  # 0.4 > inference 0.35
     assert op.choose_path("auto", index, small, "cpu") == "sparse"  # <= small-batch 0.5
-    assert op.choose_path("auto", index, small, "cpu", training=True) == "dense"  # > training 0.3
+    assert op.choose_path("auto", index, small, "cpu", training=True) == "dense"  # > training 0.35
     assert op.choose_path("auto", index, big, "reference") == "sparse"
     assert op.choose_path("dense", index, small, "cpu") == "dense"
     assert op.density_crossover("xla", torch.float32, 8, False) == 0.0

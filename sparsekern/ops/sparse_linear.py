@@ -30,10 +30,10 @@ SMALL_BATCH = 64
 
 # By device type and dtype. CPU: from `sparsekern bench linear` runs on the 2-core AVX-512 machine (see README).
 # fp32: forward at B >= 256 crosses near density 0.35, at B=16 sparse still wins 2x at 0.5; forward+backward
-# too crosses between 0.4 (sparse 0.77-1.21x of dense) and 0.3 (1.07-1.59x). bf16: oneDNN's bf16 GEMM is twice as fast as fp32's, so sparse wins later.
-# fp16: torch has no fast fp16 GEMM on the CPU, so the sparse kernels (fp32 accumulation) win at every density
-# measured (0.5 and up). CUDA: not measured on a GPU yet; DESIGN's estimate that tensor-core GEMMs win below
-# ~95% sparsity.
+# too crosses between 0.4 (sparse 0.77-1.21x of dense) and 0.3 (1.07-1.59x). bf16: oneDNN's bf16 GEMM is twice
+# as fast as fp32's, so sparse wins later. fp16: torch has no fast fp16 GEMM on the CPU, so the sparse kernels
+# (fp32 accumulation) win at every density measured (0.5 and up). CUDA: not measured on a GPU yet; DESIGN's
+# estimate that tensor-core GEMMs win below ~95% sparsity.
 DENSITY_CROSSOVER: dict[tuple[str, torch.dtype], Crossover] = {
     ("cpu", torch.float32): Crossover(inference=0.35, small_batch=0.5, training=0.35),
     ("cpu", torch.bfloat16): Crossover(inference=0.25, small_batch=0.5, training=0.2),
@@ -81,11 +81,16 @@ class DenseWorkspace:
     The writes go through ``.data``, which does not bump the version counter that autograd checks: a layer
     called twice before its backward writes the same values twice (values only change in an optimizer step,
     after the backward).
+
+    The backward's full (n_out, n_in) weight gradient, of which only the nonzeros are kept, goes to a second
+    buffer kept here too (2 x n_out x n_in elements in all, as nn.Linear's weight and its gradient): a fresh one
+    per backward costs the page faults of a new allocation, 18 ms of a 195 ms step at 4096x4096 fp32 on this VM.
     """
 
     def __init__(self) -> None:
         self._weight: torch.Tensor | None = None
         self._shadow: torch.Tensor | None = None  # the values the weight holds at the nonzeros
+        self._grad: torch.Tensor | None = None  # scratch for the backward's dense weight gradient
 
     def weight(self, index: CSRIndex, values: torch.Tensor) -> torch.Tensor:
         w, values = self._weight, values.detach()
@@ -100,36 +105,48 @@ class DenseWorkspace:
             csr_dense_scatter_(w, values, index.row_ptr, index.col_idx, self._shadow)
         return w
 
+    def grad_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """The (n_out, n_in) scratch for a weight gradient, in ``like``'s (the weight's) dtype and device."""
+        g = self._grad
+        if g is None or g.dtype != like.dtype or g.device != like.device or g.shape != like.shape:
+            g = self._grad = torch.empty_like(like, memory_format=torch.contiguous_format)
+        return g
+
 
 class _DenseMaskedLinear(torch.autograd.Function):
     """y = x @ W.T + bias on a scattered dense W; dvalues = (G^T X) at the nonzeros. Dense GEMMs throughout."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, weight, row_ptr, col_idx):
+    def forward(ctx, x, values, bias, weight, row_ptr, col_idx, workspace):
         ctx.save_for_backward(x)
         ctx.weight, ctx.has_bias = weight, bias is not None
-        ctx.index = row_ptr, col_idx
+        ctx.index, ctx.workspace = (row_ptr, col_idx), workspace
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
         grad_x = grad @ ctx.weight if ctx.needs_input_grad[0] else None
+        grad_values = None
         if ctx.needs_input_grad[1]:
-            grad_values = csr_dense_gather((grad.T @ x).contiguous(), *ctx.index)
-        else:
-            grad_values = None
+            if ctx.workspace is None:
+                grad_w = (grad.T @ x).contiguous()
+            else:
+                grad_w = torch.mm(grad.T, x, out=ctx.workspace.grad_buffer(ctx.weight))
+            grad_values = csr_dense_gather(grad_w, *ctx.index)
         grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_values, grad_bias, None, None, None
+        return grad_x, grad_values, grad_bias, None, None, None, None
 
 
 def _dense_path(x, values, index: CSRIndex, bias, workspace: DenseWorkspace | None) -> torch.Tensor:
     if torch.compiler.is_compiling():  # traced: a fresh weight, no writes behind autograd's back
         weight = index.to_dense(values.detach())
-        return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx)
-    workspace = workspace if workspace is not None else DenseWorkspace()
-    weight = workspace.weight(index, values)
-    return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx)
+        return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx, None)
+    if workspace is None:  # a one-off call: a fresh weight, and a fresh gradient in the backward
+        weight = DenseWorkspace().weight(index, values)
+    else:
+        weight = workspace.weight(index, values)
+    return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx, workspace)
 
 
 @torch.library.register_fake("sparsekern::sparse_linear")
