@@ -245,7 +245,16 @@ def test_imp_rounds_prune_and_rewind(scope, layout):
     sparsities = [row.report.sparsity for row in imp.history]
     assert sparsities[0] == 0 and sparsities == sorted(sparsities)
     assert imp.history[-1].report.nnz == round(0.2 * 256)
+    # each prune keeps round(0.5 * count), down to the layers' round(0.2 * numel): 38 + 13
+    assert [row.report.nnz for row in imp.history] == [256, 128, 64, 51]
+    if scope == "layer":
+        assert [[r.nnz for r in row.report.layers] for row in imp.history] == [[192, 64], [96, 32], [48, 16], [38, 13]]
     assert [row["round"] for row in imp.report()] == [0, 1, 2, 3]
+    last = imp.report()[3]
+    assert last["sparsity"] == 1 - 51 / 256 and last["metrics"] == {"loss": 3.0}
+    assert last["overall"] == {"nnz": 51, "numel": 256, "sparsity": 1 - 51 / 256}
+    assert [(r["name"], r["layout"]) for r in last["layers"]] == [("0.weight", layout), ("2.weight", layout)]
+    assert sum(r["nnz"] for r in last["layers"]) == 51
     assert not torch.equal(model[0].bias.detach(), init["0.bias"])  # rewind point is step 2, not init
     with pytest.raises(ValueError, match="all 4 rounds are done"):
         imp.start_round(torch.optim.SGD(model.parameters(), lr=0.1))

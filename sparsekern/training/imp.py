@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -11,11 +12,13 @@ from torch import nn
 
 from ..nn.sparse_linear import SparseLinear
 from .drop_grow import CompressedLayer, as_layer
-from .sparsifier import Sparsifier
-from .sparsify import LAYOUTS, SparsityReport, _unwrap, sparse_layers, sparsify, sparsity_report
+from .sparsifier import Sparsifier, _verify_across_ranks
+from .sparsify import LAYOUTS, LayerReport, SparsityReport, _unwrap, sparse_layers, sparsify, sparsity_report
 
 SCOPES = ("global", "layer")
 CONTROLS = (None, "reinit", "random_mask")
+_TOPOLOGY = ("weight_mask", "row_ptr", "col_idx", "csc_ptr", "csc_row", "csc_perm")  # the masks' buffers
+_STATE_KEYS = {"kind", "config", "round", "in_round", "sparsifier", "history", "rewind", "generator", "active"}
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,7 @@ class _RoundSparsifier(Sparsifier):
     """Static masks; in round 0 it also saves the rewind point after ``rewind_step`` optimizer steps."""
 
     def __init__(self, imp: IMP, model, optimizer):
-        super().__init__(model, optimizer)
+        super().__init__(model, optimizer, group=imp.group)
         self._imp = imp
 
     def step(self) -> bool:
@@ -51,9 +54,33 @@ class IMP:
     Round 0 trains the dense model (masks all ones); each later round starts from the weights of the rewind point
     (step ``rewind_step`` of round 0: 0 is the original lottery-ticket rewind to initialisation, k > 0 late
     rewinding) with the new masks. The optimizer and any learning-rate schedule are reset by creating them anew
-    each round; all other parameters and buffers are rewound too. The last round prunes to exactly the target
-    count. Controls: ``control="reinit"`` re-initialises the survivors randomly instead of rewinding;
-    ``control="random_mask"`` keeps each layer's count but places the connections at random.
+    each round (``start_round`` refuses an optimizer that already has state); all other parameters and buffers
+    are rewound too. The last round prunes to exactly the target count. Controls: ``control="reinit"``
+    re-initialises the survivors randomly instead of rewinding; ``control="random_mask"`` keeps each layer's count
+    but places the connections at random.
+
+    Checkpoints: save ``model.state_dict()``, ``optimizer.state_dict()`` and ``imp.state_dict()`` at any step (in a
+    round or between rounds). To resume, build the model and the IMP as before, load the model's state first (it
+    holds the masks and the sizes of SparseLinear layers), then the IMP's; ``start_round`` then continues an
+    interrupted round (``sparsifier.steps`` says where) and the optimizer's state is loaded after it. The resumed
+    run gives the masks and weights of the run that did not stop.
+
+    Data parallel (DDP): build the model identically on every rank and the IMP on the model itself with ``group=``
+    (or on a DDP wrapper when ``layout="masked"``; with "compressed" a wrapper made before IMP would hold the
+    Linear layers IMP replaces, so it is refused), and wrap the model anew every round, before the round's
+    optimizer. A prune gives each SparseLinear a new, smaller ``values`` parameter that a wrapper from an earlier
+    round does not hold: its gradient would not be averaged, and DDP raises "Expected to have finished reduction
+    in the prior iteration" on the next step. The new wrapper also broadcasts rank 0's rewound weights. Every
+    prune compares checksums of the new masks across the ranks and raises RuntimeError, on every rank and before
+    anything changes, if they differ::
+
+        imp = sparsekern.IMP(model, 0.9, layout="compressed", group=torch.distributed.group.WORLD)
+        while imp.round < imp.rounds:
+            ddp = torch.nn.parallel.DistributedDataParallel(model)   # anew every round
+            optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            sparsifier = imp.start_round(optimizer)
+            ...                                                       # train through ddp, sparsifier.step()
+            imp.end_round()
 
     Args:
         model: a dense model (changed in place; its Linear/Conv1d/Conv2d weights are made sparse, density 1).
@@ -65,19 +92,53 @@ class IMP:
         control: None, "reinit" or "random_mask".
         layout, include, exclude: as :func:`sparsify` (masked by default: early rounds are nearly dense).
         seed: seeds the controls' random draws.
+        group: a ``torch.distributed`` process group (default: the DDP wrapper's, if ``model`` is one).
 
     Raises:
-        ValueError: values out of range or unknown names; ``start_round``/``end_round`` out of order.
+        ValueError: values out of range or unknown names; ``start_round``/``end_round`` out of order; a DDP
+            wrapper with ``layout="compressed"``.
+        RuntimeError: ``end_round`` under DDP when the ranks' new masks differ (nothing changes).
 
-    Example::
+    Example (runnable; it stops in round 2 and resumes from the checkpoint)::
 
-        >>> imp = sparsekern.IMP(model, 0.9, rewind_step=0)
-        >>> for r in range(imp.rounds):
-        ...     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)   # reset every round
+        >>> import io, torch, sparsekern
+        >>> from torch import nn
+        >>> def build():
+        ...     torch.manual_seed(0)
+        ...     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        ...     return model, sparsekern.IMP(model, 0.8, prune_fraction=0.4, rewind_step=3)
+        >>> def train(model, sparsifier, optimizer, steps):
+        ...     for _ in range(steps):
+        ...         x = torch.randn(64, 8)
+        ...         nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+        ...         sparsifier.step()                                   # instead of optimizer.step()
+        ...         optimizer.zero_grad()
+        >>> model, imp = build()
+        >>> while imp.round < imp.rounds:
+        ...     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)  # new every round: the reset
         ...     sparsifier = imp.start_round(optimizer)
-        ...     train(model, sparsifier)                                  # calls sparsifier.step() per step
-        ...     imp.end_round(accuracy=evaluate(model))                   # prune and rewind
-        >>> for row in imp.history: print(row.round, row.report.sparsity, row.metrics)
+        ...     if imp.round == 2:
+        ...         train(model, sparsifier, optimizer, 5)
+        ...         break                                               # interrupted after 5 of 20 steps
+        ...     train(model, sparsifier, optimizer, 20)
+        ...     _ = imp.end_round(accuracy=0.0)                        # prune and rewind; metrics go in the report
+        >>> checkpoint = io.BytesIO()
+        >>> torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "imp": imp.state_dict()},
+        ...            checkpoint)
+        >>> _ = checkpoint.seek(0)
+        >>> state = torch.load(checkpoint)                               # e.g. in a new process
+        >>> model, imp = build()
+        >>> _ = model.load_state_dict(state["model"])                   # first: the masks
+        >>> imp.load_state_dict(state["imp"])
+        >>> while imp.round < imp.rounds:
+        ...     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ...     sparsifier = imp.start_round(optimizer)                 # continues round 2 at step 5
+        ...     if sparsifier.steps:
+        ...         optimizer.load_state_dict(state["optimizer"])
+        ...     train(model, sparsifier, optimizer, 20 - sparsifier.steps)
+        ...     _ = imp.end_round(accuracy=0.0)
+        >>> [row.report.nnz for row in imp.history]
+        [320, 192, 115, 69, 64]
     """
 
     def __init__(
@@ -93,6 +154,7 @@ class IMP:
         include: str | Iterable[str] | None = None,
         exclude: str | Iterable[str] | None = None,
         seed: int = 0,
+        group=None,
     ):
         fn = "IMP"
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
@@ -111,9 +173,20 @@ class IMP:
             raise ValueError(f"{fn}: rewind_step must be an int >= 0, got {rewind_step!r}")
         if layout not in LAYOUTS:
             raise ValueError(f"{fn}: layout must be one of {LAYOUTS}, got {layout!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            if layout == "compressed":
+                raise ValueError(
+                    f"{fn}: layout='compressed' replaces the Linear layers, so a DistributedDataParallel wrapper "
+                    "made before IMP would train the old ones; pass the model itself with group=, and wrap it anew "
+                    "every round"
+                )
+            group = model.process_group if group is None else group
         self.model = _unwrap(model)
         self.sparsity, self.prune_fraction, self.scope = float(sparsity), float(prune_fraction), scope
-        self.rewind_step, self.control = rewind_step, control
+        self.rewind_step, self.control, self.layout, self.seed = rewind_step, control, layout, seed
+        self.group = group
         self.generator = torch.Generator().manual_seed(seed)
         sparsify(self.model, 0.0, distribution="uniform", layout=layout, include=include, exclude=exclude)
         self._names = list(sparse_layers(self.model))
@@ -128,23 +201,35 @@ class IMP:
         self.round = 0
         self.history: list[IMPRound] = []
         self._in_round = False
+        self._sparsifier: _RoundSparsifier | None = None  # the current round's
+        self._resume: dict | None = None  # a loaded round's sparsifier state, for the next start_round
         self._rewind = None
         if rewind_step == 0:
             self._save_rewind_point()
 
     # -- the rounds -------------------------------------------------------------------------------------------
     def start_round(self, optimizer: torch.optim.Optimizer) -> Sparsifier:
-        """Begin the current round with a fresh ``optimizer``; returns the sparsifier to step during it."""
-        if self._in_round:
-            raise ValueError("IMP.start_round: round already started; call end_round() first")
+        """Begin the current round with a new ``optimizer`` (without state: the reset); returns the sparsifier to
+        step during it. After :meth:`load_state_dict` in the middle of a round, continues that round."""
+        fn = "IMP.start_round"
+        if self._in_round and self._resume is None:
+            raise ValueError(f"{fn}: round already started; call end_round() first")
         if self.round >= self.rounds:
-            raise ValueError(f"IMP.start_round: all {self.rounds} rounds are done")
+            raise ValueError(f"{fn}: all {self.rounds} rounds are done")
         sparsifier = _RoundSparsifier(self, self.model, optimizer)
-        self._in_round = True
+        if self._resume is None and any(optimizer.state.values()):
+            raise ValueError(
+                f"{fn}: the optimizer already has state; IMP resets the optimizer every round, so create a new one "
+                "(when resuming in a round, load the optimizer's state after start_round)"
+            )
+        if self._resume is not None:
+            sparsifier.load_state_dict(self._resume)
+        self._sparsifier, self._resume, self._in_round = sparsifier, None, True
         return sparsifier
 
     def end_round(self, **metrics) -> IMPRound:
-        """Record the round (with the caller's ``metrics``), then, unless it was the last, prune and rewind."""
+        """Record the round (with the caller's ``metrics``), then, unless it was the last, prune and rewind.
+        If the prune raises (under DDP: masks that differ across ranks), nothing has changed."""
         if not self._in_round:
             raise ValueError("IMP.end_round: no round started; call start_round(optimizer) first")
         if self._rewind is None:
@@ -153,31 +238,183 @@ class IMP:
                 "point; train longer or lower rewind_step"
             )
         row = IMPRound(self.round, sparsity_report(self.model), dict(metrics))
-        self.history.append(row)
-        self._in_round = False
-        self.round += 1
-        if self.round < self.rounds:
+        if self.round + 1 < self.rounds:
             self._prune_and_rewind()
+        self.history.append(row)
+        self.round += 1
+        self._in_round, self._sparsifier, self._resume = False, None, None
         return row
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{weight name ("fc1.weight"): bool mask of the weight's shape}, whatever the layout."""
+        return {name: layer.mask() for name, layer in zip(self._names, self._layers(), strict=True)}
 
     def report(self) -> list[dict]:
         return [row.to_dict() for row in self.history]
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def _config(self) -> dict:
+        return {
+            "sparsity": self.sparsity,
+            "prune_fraction": self.prune_fraction,
+            "scope": self.scope,
+            "rewind_step": self.rewind_step,
+            "control": self.control,
+            "layout": self.layout,
+            "seed": self.seed,
+        }
+
+    def state_dict(self) -> dict:
+        """Configuration, round, history, rewind point, the controls' RNG state, the masks (flat indices) and, in a
+        round, its sparsifier's state: with the model's and optimizer's state_dicts, enough to resume. Plain
+        tensors, lists and dicts (``torch.load(weights_only=True)`` reads it)."""
+        return {
+            "kind": "IMP",
+            "config": self._config(),
+            "round": self.round,
+            "in_round": self._in_round,
+            "sparsifier": self._sparsifier.state_dict() if self._sparsifier is not None else self._resume,
+            "history": [
+                {
+                    "round": row.round,
+                    "layers": [dataclasses.astuple(r) for r in row.report.layers],
+                    "metrics": row.metrics,
+                }
+                for row in self.history
+            ],
+            "rewind": self._rewind,
+            "generator": self.generator.get_state(),
+            "active": {name: layer.active().cpu() for name, layer in zip(self._names, self._layers(), strict=True)},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`. Load the model's state_dict (which holds the masks) first. Everything
+        is checked before anything changes: on an error the IMP is as it was.
+
+        Raises:
+            ValueError: not an IMP state, another configuration or set of layers, masks that differ from the
+                model's (load the model's state_dict first), or an inconsistent round, history or rewind point.
+        """
+        fn = "IMP.load_state_dict"
+        if not isinstance(state, dict) or state.get("kind") != "IMP":
+            got = state.get("kind") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"{fn}: expected the state of an IMP, got {got!r}")
+        if _STATE_KEYS - state.keys():
+            raise ValueError(f"{fn}: the state lacks {sorted(_STATE_KEYS - state.keys())}")
+        if state["config"] != self._config():
+            raise ValueError(f"{fn}: configuration {state['config']} differs from this IMP's {self._config()}")
+        if list(state["active"]) != self._names:
+            raise ValueError(f"{fn}: state has layers {list(state['active'])}, the model has {self._names}")
+        for name, layer in zip(self._names, self._layers(), strict=True):
+            if not torch.equal(state["active"][name].to(layer.param.device), layer.active()):
+                raise ValueError(
+                    f"{fn}: the mask of {name!r} differs from the model's; load the model's state_dict first"
+                )
+        r, in_round, resume, rewind = state["round"], state["in_round"], state["sparsifier"], state["rewind"]
+        if not isinstance(r, int) or not 0 <= r <= self.rounds or len(state["history"]) != r:
+            raise ValueError(
+                f"{fn}: round {r!r} after {len(state['history'])} history rows; expected round r in "
+                f"[0, {self.rounds}] after r rows"
+            )
+        if in_round is True:
+            if r == self.rounds or not (
+                isinstance(resume, dict)
+                and resume.get("kind") == "_RoundSparsifier"
+                and type(resume.get("steps")) is int
+            ):
+                raise ValueError(f"{fn}: in a round, the round must be below {self.rounds} and the state must hold "
+                                 f"its sparsifier's state, got round {r} and {type(resume).__name__}")  # fmt: skip
+        elif in_round is not False or resume is not None:
+            raise ValueError(f"{fn}: in_round must be a bool, and False without sparsifier state, got {in_round!r}")
+        saved = self.rewind_step == 0 or r > 0 or (in_round and resume["steps"] >= self.rewind_step)
+        if (rewind is not None) != saved:
+            raise ValueError(
+                f"{fn}: expected {'a' if saved else 'no'} rewind point at round {r}, step "
+                f"{resume['steps'] if in_round else 0} with rewind_step={self.rewind_step}"
+            )
+        if rewind is not None:
+            self._check_rewind(fn, rewind)
+        generator, current = state["generator"], self.generator.get_state()
+        if not (
+            isinstance(generator, torch.Tensor)
+            and generator.dtype == current.dtype
+            and generator.shape == current.shape
+        ):
+            raise ValueError(
+                f"{fn}: the generator state must be a {current.dtype} tensor of shape {tuple(current.shape)}"
+            )
+        history = [
+            IMPRound(row["round"], SparsityReport(tuple(LayerReport(*r) for r in row["layers"])), dict(row["metrics"]))
+            for row in state["history"]
+        ]
+        # everything is checked: now change the IMP
+        self.generator.set_state(generator)
+        if rewind is not None:
+            layers = self._layers()
+            rewind = {
+                **{kind: {n: t.clone() for n, t in rewind[kind].items()} for kind in ("params", "buffers")},
+                "dense": [
+                    t.to(layer.param.device, copy=True) for t, layer in zip(rewind["dense"], layers, strict=True)
+                ],
+            }
+        self._rewind, self.history, self.round, self._in_round = rewind, history, r, in_round
+        self._sparsifier, self._resume = None, resume
+
+    def _check_rewind(self, fn: str, rewind) -> None:
+        expected = {kind: {n: t.shape for n, t in ts.items()} for kind, ts in self._rewound().items()}
+        expected["dense"] = [torch.Size(layer.shape) for layer in self._layers()]
+        got = None
+        if isinstance(rewind, dict) and rewind.keys() == expected.keys():
+            got = {kind: {n: t.shape for n, t in rewind[kind].items()} for kind in ("params", "buffers")}
+            got["dense"] = [t.shape for t in rewind["dense"]]
+        if got != expected:
+            raise ValueError(f"{fn}: the rewind point's tensors have shapes {got}, the model's are {expected}")
 
     # -- internals --------------------------------------------------------------------------------------------
     def _layers(self):
         modules = sparse_layers(self.model)
         return [as_layer(modules[name]) for name in self._names]
 
-    def _save_rewind_point(self) -> None:
+    def _rewound(self) -> dict[str, dict[str, torch.Tensor]]:
+        """What a rewind restores besides the sparse weights: the other parameters and the buffers (not masks)."""
         sparse = {id(layer.param) for layer in self._layers()}
-        self._rewind = {
-            "params": {n: p.detach().clone() for n, p in self.model.named_parameters() if id(p) not in sparse},
-            "buffers": {n: b.detach().clone() for n, b in self.model.named_buffers()},
-            "dense": [_dense_weight(layer).clone() for layer in self._layers()],
+        return {
+            "params": {n: p for n, p in self.model.named_parameters() if id(p) not in sparse},
+            "buffers": {n: b for n, b in self.model.named_buffers() if n.rpartition(".")[2] not in _TOPOLOGY},
         }
 
+    def _save_rewind_point(self) -> None:
+        point = {kind: {n: t.detach().clone() for n, t in ts.items()} for kind, ts in self._rewound().items()}
+        self._rewind = {**point, "dense": [_dense_weight(layer).clone() for layer in self._layers()]}
+
     def _prune_and_rewind(self) -> None:
+        # Choose everything first (and compare across ranks); change the model only when all is known.
         layers = self._layers()
+        saved = self.generator.get_state()
+        try:
+            keeps = self._select(layers)
+            if self.control == "random_mask":
+                keeps = [
+                    torch.randperm(layer.numel, generator=self.generator)[: k.numel()].sort().values.to(k.device)
+                    for layer, k in zip(layers, keeps, strict=True)
+                ]
+            if self.control == "reinit":
+                dense = [_fresh_init(layer, self.generator) for layer in layers]
+            else:
+                dense = self._rewind["dense"]
+            _verify_across_ranks("IMP.end_round", self.group, dict(zip(self._names, keeps, strict=True)))
+        except BaseException:
+            self.generator.set_state(saved)
+            raise
+        with torch.no_grad():
+            for kind, tensors in self._rewound().items():
+                for name, t in tensors.items():
+                    t.copy_(self._rewind[kind][name])
+        for layer, keep, weight in zip(layers, keeps, dense, strict=True):
+            _set_topology(layer, keep, weight)
+
+    def _select(self, layers) -> list[torch.Tensor]:
+        """Each layer's surviving flat indices (ascending): the largest trained |w|."""
         actives = [layer.active() for layer in layers]
         magnitudes = [layer.active_values().detach().abs().double() for layer in layers]
         if self.scope == "layer":
@@ -185,39 +422,17 @@ class IMP:
                 max(t, int(round((1 - self.prune_fraction) * a.numel())))
                 for t, a in zip(self._targets, actives, strict=True)
             ]
-            keeps = [
+            return [
                 a[torch.sort(m, descending=True, stable=True).indices[:k]].sort().values
                 for a, m, k in zip(actives, magnitudes, keep_counts, strict=True)
             ]
-        else:
-            total = sum(a.numel() for a in actives)
-            count = max(sum(self._targets), int(round((1 - self.prune_fraction) * total)))
-            # one ranking over all layers; ties keep the earlier layer and lower flat index
-            order = torch.sort(torch.cat(magnitudes), descending=True, stable=True).indices[:count]
-            owner = torch.cat([torch.full((a.numel(),), i) for i, a in enumerate(actives)])
-            offset = torch.cumsum(torch.tensor([0] + [a.numel() for a in actives[:-1]]), 0)
-            keeps = []
-            for i, a in enumerate(actives):
-                mine = order[owner[order] == i] - offset[i]
-                keeps.append(a[mine].sort().values)
-        if self.control == "random_mask":
-            keeps = [
-                torch.randperm(layer.numel, generator=self.generator)[: k.numel()].sort().values.to(k.device)
-                for layer, k in zip(layers, keeps, strict=True)
-            ]
-        rewind = self._rewind
-        with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                if name in rewind["params"]:
-                    p.copy_(rewind["params"][name])
-            sparse_buffers = {"weight_mask", "row_ptr", "col_idx", "csc_ptr", "csc_row", "csc_perm"}
-            for name, b in self.model.named_buffers():
-                if name in rewind["buffers"] and name.rpartition(".")[2] not in sparse_buffers:
-                    b.copy_(rewind["buffers"][name])
-        for layer, keep, dense in zip(layers, keeps, rewind["dense"], strict=True):
-            if self.control == "reinit":
-                dense = _fresh_init(layer, self.generator)
-            _set_topology(layer, keep, dense)
+        total = sum(a.numel() for a in actives)
+        count = max(sum(self._targets), int(round((1 - self.prune_fraction) * total)))
+        # one ranking over all layers; ties keep the earlier layer and lower flat index
+        order = torch.sort(torch.cat(magnitudes), descending=True, stable=True).indices[:count]
+        owner = torch.cat([torch.full((a.numel(),), i) for i, a in enumerate(actives)])
+        offset = torch.cumsum(torch.tensor([0] + [a.numel() for a in actives[:-1]]), 0)
+        return [a[order[owner[order] == i] - offset[i]].sort().values for i, a in enumerate(actives)]
 
 
 def _dense_weight(layer) -> torch.Tensor:
@@ -244,9 +459,9 @@ def _set_topology(layer, keep: torch.Tensor, dense: torch.Tensor) -> None:
         drop = old[~torch.isin(old, keep)]
         grow = keep[~torch.isin(keep, old)]
         module.update_topology(drop=drop, grow=grow)
-        with torch.no_grad():
-            module.values.copy_(flat[keep])
-            module.values.grad = None
+        # A new Parameter: autograd keeps a per-tensor gradient accumulator that checks the old size (a DDP
+        # reducer holds it alive), so resizing the old one would break the next backward under a new wrapper.
+        module.values = nn.Parameter(flat[keep].clone(), requires_grad=module.values.requires_grad)
     else:
         mask = torch.zeros(layer.numel, dtype=torch.bool, device=keep.device)
         mask[keep] = True

@@ -19,6 +19,24 @@ def _checksum(active: torch.Tensor) -> torch.Tensor:
     return torch.stack([a.new_tensor(a.numel()), a.sum(), (a * (a % 65521 + 1)).sum()])
 
 
+def _verify_across_ranks(fn: str, group, actives: dict[str, torch.Tensor]) -> None:
+    """Raise RuntimeError on every rank of ``group`` unless all ranks hold the same new masks ``actives``
+    ({layer name: flat indices}), compared by checksums; call it before anything changes. No-op without a group."""
+    if group is None or not actives:
+        return
+    import torch.distributed as dist
+
+    local = torch.cat([_checksum(actives[name]) for name in sorted(actives)])
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    for rank, other in enumerate(gathered):
+        if not torch.equal(other, gathered[0]):
+            raise RuntimeError(
+                f"{fn}: the new masks of rank {rank} differ from rank 0's (checksums {other.tolist()} vs "
+                f"{gathered[0].tolist()}); are the weights synchronised (DDP)? nothing changed"
+            )
+
+
 class Sparsifier:
     """Fixed masks: the base of every sparsifier and, as ``Static``, the one for static sparse training.
 
@@ -85,7 +103,7 @@ class Sparsifier:
         updated = self.is_update_step(t)
         if updated:
             plans = self._plan(t)
-            self._verify_across_ranks(plans)
+            _verify_across_ranks(f"{type(self).__name__}.step", self.group, {n: p.active for n, p in plans.items()})
             if self.keep_optimizer_step:
                 self._optimizer_step()
             for name, plan in plans.items():
@@ -104,22 +122,6 @@ class Sparsifier:
         self.optimizer.step()
         for layer in masked:
             layer.apply_mask()
-
-    def _verify_across_ranks(self, plans: dict[str, DropGrowPlan]) -> None:
-        # Every rank must reach the same masks; compare fingerprints before anything changes.
-        if self.group is None or not plans:
-            return
-        import torch.distributed as dist
-
-        local = torch.cat([_checksum(plans[name].active) for name in sorted(plans)])
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(self.group))]
-        dist.all_gather(gathered, local, group=self.group)
-        for rank, other in enumerate(gathered):
-            if not torch.equal(other, gathered[0]):
-                raise RuntimeError(
-                    f"{type(self).__name__}.step: the new masks of rank {rank} differ from rank 0's (checksums "
-                    f"{other.tolist()} vs {gathered[0].tolist()}); are the weights synchronised (DDP)? nothing changed"
-                )
 
     # -- inspection and checkpoints --------------------------------------------------------------------------
     def masks(self) -> dict[str, torch.Tensor]:
