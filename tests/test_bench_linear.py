@@ -90,14 +90,19 @@ def test_bench_linear_quick_in_process(tmp_path, capsys):
 
 
 def test_bench_linear_cpu_backend(tmp_path, capsys):
-    """The default backend times the C++ kernels; without them every sparsekern cell says why and the run fails."""
-    code = cli.main(["bench", "linear", "--quick", "--mode", "fwd", "--batch", "8", "--out", str(tmp_path)])
+    """The default backend times the C++ kernels; without them every sparsekern cell says why and the run fails.
+    Every case, on either path, is checked (fwdbwd changes its values between calls: on copies, not on the shared
+    problem that later dtypes and modes read)."""
+    code = cli.main(["bench", "linear", "--quick", "--repeat", "2", "--out", str(tmp_path)])
     captured = capsys.readouterr()
     rows = _load(tmp_path)["rows"]
     assert {r["backend"] for r in rows} == {"cpu"}
     if _cpu_kernels_work():
         assert code == 0, captured.err
         assert all(r["ok"] is True and not r["failed"] for r in rows)
+        assert all(r["results"]["auto"]["ok"] is True for r in rows if r["auto_path"] == "dense")
+        paths = {(m, p) for m in linear.MODES for p in ("sparse", "dense")}
+        assert {(r["mode"], r["auto_path"]) for r in rows} == paths
     else:
         assert code == 1
         assert "some sparsekern calls failed" in captured.err

@@ -238,7 +238,7 @@ def build_sparsekern(p: Problem, x, values, grad, mode: str, backend: str, path:
     forward = lambda xx, vv: sparse_linear(xx, vv, p.index, backend=backend, path=path, workspace=workspace)  # noqa: E731
     if mode == "fwd":  # inference: the weights do not change between calls
         return _grads(mode, forward, x, values, grad), _as_dict(mode)
-    param = values.detach().requires_grad_()
+    param = values.detach().clone().requires_grad_()  # its own copy: the values are shared by other cases
     step = _grads(mode, forward, x, param, grad)
 
     def training_step():  # as an optimizer step would, change every value after each call (timed, against us)
