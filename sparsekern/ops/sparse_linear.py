@@ -72,11 +72,12 @@ class DenseWorkspace:
     A fresh dense weight costs a zero fill of n_out * n_in elements (and, for large weights, the page faults of
     a new allocation) on every call: at 50% density and B=256 that was most of the time of the dense path. The
     workspace is zero off the mask for good (it is only ever written at the nonzeros of one topology; a new
-    topology needs a new workspace). It also keeps a copy of the values it holds (the shadow), and each call
-    rewrites only the rows whose values changed bit-wise (``csr_dense_scatter_``): all of them after an
-    optimizer step, none in an inference loop, which then costs one comparison of nnz values instead of a write
-    of every line of the weight. Values are compared on every call, never trusted to be unchanged: fused
-    optimizers update parameters without bumping their version counter.
+    topology needs a new workspace). Between inference calls it also keeps a copy of the values it holds (the
+    shadow), and such a call rewrites only the rows whose values changed bit-wise (``csr_dense_scatter_``): none
+    in an inference loop, which then costs one comparison of nnz values instead of a write of every line of the
+    weight. Values are compared on every call, never trusted to be unchanged: fused optimizers update parameters
+    without bumping their version counter. A training call (a backward follows) rewrites every row and drops
+    the shadow: the optimizer step will change every value anyway.
 
     The writes go through ``.data``, which does not bump the version counter that autograd checks: a layer
     called twice before its backward writes the same values twice (values only change in an optimizer step,
@@ -92,13 +93,18 @@ class DenseWorkspace:
         self._shadow: torch.Tensor | None = None  # the values the weight holds at the nonzeros
         self._grad: torch.Tensor | None = None  # scratch for the backward's dense weight gradient
 
-    def weight(self, index: CSRIndex, values: torch.Tensor) -> torch.Tensor:
+    def weight(self, index: CSRIndex, values: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """The dense weight holding ``values``. ``training``: an optimizer step will change every value before
+        the next call, so keeping the shadow up to date would be wasted (the next inference call rebuilds it)."""
         w, values = self._weight, values.detach()
         if w is None or w.dtype != values.dtype or w.device != values.device:
             w = self._weight = values.new_zeros(index.n_out, index.n_in)
             self._shadow = None
         w = w.data
-        if self._shadow is None:
+        if training:
+            csr_dense_scatter_(w, values, index.row_ptr, index.col_idx)
+            self._shadow = None
+        elif self._shadow is None:
             csr_dense_scatter_(w, values, index.row_ptr, index.col_idx)
             self._shadow = values.clone()
         else:  # rewrites only the rows whose values changed since the last call (none in an inference loop)
@@ -138,14 +144,14 @@ class _DenseMaskedLinear(torch.autograd.Function):
         return grad_x, grad_values, grad_bias, None, None, None, None
 
 
-def _dense_path(x, values, index: CSRIndex, bias, workspace: DenseWorkspace | None) -> torch.Tensor:
+def _dense_path(x, values, index: CSRIndex, bias, workspace: DenseWorkspace | None, training: bool) -> torch.Tensor:
     if torch.compiler.is_compiling():  # traced: a fresh weight, no writes behind autograd's back
         weight = index.to_dense(values.detach())
         return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx, None)
     if workspace is None:  # a one-off call: a fresh weight, and a fresh gradient in the backward
-        weight = DenseWorkspace().weight(index, values)
+        weight = DenseWorkspace().weight(index, values, training=True)
     else:
-        weight = workspace.weight(index, values)
+        weight = workspace.weight(index, values, training)
     return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx, workspace)
 
 
@@ -232,7 +238,7 @@ def sparse_linear(
     training = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)
     chosen_path = choose_path(path, index, x2, chosen, training)
     if chosen_path == "dense":
-        return _dense_path(x2, values, index, bias, workspace).reshape(*lead, index.n_out)
+        return _dense_path(x2, values, index, bias, workspace, training).reshape(*lead, index.n_out)
     y = torch.ops.sparsekern.sparse_linear(
         x2,
         values.contiguous(),
