@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -95,3 +96,20 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, **env}
     )
+
+
+def spawn_ranks(worker, args: tuple, nprocs: int, timeout_s: float = 180) -> None:
+    """worker(rank, *args) in nprocs fresh processes; if they are not all done within timeout_s, kill them and fail
+    (a rank that hangs in a collective must fail the test, not block CI)."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"{nprocs} processes still running after {timeout_s} s (a rank hangs in a collective?)")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()

@@ -7,7 +7,7 @@ import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 
 import sparsekern
 from sparsekern import _extension
@@ -44,6 +44,16 @@ def _worker(rank: int, port: int, out: str) -> None:
             results["mismatch"] = "no error"
         except ValueError as exc:
             results["mismatch"] = str(exc)
+        for case, bad in (("bad k", {"k": -1}), ("bad g", {"g": g[:, :-1].T.contiguous()})):
+            # only rank 1's arguments fail their own checks: rank 0 must not wait for it in the all-gather
+            args = {"x": x, "g": g, "k": K, **(bad if rank == 1 else {})}
+            try:
+                sparsekern.outer_topk(args["x"], args["g"], args["k"], exclude=_exclude(), group=dist.group.WORLD)
+                results[case] = "no error"
+            except (TypeError, ValueError) as exc:
+                results[case] = str(exc)
+        # and the group still works afterwards
+        results["after"] = sparsekern.outer_topk(x, g, K, exclude=_exclude(), group=dist.group.WORLD)
         torch.save(results, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -56,7 +66,7 @@ def _free_port() -> int:
 
 
 def test_two_ranks_agree_with_the_concatenated_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (_free_port(), str(tmp_path)), WORLD)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for backend in BACKENDS:
         for dtype in (torch.float32, torch.bfloat16):
@@ -70,3 +80,8 @@ def test_two_ranks_agree_with_the_concatenated_batch(tmp_path):
     for result in ranks:
         assert "every rank of group must pass the same n_in, n_out, dtype and k" in result["mismatch"]
         assert "rank 1 has (n_in=53, n_out=37, dtype=torch.float32, k=301)" in result["mismatch"]
+    assert ranks[1]["bad k"] == "outer_topk: k must be >= 0, got -1"
+    assert "x (B, n_in) and g (B, n_out) must have the same batch size B" in ranks[1]["bad g"]
+    for case in ("bad k", "bad g"):
+        assert ranks[0][case] == "outer_topk: the arguments of rank 1 of group failed their checks (its error says why)"
+    assert torch.equal(ranks[0]["after"][0], ranks[1]["after"][0])

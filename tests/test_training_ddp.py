@@ -6,12 +6,11 @@ genuinely diverge, every rank raises before a mask update and nothing changes. O
 from __future__ import annotations
 
 import copy
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from helpers import spawn_ranks
 from test_training_imp import same
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -156,26 +155,10 @@ def _worker(rank: int, path: str):
         dist.destroy_process_group()
 
 
-def spawn(worker, path: str) -> None:
-    """worker(rank, path) in WORLD processes; if they are not all done within TIMEOUT_S, kill them and fail."""
-    context = mp.start_processes(worker, args=(path,), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not context.join(timeout=max(deadline - time.monotonic(), 0.0)):
-            if time.monotonic() >= deadline:
-                pytest.fail(
-                    f"the {WORLD} processes did not finish within {TIMEOUT_S} s (a rank hangs in a collective?)"
-                )
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     path = tmp_path_factory.mktemp("ddp")
-    spawn(_worker, str(path))
+    spawn_ranks(_worker, (str(path),), WORLD, TIMEOUT_S)
     return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 

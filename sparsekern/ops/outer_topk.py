@@ -107,17 +107,31 @@ def exclusion_csr(fn: str, exclude, n_out: int, n_in: int, device: torch.device)
     return csr_from_mask(exclude)  # row-major order: canonical
 
 
-def _all_gather_batch(fn: str, group, x: torch.Tensor, g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _all_gather_batch(fn: str, group, x, g, k, failure: Exception | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x and g of every rank of ``group`` concatenated along the batch in rank order. Batch sizes may differ;
-    everything else must agree, which is checked on every rank alike (so all raise, none hangs)."""
+    everything else must agree, which is checked on every rank alike (so all raise, none hangs). ``failure``:
+    this rank's arguments failed their checks; every rank learns of it in the first collective and raises (this
+    one its own error), so no rank waits for ever for a rank that left."""
     import torch.distributed as dist
 
-    dtype_code = VALUE_DTYPES.index(x.dtype)
-    meta = torch.tensor([x.shape[0], x.shape[1], g.shape[1], dtype_code, k], dtype=torch.int64, device=x.device)
+    if failure is None:
+        dtype_code = VALUE_DTYPES.index(x.dtype)
+        meta = torch.tensor([0, x.shape[0], x.shape[1], g.shape[1], dtype_code, k], dtype=torch.int64, device=x.device)
+    else:
+        device = x.device if isinstance(x, torch.Tensor) else None
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+        meta = torch.tensor([1, 0, 0, 0, 0, 0], dtype=torch.int64, device=device)
     world = dist.get_world_size(group)
     metas = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=group)
     metas = [m.tolist() for m in metas]
+    if failure is not None:
+        raise failure
+    failed = [rank for rank, m in enumerate(metas) if m[0]]
+    if failed:
+        raise ValueError(f"{fn}: the arguments of rank {failed[0]} of group failed their checks (its error says why)")
+    metas = [m[1:] for m in metas]
     for rank, (_, n_in, n_out, code, k_r) in enumerate(metas):
         if (n_in, n_out, code, k_r) != tuple(metas[0][1:]):
             raise ValueError(
@@ -173,7 +187,9 @@ def outer_topk(
         backend: "auto" (C++ on CPU tensors, Triton on CUDA tensors), "cpu", "triton", "cuda" or "reference".
         group: a ``torch.distributed`` process group: x and g of every rank are all-gathered (batch sizes may
             differ) and every rank returns the result for the concatenated batch (in rank order), identical on
-            all ranks. n_in, n_out, dtype and k must agree across ranks.
+            all ranks. n_in, n_out, dtype and k must agree across ranks. When any rank's arguments fail their
+            checks, every rank raises (that rank its own error, the others one naming it) and none is left waiting
+            in a collective.
 
     Returns:
         index: int64 (k): flat positions o * n_in + i, sorted by score descending, equal scores by ascending
@@ -194,6 +210,24 @@ def outer_topk(
         >>> rows, cols = index // 300, index % 300                # the 1000 connections to grow
     """
     fn = "outer_topk"
+    try:
+        backend, row_ptr, col_idx = _checked(fn, x, g, k, exclude, backend)
+    except Exception as exc:
+        if group is None:
+            raise
+        _all_gather_batch(fn, group, x, g, k, failure=exc)  # raises on every rank, this one its own error
+        raise
+    if group is not None:
+        x, g = _all_gather_batch(fn, group, x, g, k)
+    for name, t in (("x", x), ("g", g)):
+        # In blocks: isfinite over all of x at once holds several temporaries of x's size.
+        if not all(bool(torch.isfinite(block).all()) for block in t.reshape(-1).split(1 << 18)):
+            raise ValueError(f"{fn}: {name} must be finite, got inf or NaN" + (" (on some rank)" if group else ""))
+    return run(backend, x.contiguous(), g.contiguous(), k, row_ptr, col_idx)
+
+
+def _checked(fn: str, x, g, k, exclude, backend) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """outer_topk's checks of this rank's arguments; returns the backend and the exclusion's CSR."""
     check_tensor(fn, "x", x, dtypes=VALUE_DTYPES, ndim=2)
     check_tensor(fn, "g", g, dtypes=VALUE_DTYPES, ndim=2)
     if g.dtype != x.dtype:
@@ -219,10 +253,4 @@ def outer_topk(
             f"{fn}: k must be at most the number of candidates n_out * n_in - excluded = {n_out} * {n_in} - "
             f"{col_idx.numel()} = {candidates}, got {k}"
         )
-    if group is not None:
-        x, g = _all_gather_batch(fn, group, x, g, k)
-    for name, t in (("x", x), ("g", g)):
-        # In blocks: isfinite over all of x at once holds several temporaries of x's size.
-        if not all(bool(torch.isfinite(block).all()) for block in t.reshape(-1).split(1 << 18)):
-            raise ValueError(f"{fn}: {name} must be finite, got inf or NaN" + (" (on some rank)" if group else ""))
-    return run(backend, x.contiguous(), g.contiguous(), k, row_ptr, col_idx)
+    return backend, row_ptr, col_idx
