@@ -47,6 +47,26 @@ def csr_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return row_ptr, col_idx
 
 
+def random_flat(numel: int, count: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """``count`` distinct positions of ``range(numel)``, uniformly at random, ascending (int64), in O(count) memory
+    when count <= numel / 2 (``randperm(numel)`` would take 8 bytes per position: 2 GiB for a 16384^2 weight).
+
+    Draws positions with replacement until ``count`` distinct ones are in hand, then keeps a uniform subset of
+    them: every draw is uniform and the stopping rule only counts distinct values, so the set is uniform over all
+    ``count``-subsets. Above numel / 2 it samples the positions left out instead."""
+    if count * 2 > numel:
+        keep = torch.ones(numel, dtype=torch.bool)
+        keep[random_flat(numel, numel - count, generator=generator)] = False
+        return keep.nonzero().flatten().to(device)
+    chosen = torch.empty(0, dtype=torch.int64)
+    while chosen.numel() < count:
+        need = count - chosen.numel()
+        draw = torch.randint(numel, (need + need // 8 + 16,), generator=generator)
+        chosen = torch.cat([chosen, draw]).unique()
+    keep = torch.randperm(chosen.numel(), generator=generator)[:count]
+    return chosen[keep].sort().values.to(device)
+
+
 def csr_from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_ptr int64, col_idx int32) of the positions ``flat`` (row * n_cols + col, ascending, unique)."""
     rows = flat // n_cols

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import backend_params, bits, device_for, run_python
 
 import sparsekern
-from sparsekern._csr import CSRIndex
+from sparsekern._csr import CSRIndex, random_flat
 from sparsekern.nn import SparseLinear
 from sparsekern.ops.sparse_linear import sparse_linear
 
@@ -421,3 +421,41 @@ def test_update_topology_memory_is_nnz_sized():
     result = run_python(code, OMP_NUM_THREADS="1")
     assert result.returncode == 0, result.stderr
     assert int(result.stdout.split()[-1]) < 8192 * 8192
+
+
+@pytest.mark.parametrize("numel, count", [(1, 0), (1, 1), (10, 3), (10, 7), (1000, 500), (1000, 501), (97, 97)])
+def test_random_flat_is_exact_distinct_and_sorted(numel, count):
+    flat = random_flat(numel, count)
+    assert flat.dtype == torch.int64 and flat.numel() == count
+    assert torch.equal(flat, flat.unique())  # distinct and ascending
+    assert count == 0 or (0 <= int(flat[0]) and int(flat[-1]) < numel)
+
+
+@pytest.mark.parametrize("count", [2, 3])  # 3 of 5 goes through the complement
+def test_random_flat_is_uniform_over_subsets(count):
+    """All C(5, count) = 10 subsets about equally often: 20000 draws, 2000 expected each, sd about 42."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    counts = {}
+    for _ in range(20000):
+        key = tuple(random_flat(5, count, generator=gen).tolist())
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 10
+    assert all(abs(c - 2000) < 6 * 42 for c in counts.values()), counts
+
+
+def test_random_layer_construction_is_nnz_sized():
+    """SparseLinear(sparsity=) draws its positions without anything of n_out * n_in entries: randperm took 8
+    bytes per position (512 MiB here, plus a 64 MiB bool mask); now the peak is O(nnz), nnz = 67109."""
+    code = (
+        "import torch, sparsekern\n"
+        "def kib(key):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = kib('VmRSS:')\n"
+        "layer = sparsekern.nn.SparseLinear(8192, 8192, sparsity=0.999, bias=False)\n"
+        "assert layer.nnz == round(0.001 * 8192 * 8192)\n"
+        "print((kib('VmHWM:') - before) * 1024)\n"
+    )
+    result = run_python(code, OMP_NUM_THREADS="1")
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[-1]) < 8192 * 8192 // 4

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._csr import CSRIndex, csr_from_flat
+from .._csr import CSRIndex, csr_from_flat, random_flat
 from .._validate import check_tensor
 from ..ops.sparse_linear import DenseWorkspace, sparse_linear
 
@@ -113,15 +113,13 @@ class SparseLinear(nn.Module):
         if (sparsity is None) == (mask is None):
             raise ValueError(f"{fn}: give exactly one of sparsity= or mask=")
         self.in_features, self.out_features = in_features, out_features
-        if mask is None:
+        if mask is None:  # uniform random positions, without anything of n_out * n_in entries
             numel = in_features * out_features
-            flat = torch.randperm(numel, device=device)[: _nnz(_check_sparsity(fn, sparsity), numel)]
-            mask = torch.zeros(numel, dtype=torch.bool, device=device)
-            mask[flat] = True
-            mask = mask.view(out_features, in_features)
+            flat = random_flat(numel, _nnz(_check_sparsity(fn, sparsity), numel), device=device)
+            index = CSRIndex.from_csr(*csr_from_flat(flat, out_features, in_features), in_features)
         else:
-            mask = _check_mask(fn, mask, (out_features, in_features)).to(device)
-        self._set_index(CSRIndex.from_mask(mask))
+            index = CSRIndex.from_mask(_check_mask(fn, mask, (out_features, in_features)).to(device))
+        self._set_index(index)
         bound = 1.0 / math.sqrt(in_features)
         self.values = nn.Parameter(torch.empty(self.index.nnz, device=device, dtype=dtype).uniform_(-bound, bound))
         self.bias = (
