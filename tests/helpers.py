@@ -98,6 +98,24 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+def peak_rss_rise(setup: str, measured: str, **env: str) -> int:
+    """Bytes by which a fresh interpreter's peak RSS rises while it runs ``measured`` (after ``setup``; both
+    Python source, ``import torch, sparsekern`` done): the high-water mark is reset first (/proc/self/clear_refs)."""
+    code = (
+        "import torch, sparsekern\n"
+        f"{setup}\n"
+        "def kib(key):\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
+        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS\n"
+        "before = kib('VmRSS:')\n"
+        f"{measured}\n"
+        "print((kib('VmHWM:') - before) * 1024)\n"
+    )
+    result = run_python(code, **env)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.split()[-1])
+
+
 def spawn_ranks(worker, args: tuple, nprocs: int, timeout_s: float = 180) -> None:
     """worker(rank, *args) in nprocs fresh processes; if they are not all done within timeout_s, kill them and fail
     (a rank that hangs in a collective must fail the test, not block CI)."""

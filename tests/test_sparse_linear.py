@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import backend_params, bits, device_for, run_python
+from helpers import backend_params, bits, device_for, peak_rss_rise, run_python
 
 import sparsekern
 from sparsekern._csr import CSRIndex, random_flat
@@ -402,25 +402,19 @@ def test_auto_path_depends_on_batch_and_training(monkeypatch):
 def test_update_topology_memory_is_nnz_sized():
     """A topology update never builds anything of n_out * n_in entries: at 8192^2 and 99% sparsity its peak
     extra memory stays below one byte per weight position (the old dense-bitmap version took 9 bytes)."""
-    code = (
-        "import torch, sparsekern\n"
+    setup = (
         "torch.manual_seed(0)\n"
         "layer = sparsekern.nn.SparseLinear(8192, 8192, sparsity=0.99)\n"
         "flat = layer.flat_indices()\n"
         "drop = flat[torch.randperm(flat.numel())[:20000]]\n"
         "grow = torch.randint(0, 8192 * 8192, (40000,)).unique()\n"
-        "grow = grow[~torch.isin(grow, flat)][:20000]\n"
-        "def kib(key):\n"
-        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
-        "open('/proc/self/clear_refs', 'w').write('5')  # reset the peak (VmHWM) to the current RSS\n"
-        "before = kib('VmRSS:')\n"
-        "update = layer.update_topology(drop=drop, grow=grow)\n"
-        "assert layer.nnz == flat.numel() and update.grown.numel() == 20000\n"
-        "print((kib('VmHWM:') - before) * 1024)\n"
+        "grow = grow[~torch.isin(grow, flat)][:20000]"
     )
-    result = run_python(code, OMP_NUM_THREADS="1")
-    assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split()[-1]) < 8192 * 8192
+    measured = (
+        "update = layer.update_topology(drop=drop, grow=grow)\n"
+        "assert layer.nnz == flat.numel() and update.grown.numel() == 20000"
+    )
+    assert peak_rss_rise(setup, measured, OMP_NUM_THREADS="1") < 8192 * 8192
 
 
 @pytest.mark.parametrize("numel, count", [(1, 0), (1, 1), (10, 3), (10, 7), (1000, 500), (1000, 501), (97, 97)])
@@ -446,16 +440,8 @@ def test_random_flat_is_uniform_over_subsets(count):
 def test_random_layer_construction_is_nnz_sized():
     """SparseLinear(sparsity=) draws its positions without anything of n_out * n_in entries: randperm took 8
     bytes per position (512 MiB here, plus a 64 MiB bool mask); now the peak is O(nnz), nnz = 67109."""
-    code = (
-        "import torch, sparsekern\n"
-        "def kib(key):\n"
-        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(key))\n"
-        "open('/proc/self/clear_refs', 'w').write('5')\n"
-        "before = kib('VmRSS:')\n"
+    measured = (
         "layer = sparsekern.nn.SparseLinear(8192, 8192, sparsity=0.999, bias=False)\n"
-        "assert layer.nnz == round(0.001 * 8192 * 8192)\n"
-        "print((kib('VmHWM:') - before) * 1024)\n"
+        "assert layer.nnz == round(0.001 * 8192 * 8192)"
     )
-    result = run_python(code, OMP_NUM_THREADS="1")
-    assert result.returncode == 0, result.stderr
-    assert int(result.stdout.split()[-1]) < 8192 * 8192 // 4
+    assert peak_rss_rise("", measured, OMP_NUM_THREADS="1") < 8192 * 8192 // 4
