@@ -25,6 +25,7 @@
 
 #include "sparsekern/batch_tiles.h"
 #include "sparsekern/outer_topk.h"
+#include "sparsekern/outer_topk_checks.h"
 
 // Scores are defined with a rounded product and a rounded sum (outer_topk.h): the compiler must not fuse them.
 #pragma GCC optimize("fp-contract=off")
@@ -329,16 +330,11 @@ std::tuple<at::Tensor, at::Tensor> outer_topk_cpu(const at::Tensor& x, const at:
   constexpr const char* fn = "outer_topk";
   batch_tiles::check_activation(fn, "x", x);
   batch_tiles::check_activation(fn, "g", g);
-  TORCH_CHECK_VALUE(g.scalar_type() == x.scalar_type(), fn, ": g must have x's dtype ", x.scalar_type(), ", got ",
-                    g.scalar_type());
-  TORCH_CHECK_VALUE(g.size(0) == x.size(0), fn, ": x and g must have the same batch size, got ", x.size(0), " and ",
-                    g.size(0));
+  ot::check_sizes(fn, x, g);
   const int64_t batch = x.size(0), n_in = x.size(1), n_out = g.size(1);
-  TORCH_CHECK_VALUE(n_out * n_in <= int64_t{1} << ot::kIndexBits, fn, ": n_out * n_in must be at most 2**33, got ",
-                    n_out * n_in);
   const int64_t nnz = batch_tiles::check_csr(fn, row_ptr, col_idx, n_out);
   const int64_t n_candidates = n_out * n_in - nnz;
-  TORCH_CHECK_VALUE(k >= 0 && k <= n_candidates, fn, ": k must be in [0, candidates = ", n_candidates, "], got ", k);
+  ot::check_k(fn, k, n_candidates);
   at::Tensor index = at::empty({k}, x.options().dtype(at::kLong));
   at::Tensor score = at::empty({k}, x.options().dtype(at::kFloat));
   if (k == 0) return {index, score};

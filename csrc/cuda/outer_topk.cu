@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "sparsekern/outer_topk.h"
+#include "sparsekern/outer_topk_checks.h"
 #include "sparsekern/spmm_cuda.cuh"
 
 namespace sparsekern {
@@ -142,16 +143,11 @@ std::tuple<at::Tensor, at::Tensor> outer_topk_cuda(const at::Tensor& x, const at
   cu::check_matrix(fn, "x", x);
   cu::check_matrix(fn, "g", g);
   cu::check_on(fn, "g", g, x.device());
-  TORCH_CHECK_VALUE(g.scalar_type() == x.scalar_type(), fn, ": g must have x's dtype ", x.scalar_type(), ", got ",
-                    g.scalar_type());
-  TORCH_CHECK_VALUE(g.size(0) == x.size(0), fn, ": x and g must have the same batch size, got ", x.size(0), " and ",
-                    g.size(0));
+  ot::check_sizes(fn, x, g);
   const int64_t batch = x.size(0), n_in = x.size(1), n_out = g.size(1);
-  TORCH_CHECK_VALUE(n_out * n_in <= int64_t{1} << ot::kIndexBits, fn, ": n_out * n_in must be at most 2**33, got ",
-                    n_out * n_in);
   cu::check_csr(fn, row_ptr, col_idx, n_out, x.device());
   const int64_t n_candidates = n_out * n_in - col_idx.numel();
-  TORCH_CHECK_VALUE(k >= 0 && k <= n_candidates, fn, ": k must be in [0, candidates = ", n_candidates, "], got ", k);
+  ot::check_k(fn, k, n_candidates);
 
   const c10::cuda::CUDAGuard device_guard(x.device());
   const auto i64 = x.options().dtype(at::kLong);
