@@ -99,10 +99,10 @@ def semi24_decompress_reference(packed: torch.Tensor, meta: torch.Tensor) -> tor
 # Masked sparse matmul. W is (n_out, n_in) in CSR: row_ptr int64 (n_out + 1), col_idx int32, values.
 
 
-def csr_rows(row_ptr: torch.Tensor) -> torch.Tensor:
-    """The row of every nonzero of a CSR matrix, as int64 (nnz)."""
+def csr_rows(row_ptr: torch.Tensor, nnz: int | None = None) -> torch.Tensor:
+    """The row of every nonzero of a CSR matrix, as int64 (nnz). Given ``nnz``, without a device sync."""
     counts = row_ptr[1:] - row_ptr[:-1]
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts, output_size=nnz)
 
 
 _SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -116,9 +116,7 @@ def as_bits(t: torch.Tensor) -> torch.Tensor:
 
 def csr_flat(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int) -> torch.Tensor:
     """row * n_cols + col of every nonzero of a CSR matrix, int64 (nnz), without a device sync."""
-    counts = row_ptr[1:] - row_ptr[:-1]
-    rows = torch.arange(counts.numel(), device=row_ptr.device)
-    return torch.repeat_interleave(rows, counts, output_size=col_idx.numel()) * n_cols + col_idx.long()
+    return csr_rows(row_ptr, col_idx.numel()) * n_cols + col_idx.long()
 
 
 def csr_dense_scatter_reference(dense: torch.Tensor, values: torch.Tensor, row_ptr, col_idx, shadow=None) -> None:
@@ -182,7 +180,7 @@ def outer_topk_reference(
     n_out, n_in = g.shape[1], x.shape[1]
     scores = outer_topk_scores_reference(x, g).reshape(-1)
     candidate = torch.ones(n_out * n_in, dtype=torch.bool, device=scores.device)
-    candidate[csr_rows(row_ptr) * n_in + col_idx.long()] = False
+    candidate[csr_flat(row_ptr, col_idx, n_in)] = False
     flat = candidate.nonzero().squeeze(1)
     if bool(torch.isnan(scores[flat]).any()):  # only candidates count: an excluded score is never looked at
         raise ValueError("outer_topk: a score overflowed float32 to NaN (inf - inf); scale x or g down")

@@ -8,7 +8,7 @@ import torch
 
 from .._csr import VALUE_DTYPES, CSRIndex, csr_from_flat, csr_from_mask
 from .._validate import check_tensor
-from ..reference import csr_rows, outer_topk_reference
+from ..reference import csr_flat, outer_topk_reference
 from .spmm import resolve
 
 # Flat indices are packed next to the 31-bit score key in one 64-bit sort key by every kernel (outer_topk.h).
@@ -62,7 +62,7 @@ def _canonical(fn: str, row_ptr: torch.Tensor, cols: torch.Tensor, n_out: int, n
     increasing[starts[(starts > 0) & (starts < nnz)] - 1] = True  # a row may start anywhere
     if bool(increasing.all()):
         return row_ptr, cols
-    flat = torch.unique(csr_rows(row_ptr) * n_in + cols.long())  # sorted, without duplicates
+    flat = torch.unique(csr_flat(row_ptr, cols, n_in))  # sorted, without duplicates
     return csr_from_flat(flat, n_out, n_in)
 
 
