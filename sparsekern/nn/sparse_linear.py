@@ -248,20 +248,18 @@ class SparseLinear(nn.Module):
         numel = self.out_features * self.in_features
         old_flat = self.flat_indices()
         device = old_flat.device
+        # Sorted flat indices and binary searches throughout: O(nnz log nnz) time and memory, never a tensor of
+        # n_out * n_in entries (16384^2 would need GiBs), so a RigL step stays as lean as the fused grow.
         sets = {}
         for name, idx in (("drop", drop), ("grow", grow)):
             check_tensor(fn, name, idx, dtypes=(torch.int64, torch.int32), ndim=1)
-            idx = idx.to(device=device, dtype=torch.int64)
-            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= numel):
-                raise ValueError(
-                    f"{fn}: {name} indices must lie in [0, {numel}), got [{int(idx.min())}, {int(idx.max())}]"
-                )
-            if torch.unique(idx).numel() != idx.numel():
+            idx = idx.to(device=device, dtype=torch.int64).sort().values
+            if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel):
+                raise ValueError(f"{fn}: {name} indices must lie in [0, {numel}), got [{int(idx[0])}, {int(idx[-1])}]")
+            if bool((idx[1:] == idx[:-1]).any()):
                 raise ValueError(f"{fn}: {name} has repeated indices")
             sets[name] = idx
-        # Sorted flat indices and binary searches throughout: O(nnz log nnz) time and memory, never a tensor of
-        # n_out * n_in entries (16384^2 would need GiBs), so a RigL step stays as lean as the fused grow.
-        drop_sorted, grow_sorted = sets["drop"].sort().values, sets["grow"].sort().values
+        drop_sorted, grow_sorted = sets["drop"], sets["grow"]
         drop_active = _contains(old_flat, drop_sorted)
         if not bool(drop_active.all()):
             bad = int(drop_sorted[~drop_active][0])
