@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -47,24 +48,55 @@ def csr_from_mask(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return row_ptr, col_idx
 
 
-def random_flat(numel: int, count: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-    """``count`` distinct positions of ``range(numel)``, uniformly at random, ascending (int64), in O(count) memory
-    when count <= numel / 2 (``randperm(numel)`` would take 8 bytes per position: 2 GiB for a 16384^2 weight).
+def sorted_contains(sorted_set: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """bool per entry of values: is it in sorted_set (ascending, unique)? Binary searches, O(len(values) log)."""
+    if sorted_set.numel() == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    pos = torch.searchsorted(sorted_set, values).clamp_(max=sorted_set.numel() - 1)
+    return sorted_set[pos] == values
 
-    Draws positions with replacement until ``count`` distinct ones are in hand, then keeps a uniform subset of
-    them: every draw is uniform and the stopping rule only counts distinct values, so the set is uniform over all
-    ``count``-subsets. Above numel / 2 it samples the positions left out instead."""
-    if count * 2 > numel:
-        keep = torch.ones(numel, dtype=torch.bool)
-        keep[random_flat(numel, numel - count, generator=generator)] = False
-        return keep.nonzero().flatten().to(device)
-    chosen = torch.empty(0, dtype=torch.int64)
-    while chosen.numel() < count:
-        need = count - chosen.numel()
-        draw = torch.randint(numel, (need + need // 8 + 16,), generator=generator)
-        chosen = torch.cat([chosen, draw]).unique()
-    keep = torch.randperm(chosen.numel(), generator=generator)[:count]
-    return chosen[keep].sort().values.to(device)
+
+def random_positions(numel: int, n: int, generator: torch.Generator, exclude: torch.Tensor) -> torch.Tensor:
+    """n distinct positions drawn uniformly from [0, numel) minus ``exclude`` (int64, ascending, unique), returned
+    ascending on ``exclude``'s device, in O(n + len(exclude)) memory: never a tensor of numel entries.
+
+    Draws rounds of ``torch.randint(numel, (m,), generator=generator)`` with
+    ``m = ceil(1.25 * left * numel / candidates) + 16`` (``left``: positions still to find) and accepts, in draw
+    order, each position that is a candidate and not yet taken, until n are taken. (This is the exact rule, so
+    a reference can replay it; SET's random grow is specified by it.)
+    """
+    candidates = numel - exclude.numel()
+    if n > candidates:
+        raise ValueError(f"random_positions: cannot draw {n} distinct positions among {candidates}")
+    taken: list[torch.Tensor] = []
+    seen = exclude
+    left = n
+    while left > 0:
+        m = math.ceil(1.25 * left * numel / candidates) + 16
+        draw = torch.randint(numel, (m,), generator=generator, device=generator.device).to(exclude.device)
+        # first occurrence of each drawn position, in draw order
+        uniq, inverse = torch.unique(draw, return_inverse=True)
+        first = torch.full((uniq.numel(),), m, dtype=torch.int64, device=exclude.device)
+        first.scatter_reduce_(0, inverse, torch.arange(m, device=exclude.device), reduce="amin")
+        free = ~sorted_contains(seen, uniq)
+        order = first[free].argsort()
+        accepted = uniq[free][order][:left]
+        taken.append(accepted)
+        seen = torch.cat([seen, accepted]).sort().values
+        left -= accepted.numel()
+    return torch.cat(taken).sort().values if taken else exclude.new_zeros(0)
+
+
+def random_flat(numel: int, count: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """``count`` distinct positions of ``range(numel)``, uniformly at random, ascending (int64), in O(count) memory.
+
+    Below numel / 8 positions: :func:`random_positions` (rejection, which then accepts at least 7 draws in 8);
+    from there ``randperm(numel)``, whose 8 bytes per position are then at most 64 bytes per drawn one and which
+    is faster where rejection would retry often."""
+    generator = generator if generator is not None else torch.default_generator
+    if count * 8 < numel:
+        return random_positions(numel, count, generator, torch.zeros(0, dtype=torch.int64)).to(device)
+    return torch.randperm(numel, generator=generator)[:count].sort().values.to(device)
 
 
 def csr_from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:

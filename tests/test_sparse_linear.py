@@ -417,7 +417,9 @@ def test_update_topology_memory_is_nnz_sized():
     assert peak_rss_rise(setup, measured, OMP_NUM_THREADS="1") < 8192 * 8192
 
 
-@pytest.mark.parametrize("numel, count", [(1, 0), (1, 1), (10, 3), (10, 7), (1000, 500), (1000, 501), (97, 97)])
+@pytest.mark.parametrize(
+    "numel, count", [(1, 0), (1, 1), (10, 3), (10, 7), (1000, 500), (1000, 501), (97, 97), (1000, 124), (1000, 125)]
+)
 def test_random_flat_is_exact_distinct_and_sorted(numel, count):
     flat = random_flat(numel, count)
     assert flat.dtype == torch.int64 and flat.numel() == count
@@ -425,7 +427,7 @@ def test_random_flat_is_exact_distinct_and_sorted(numel, count):
     assert count == 0 or (0 <= int(flat[0]) and int(flat[-1]) < numel)
 
 
-@pytest.mark.parametrize("count", [2, 3])  # 3 of 5 goes through the complement
+@pytest.mark.parametrize("count", [2, 3])  # both through randperm (count >= numel / 8)
 def test_random_flat_is_uniform_over_subsets(count):
     """All C(5, count) = 10 subsets about equally often: 20000 draws, 2000 expected each, sd about 42."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
@@ -437,6 +439,18 @@ def test_random_flat_is_uniform_over_subsets(count):
     assert all(abs(c - 2000) < 6 * 42 for c in counts.values()), counts
 
 
+def test_random_flat_by_rejection_is_uniform_over_positions():
+    """Below numel / 8 it draws by rejection: 3 of 40 positions, 20000 times; each position 1500 times expected,
+    sd about 37."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    counts = torch.zeros(40)
+    for _ in range(20000):
+        flat = random_flat(40, 3, generator=gen)
+        assert flat.numel() == 3 and torch.equal(flat, flat.unique())
+        counts[flat] += 1
+    assert float((counts - 1500).abs().max()) < 6 * 37, counts
+
+
 def test_random_layer_construction_is_nnz_sized():
     """SparseLinear(sparsity=) draws its positions without anything of n_out * n_in entries: randperm took 8
     bytes per position (512 MiB here, plus a 64 MiB bool mask); now the peak is O(nnz), nnz = 67109."""
@@ -444,4 +458,5 @@ def test_random_layer_construction_is_nnz_sized():
         "layer = sparsekern.nn.SparseLinear(8192, 8192, sparsity=0.999, bias=False)\n"
         "assert layer.nnz == round(0.001 * 8192 * 8192)"
     )
-    assert peak_rss_rise("", measured, OMP_NUM_THREADS="1") < 8192 * 8192 // 4
+    warm = "sparsekern.nn.SparseLinear(64, 64, sparsity=0.999)  # first-use costs (code pages) are not per nnz"
+    assert peak_rss_rise(warm, measured, OMP_NUM_THREADS="1") < 8192 * 8192 // 4

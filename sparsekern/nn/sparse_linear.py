@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._csr import CSRIndex, csr_from_flat, random_flat
+from .._csr import CSRIndex, csr_from_flat, random_flat, sorted_contains
 from .._validate import check_tensor
 from ..ops.sparse_linear import DenseWorkspace, sparse_linear
 
@@ -30,14 +30,6 @@ def _check_mask(fn: str, mask, shape: tuple[int, int]) -> torch.Tensor:
 
 def _nnz(sparsity: float, numel: int) -> int:
     return int(round((1.0 - sparsity) * numel))
-
-
-def _contains(sorted_set: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """bool per entry of values: is it in sorted_set (ascending, unique)?"""
-    if sorted_set.numel() == 0:
-        return torch.zeros_like(values, dtype=torch.bool)
-    pos = torch.searchsorted(sorted_set, values).clamp_(max=sorted_set.numel() - 1)
-    return sorted_set[pos] == values
 
 
 @dataclass(frozen=True)
@@ -260,17 +252,17 @@ class SparseLinear(nn.Module):
                 raise ValueError(f"{fn}: {name} has repeated indices")
             sets[name] = idx
         drop_sorted, grow_sorted = sets["drop"], sets["grow"]
-        drop_active = _contains(old_flat, drop_sorted)
+        drop_active = sorted_contains(old_flat, drop_sorted)
         if not bool(drop_active.all()):
             bad = int(drop_sorted[~drop_active][0])
             raise ValueError(f"{fn}: drop names inactive connection {bad} (row {bad // self.in_features})")
-        grow_active = _contains(old_flat, grow_sorted)
-        clash = grow_active & ~_contains(drop_sorted, grow_sorted)
+        grow_active = sorted_contains(old_flat, grow_sorted)
+        clash = grow_active & ~sorted_contains(drop_sorted, grow_sorted)
         if bool(clash.any()):
             bad = int(grow_sorted[clash][0])
             raise ValueError(f"{fn}: grow names connection {bad}, which is active and not dropped")
 
-        keep = ~_contains(drop_sorted, old_flat) | _contains(grow_sorted, old_flat)  # a regrown one stays
+        keep = ~sorted_contains(drop_sorted, old_flat) | sorted_contains(grow_sorted, old_flat)  # a regrown one stays
         added = grow_sorted[~grow_active]
         new_flat = torch.cat([old_flat[keep], added]).sort().values  # CSR order == ascending flat index
         row_ptr, col_idx = csr_from_flat(new_flat, self.out_features, self.in_features)

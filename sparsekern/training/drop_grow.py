@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._csr import csr_from_flat
+from .._csr import csr_from_flat, random_positions
 from ..nn.sparse_linear import SparseLinear
 from ..ops.outer_topk import outer_topk
 from ._optim_state import carry_state, check_state
@@ -98,36 +98,12 @@ def grow_from_scores(scores: torch.Tensor, kept: torch.Tensor, n: int) -> torch.
 
 
 def grow_random(kept: torch.Tensor, numel: int, n: int, generator: torch.Generator) -> torch.Tensor:
-    """n distinct positions drawn uniformly from [0, numel) minus ``kept`` (ascending), in O(n) memory.
-
-    Draws rounds of ``torch.randint(numel, (m,), generator=generator)`` with
-    ``m = ceil(1.25 * left * numel / candidates) + 16`` (``left``: positions still to find) and accepts, in draw
-    order, each position that is a candidate and not yet taken, until n are taken. (This is the exact rule, so
-    a reference can replay it.)
-    """
+    """n distinct positions drawn uniformly from [0, numel) minus ``kept`` (ascending), in O(n) memory, by the
+    exact rule of :func:`sparsekern._csr.random_positions` (so a reference can replay it)."""
     candidates = numel - kept.numel()
     if n > candidates:
         raise ValueError(f"drop_and_grow: cannot grow {n} connections among {candidates} free positions")
-    taken: list[torch.Tensor] = []
-    seen = kept
-    left = n
-    while left > 0:
-        m = math.ceil(1.25 * left * numel / candidates) + 16
-        draw = torch.randint(numel, (m,), generator=generator, device=generator.device).to(kept.device)
-        # first occurrence of each drawn position, in draw order
-        uniq, inverse = torch.unique(draw, return_inverse=True)
-        first = torch.full((uniq.numel(),), m, dtype=torch.int64, device=kept.device)
-        first.scatter_reduce_(0, inverse, torch.arange(m, device=kept.device), reduce="amin")
-        if seen.numel():
-            free = seen[torch.searchsorted(seen, uniq).clamp(max=seen.numel() - 1)] != uniq
-        else:
-            free = torch.ones_like(uniq, dtype=torch.bool)
-        order = first[free].argsort()
-        accepted = uniq[free][order][:left]
-        taken.append(accepted)
-        seen = torch.cat([seen, accepted]).sort().values
-        left -= accepted.numel()
-    return torch.cat(taken).sort().values if taken else kept.new_zeros(0)
+    return random_positions(numel, n, generator, kept)
 
 
 class _Layer(abc.ABC):
