@@ -96,7 +96,9 @@ def random_flat(numel: int, count: int, *, generator: torch.Generator | None = N
     generator = generator if generator is not None else torch.default_generator
     if count * 8 < numel:
         return random_positions(numel, count, generator, torch.zeros(0, dtype=torch.int64)).to(device)
-    return torch.randperm(numel, generator=generator)[:count].sort().values.to(device)
+    chosen = torch.zeros(numel, dtype=torch.bool)
+    chosen[torch.randperm(numel, generator=generator)[:count]] = True
+    return chosen.nonzero().flatten().to(device)  # ascending without sorting count values
 
 
 def csr_from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
