@@ -10,11 +10,41 @@
 
 namespace {
 
-// The instruction set the CPU kernels' runtime dispatch selects on this machine.
-PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(sparsekern::cpu_isa_name()); }
+// The instruction set the CPU kernels run now ("avx512", "avx2" or "baseline"); ValueError when SPARSEKERN_CPU_ISA
+// asks for one this CPU lacks.
+PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(sparsekern::cpu_isa_name(sparsekern::cpu_isa()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+// The widest instruction set this CPU supports.
+PyObject* cpu_isa_supported(PyObject*, PyObject*) {
+  return PyUnicode_FromString(sparsekern::cpu_isa_name(sparsekern::cpu_isa_supported()));
+}
+
+// set_cpu_isa(name): forces name ("avx512", "avx2", "baseline"; "" for the widest) for later calls.
+PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
+  PyObject* utf8 = PyUnicode_AsUTF8String(arg);  // the limited API's way to a char*
+  if (utf8 == nullptr) return nullptr;
+  try {
+    sparsekern::set_cpu_isa(PyBytes_AsString(utf8));
+  } catch (const c10::Error& e) {
+    Py_DECREF(utf8);
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_DECREF(utf8);
+  Py_RETURN_NONE;
+}
 
 PyMethodDef methods[] = {
-    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set chosen by the CPU kernels' runtime dispatch."},
+    {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set the CPU kernels run now."},
+    {"cpu_isa_supported", cpu_isa_supported, METH_NOARGS, "Widest instruction set this CPU supports."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Forces an instruction set (avx512, avx2, baseline; '' for the widest)."},
     {nullptr, nullptr, 0, nullptr},
 };
 

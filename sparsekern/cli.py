@@ -30,7 +30,16 @@ def _info(args: argparse.Namespace) -> int:
     build = _extension.build_info()
     if build["loaded"]:
         cuda = f"CUDA {build['cuda_version']} for {build['cuda_archs']}" if build["with_cuda"] else "no CUDA sources"
-        lines.append(f"extension: {build['path']} ({cuda}); CPU kernels dispatch to {build['cpu_isa']}")
+        lines.append(f"extension: {build['path']} ({cuda})")
+        from .bench.harness import cpu_name
+
+        forced = os.environ.get("SPARSEKERN_CPU_ISA")
+        how = f"forced by SPARSEKERN_CPU_ISA={forced}" if forced else "the widest this CPU runs"
+        if build["cpu_isa"].startswith("refused"):
+            lines.append(f"CPU kernels: {build['cpu_isa']}")
+        else:
+            isas = ", ".join(_extension.available_isas())
+            lines.append(f"CPU kernels run {build['cpu_isa']} ({how}; {cpu_name()} supports {isas})")
     else:
         lines.append(f"extension: not loaded -- {build['reason']}; every op runs its plain-PyTorch reference")
     cuda_ok = torch.cuda.is_available()

@@ -131,3 +131,14 @@ def spawn_ranks(worker, args: tuple, nprocs: int, timeout_s: float = 180) -> Non
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+
+
+def isa_params():
+    """pytest params for every CPU instruction set this machine runs (widest first), for a test that takes the
+    ``cpu_isa`` fixture: an AVX-512 machine tests avx512, avx2 and baseline; an AVX2 one avx2 and baseline. Without
+    the extension: one param, skipped with the reason."""
+    isas = _extension.available_isas()
+    if not isas:
+        reason = f"extension: {_extension.unavailable_reason}"
+        return [pytest.param("none", marks=pytest.mark.skipif(True, reason=reason))]
+    return [pytest.param(isa, id=isa) for isa in isas]

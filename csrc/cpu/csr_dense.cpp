@@ -56,6 +56,7 @@ void check_dense(const char* op, const at::Tensor& dense) {
 void csr_dense_scatter_cpu(at::Tensor dense, const at::Tensor& values, const at::Tensor& row_ptr,
                            const at::Tensor& col_idx, const std::optional<at::Tensor>& shadow) {
   const char* op = "csr_dense_scatter_";
+  (void)cpu_isa();  // a refused SPARSEKERN_CPU_ISA raises in every CPU op
   check_dense(op, dense);
   const int64_t n_rows = dense.size(0), n_cols = dense.size(1);
   const int64_t nnz = batch_tiles::check_csr(op, row_ptr, col_idx, n_rows);
@@ -93,6 +94,7 @@ void csr_dense_scatter_cpu(at::Tensor dense, const at::Tensor& values, const at:
 // values[j] = dense[r, col_idx[j]] for every nonzero j of row r.
 at::Tensor csr_dense_gather_cpu(const at::Tensor& dense, const at::Tensor& row_ptr, const at::Tensor& col_idx) {
   const char* op = "csr_dense_gather";
+  (void)cpu_isa();
   check_dense(op, dense);
   const int64_t n_rows = dense.size(0), n_cols = dense.size(1);
   const int64_t nnz = batch_tiles::check_csr(op, row_ptr, col_idx, n_rows);

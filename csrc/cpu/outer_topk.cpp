@@ -73,15 +73,41 @@ inline __attribute__((always_inline)) void micro_tile(const float* __restrict a,
   }
 }
 
-// One batch block of a tile: c (kMC x kNC, row stride kNC) from the packed panels. The loader picks the widest
-// clone this CPU runs (AVX-512: the 24 accumulators and 4 x vectors fit the 32 zmm registers).
-SPARSEKERN_PORTABLE_CLONES void tile_block(const float* ap, const float* bp, float* c, int64_t m_panels,
-                                           int64_t n_panels, int64_t kc, bool first) {
+// One batch block of a tile: c (kMC x kNC, row stride kNC) from the packed panels, compiled once per ISA
+// (AVX-512: the 24 accumulators and 4 x vectors fit the 32 zmm registers).
+inline __attribute__((always_inline)) void tile_block_body(const float* ap, const float* bp, float* c,
+                                                           int64_t m_panels, int64_t n_panels, int64_t kc,
+                                                           bool first) {
   for (int64_t np = 0; np < n_panels; ++np) {  // x's micro panel stays in L1 while g's stream from L2
     for (int64_t mp = 0; mp < m_panels; ++mp) {
       micro_tile(ap + mp * kc * kMR, bp + np * kc * kNR, c + mp * kMR * kNC + np * kNR, kc, first);
     }
   }
+}
+void tile_block_baseline(const float* ap, const float* bp, float* c, int64_t m_panels, int64_t n_panels, int64_t kc,
+                         bool first) {
+  tile_block_body(ap, bp, c, m_panels, n_panels, kc, first);
+}
+#if defined(SPARSEKERN_X86)
+SPARSEKERN_AVX2 void tile_block_avx2(const float* ap, const float* bp, float* c, int64_t m_panels, int64_t n_panels,
+                                     int64_t kc, bool first) {
+  tile_block_body(ap, bp, c, m_panels, n_panels, kc, first);
+}
+SPARSEKERN_AVX512 void tile_block_avx512(const float* ap, const float* bp, float* c, int64_t m_panels,
+                                         int64_t n_panels, int64_t kc, bool first) {
+  tile_block_body(ap, bp, c, m_panels, n_panels, kc, first);
+}
+#endif
+using TileBlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, bool);
+TileBlockFn tile_block_fn() {
+#if defined(SPARSEKERN_X86)
+  switch (cpu_isa()) {
+    case CpuIsa::kAvx512: return tile_block_avx512;
+    case CpuIsa::kAvx2: return tile_block_avx2;
+    default: break;
+  }
+#endif
+  return tile_block_baseline;
 }
 
 struct Problem {
@@ -206,6 +232,7 @@ void run_tiles(const Problem& p, std::vector<Collector>& collectors) {
   const int64_t n_mb = (p.n_rows + kMC - 1) / kMC, n_nb = (p.n_in + kNC - 1) / kNC, n_tiles = n_mb * n_nb;
   const int64_t n_kb = std::max<int64_t>(1, (p.batch + kKC - 1) / kKC);  // an empty batch: one block of zeros
   std::atomic<int64_t> next{0};
+  const TileBlockFn tile_block = tile_block_fn();
   at::parallel_for(0, static_cast<int64_t>(collectors.size()), 1, [&](int64_t, int64_t) {
     Collector& out = collectors[at::get_thread_num()];
     std::vector<float> gs, xb, tile;

@@ -76,15 +76,21 @@ inline __attribute__((always_inline)) void sddmm_walk_portable(const float* gblo
 }
 
 constexpr int kPL = batch_tiles::kPortableLanes;
-#define SPARSEKERN_SDDMM_PORTABLE(NAME, T)                                                                      \
-  SPARSEKERN_PORTABLE_CLONES void NAME(const SddmmArgs& a, int64_t tile, int64_t r0, int64_t r1, float* xbuf,   \
+#define SPARSEKERN_SDDMM_PORTABLE(NAME, T, ATTR)                                                                      \
+  ATTR void NAME(const SddmmArgs& a, int64_t tile, int64_t r0, int64_t r1, float* xbuf,   \
                                        bool new_tile, float* acc) {                                             \
     sddmm_item<kPL, T, float>(a, tile, r0, r1, xbuf, new_tile, acc, batch_tiles::pack_tile_portable<kPL, T>,   \
                               sddmm_walk_portable<kPL>);                                                        \
   }
-SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_f32, float)
-SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_bf16, c10::BFloat16)
-SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_f16, c10::Half)
+SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_f32, float, )
+SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_bf16, c10::BFloat16, )
+SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_f16, c10::Half, )
+#if defined(SPARSEKERN_X86)
+// Until the AVX2 kernel has its own tile shapes: the portable code compiled for AVX2 + FMA.
+SPARSEKERN_SDDMM_PORTABLE(sddmm_item_avx2_f32, float, SPARSEKERN_AVX2)
+SPARSEKERN_SDDMM_PORTABLE(sddmm_item_avx2_bf16, c10::BFloat16, SPARSEKERN_AVX2)
+SPARSEKERN_SDDMM_PORTABLE(sddmm_item_avx2_f16, c10::Half, SPARSEKERN_AVX2)
+#endif
 
 #if defined(SPARSEKERN_BATCH_TILES_AVX512)
 SPARSEKERN_AVX512_DIAGNOSTICS_BEGIN
@@ -160,6 +166,11 @@ std::pair<ItemFn, int> sddmm_kernel(int64_t n_in, int64_t batch) {
   if (batch_tiles::use_avx512()) {
     return batch_tiles::avx512_kernel<T, ItemFn>(n_in, batch,
                                                  [](auto l) -> ItemFn { return sddmm_item_avx512<l.value, T>; });
+  }
+#endif
+#if defined(SPARSEKERN_X86)
+  if (cpu_isa() == CpuIsa::kAvx2) {
+    return {batch_tiles::by_dtype<T>(sddmm_item_avx2_f32, sddmm_item_avx2_bf16, sddmm_item_avx2_f16), kPL};
   }
 #endif
   return {batch_tiles::by_dtype<T>(sddmm_item_portable_f32, sddmm_item_portable_bf16, sddmm_item_portable_f16), kPL};

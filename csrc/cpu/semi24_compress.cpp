@@ -10,12 +10,10 @@
 #include <cstring>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
+#include "sparsekern/cpu_features.h"
+#if defined(SPARSEKERN_X86)
 #define SPARSEKERN_HAVE_AVX512_PATH 1
 #endif
-
-#include "sparsekern/cpu_features.h"
 #include "sparsekern/semi24.h"
 #include "sparsekern/semi24_dispatch.h"
 
@@ -153,28 +151,32 @@ __attribute__((target("avx512f,avx512bw,avx512vbmi2"))) int64_t compress_rows_av
 }
 #endif
 
-// Runtime ISA dispatch: the loader picks the widest clone this CPU supports; the baseline stays portable.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPARSEKERN_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPARSEKERN_CLONES
-#endif
-
-#define SPARSEKERN_DEFINE_COMPRESS(NAME, FMT)                                                          \
-  SPARSEKERN_CLONES int64_t NAME(const FMT::Bits* in, FMT::Bits* packed, FMT::Meta* meta, int64_t m, \
-                                 int64_t k, int64_t r0, int64_t r1) {                                \
-    return compress_rows<FMT>(in, packed, meta, m, k, r0, r1);                                       \
+// The portable rows compiled for the baseline and (until AVX2 has its own path) for AVX2.
+#define SPARSEKERN_DEFINE_COMPRESS(NAME, FMT, ATTR)                                                          \
+  ATTR int64_t NAME(const FMT::Bits* in, FMT::Bits* packed, FMT::Meta* meta, int64_t m, int64_t k, int64_t r0, \
+                    int64_t r1) {                                                                           \
+    return compress_rows<FMT>(in, packed, meta, m, k, r0, r1);                                             \
   }
-SPARSEKERN_DEFINE_COMPRESS(compress_half, semi24::FormatHalf)
-SPARSEKERN_DEFINE_COMPRESS(compress_int8, semi24::FormatInt8)
-SPARSEKERN_DEFINE_COMPRESS(compress_float, semi24::FormatFloat)
+SPARSEKERN_DEFINE_COMPRESS(compress_half, semi24::FormatHalf, )
+SPARSEKERN_DEFINE_COMPRESS(compress_int8, semi24::FormatInt8, )
+SPARSEKERN_DEFINE_COMPRESS(compress_float, semi24::FormatFloat, )
+#if defined(SPARSEKERN_X86)
+SPARSEKERN_DEFINE_COMPRESS(compress_half_avx2, semi24::FormatHalf, SPARSEKERN_AVX2)
+SPARSEKERN_DEFINE_COMPRESS(compress_int8_avx2, semi24::FormatInt8, SPARSEKERN_AVX2)
+SPARSEKERN_DEFINE_COMPRESS(compress_float_avx2, semi24::FormatFloat, SPARSEKERN_AVX2)
+#endif
 
 template <typename Fmt>
 int64_t compress_fn(const typename Fmt::Bits* in, typename Fmt::Bits* packed, typename Fmt::Meta* meta,
                     int64_t m, int64_t k, int64_t r0, int64_t r1) {
 #if defined(SPARSEKERN_HAVE_AVX512_PATH)
-  static const bool vbmi2 = cpu_has_avx512_vbmi2();
-  if (vbmi2) return compress_rows_avx512<Fmt>(in, packed, meta, m, k, r0, r1);
+  const CpuIsa isa = cpu_isa();
+  if (isa == CpuIsa::kAvx512 && cpu_has_avx512_vbmi2()) return compress_rows_avx512<Fmt>(in, packed, meta, m, k, r0, r1);
+  if (isa >= CpuIsa::kAvx2) {
+    if constexpr (std::is_same_v<Fmt, semi24::FormatHalf>) return compress_half_avx2(in, packed, meta, m, k, r0, r1);
+    if constexpr (std::is_same_v<Fmt, semi24::FormatInt8>) return compress_int8_avx2(in, packed, meta, m, k, r0, r1);
+    if constexpr (std::is_same_v<Fmt, semi24::FormatFloat>) return compress_float_avx2(in, packed, meta, m, k, r0, r1);
+  }
 #endif
   if constexpr (std::is_same_v<Fmt, semi24::FormatHalf>) return compress_half(in, packed, meta, m, k, r0, r1);
   if constexpr (std::is_same_v<Fmt, semi24::FormatInt8>) return compress_int8(in, packed, meta, m, k, r0, r1);
@@ -184,6 +186,7 @@ int64_t compress_fn(const typename Fmt::Bits* in, typename Fmt::Bits* packed, ty
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> semi24_compress_cpu(const at::Tensor& dense) {
+  (void)cpu_isa();  // a refused SPARSEKERN_CPU_ISA raises here, not inside the parallel region
   TORCH_CHECK_VALUE(dense.dim() == 2, "semi24_compress: dense must be 2-D, got ", dense.dim(), "-D");
   TORCH_CHECK_VALUE(dense.is_contiguous(), "semi24_compress: dense must be contiguous");
   const int64_t m = dense.size(0), k = dense.size(1);

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "sparsekern/cpu_features.h"
 #include "sparsekern/semi24.h"
 #include "sparsekern/semi24_dispatch.h"
 
@@ -56,6 +57,7 @@ int64_t decompress_rows(const typename Fmt::Bits* packed, const typename Fmt::Me
 }  // namespace
 
 at::Tensor semi24_decompress_cpu(const at::Tensor& packed, const at::Tensor& meta) {
+  (void)cpu_isa();  // a refused SPARSEKERN_CPU_ISA raises in every CPU op
   TORCH_CHECK_VALUE(packed.dim() == 2 && meta.dim() == 2, "semi24_decompress: packed and meta must be 2-D");
   TORCH_CHECK_VALUE(packed.is_contiguous() && meta.is_contiguous(),
                     "semi24_decompress: packed and meta must be contiguous");

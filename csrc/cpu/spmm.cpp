@@ -105,15 +105,21 @@ inline __attribute__((always_inline)) void spmm_rows_portable(const float* tile,
 }
 
 constexpr int kPL = batch_tiles::kPortableLanes;
-#define SPARSEKERN_SPMM_PORTABLE(NAME, T)                                                                       \
-  SPARSEKERN_PORTABLE_CLONES void NAME(const SpmmArgs& a, int64_t tile, int64_t r0, int64_t r1, void* buf,      \
+#define SPARSEKERN_SPMM_PORTABLE(NAME, T, ATTR)                                                                       \
+  ATTR void NAME(const SpmmArgs& a, int64_t tile, int64_t r0, int64_t r1, void* buf,      \
                                        bool pack) {                                                             \
     spmm_item<kPL, T, float>(a, tile, r0, r1, buf, pack, batch_tiles::pack_tile_portable<kPL, T>,              \
                              spmm_rows_portable<kPL>, batch_tiles::store_block_portable<kPL, T>);               \
   }
-SPARSEKERN_SPMM_PORTABLE(spmm_item_portable_f32, float)
-SPARSEKERN_SPMM_PORTABLE(spmm_item_portable_bf16, c10::BFloat16)
-SPARSEKERN_SPMM_PORTABLE(spmm_item_portable_f16, c10::Half)
+SPARSEKERN_SPMM_PORTABLE(spmm_item_portable_f32, float, )
+SPARSEKERN_SPMM_PORTABLE(spmm_item_portable_bf16, c10::BFloat16, )
+SPARSEKERN_SPMM_PORTABLE(spmm_item_portable_f16, c10::Half, )
+#if defined(SPARSEKERN_X86)
+// Until the AVX2 kernel has its own tile shapes: the portable code compiled for AVX2 + FMA.
+SPARSEKERN_SPMM_PORTABLE(spmm_item_avx2_f32, float, SPARSEKERN_AVX2)
+SPARSEKERN_SPMM_PORTABLE(spmm_item_avx2_bf16, c10::BFloat16, SPARSEKERN_AVX2)
+SPARSEKERN_SPMM_PORTABLE(spmm_item_avx2_f16, c10::Half, SPARSEKERN_AVX2)
+#endif
 
 #if defined(SPARSEKERN_BATCH_TILES_AVX512)
 SPARSEKERN_AVX512_DIAGNOSTICS_BEGIN
@@ -184,6 +190,11 @@ std::pair<ItemFn, int> spmm_kernel(int64_t n_in, int64_t batch) {
   if (batch_tiles::use_avx512()) {
     return batch_tiles::avx512_kernel<T, ItemFn>(n_in, batch,
                                                  [](auto l) -> ItemFn { return spmm_item_avx512<l.value, T>; });
+  }
+#endif
+#if defined(SPARSEKERN_X86)
+  if (cpu_isa() == CpuIsa::kAvx2) {
+    return {batch_tiles::by_dtype<T>(spmm_item_avx2_f32, spmm_item_avx2_bf16, spmm_item_avx2_f16), kPL};
   }
 #endif
   return {batch_tiles::by_dtype<T>(spmm_item_portable_f32, spmm_item_portable_bf16, spmm_item_portable_f16), kPL};

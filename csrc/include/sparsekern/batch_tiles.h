@@ -22,19 +22,8 @@
 
 #include "sparsekern/cpu_features.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
+#if defined(SPARSEKERN_X86)
 #define SPARSEKERN_BATCH_TILES_AVX512 1
-#define SPARSEKERN_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
-#endif
-
-// Runtime ISA dispatch of the portable path: the loader picks the widest clone this CPU supports. (Defining it
-// empty on the command line builds the x86-64 baseline alone, to test that clone.)
-#if defined(SPARSEKERN_PORTABLE_CLONES)
-#elif defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define SPARSEKERN_PORTABLE_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define SPARSEKERN_PORTABLE_CLONES
 #endif
 
 namespace sparsekern {
@@ -44,20 +33,8 @@ constexpr int64_t kBlock = 16;          // W rows staged per transposed write-ba
 constexpr int kPortableLanes = 16;      // the portable tile width: 4 xmm per accumulator
 constexpr int64_t kTileBudget = 512 << 10;  // bytes of a tile: half of L2, the rest for W's stream and y
 
-// The AVX-512 kernels need F (fp32 FMA, fp16 conversion), BW/VL (16-bit masked moves) and DQ.
-inline bool use_avx512() {
-#if defined(SPARSEKERN_BATCH_TILES_AVX512)
-  static const bool ok = [] {
-    if (cpu_isa_forced_baseline()) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-  }();
-  return ok;
-#else
-  return false;
-#endif
-}
+// The AVX-512 kernels need F (fp32 FMA, fp16 conversion), BW/VL (16-bit masked moves) and DQ (cpu_features.h).
+inline bool use_avx512() { return cpu_isa() == CpuIsa::kAvx512; }
 
 // The element type of an AVX-512 tile for activations of type T.
 template <typename T>
