@@ -13,6 +13,7 @@ from .spmm import resolve
 
 # Flat indices are packed next to the 31-bit score key in one 64-bit sort key by every kernel (outer_topk.h).
 MAX_POSITIONS = 1 << 33
+PRECISIONS = ("fast", "exact")
 
 
 @torch.library.register_fake("sparsekern::outer_topk")
@@ -160,6 +161,7 @@ def outer_topk(
     k: int,
     *,
     exclude=None,
+    precision: str = "fast",
     backend: str = "auto",
     group=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,6 +186,8 @@ def outer_topk(
         exclude: positions that may not be returned (RigL: the active connections): None, a bool
             (n_out, n_in) mask (True = excluded), a sparse CSR tensor (its pattern is excluded, whatever its
             values) or a :class:`sparsekern._csr.CSRIndex` (a ``SparseLinear``'s index).
+        precision: "fast" or "exact". For now both compute the exact scores described above; the fast arithmetic
+            (issue 10) replaces "fast" in the commits that follow.
         backend: "auto" (C++ on CPU tensors, Triton on CUDA tensors), "cpu", "triton", "cuda" or "reference".
         group: a ``torch.distributed`` process group: x and g of every rank are all-gathered (batch sizes may
             differ) and every rank returns the result for the concatenated batch (in rank order), identical on
@@ -212,6 +216,8 @@ def outer_topk(
     fn = "outer_topk"
     try:
         backend, row_ptr, col_idx = _checked(fn, x, g, k, exclude, backend)
+        if precision not in PRECISIONS:
+            raise ValueError(f"{fn}: precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     except Exception as exc:
         if group is None:
             raise
