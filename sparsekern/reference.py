@@ -169,16 +169,25 @@ def outer_topk_scores_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tenso
     return total.abs().to(torch.float32)
 
 
+def outer_topk_fast_scores_reference(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The (n_out, n_in) float32 scores of precision="fast" on the reference backend: |g.T @ x| by a float64
+    matmul (every input dtype converts to float64 exactly), rounded to float32 once. More accurate than any
+    kernel's fast scores, and within their documented bound of each of them (ops/outer_topk.py)."""
+    return (g.double().T @ x.double()).abs().to(torch.float32)
+
+
 def outer_topk_reference(
-    x: torch.Tensor, g: torch.Tensor, k: int, row_ptr: torch.Tensor, col_idx: torch.Tensor
+    x: torch.Tensor, g: torch.Tensor, k: int, row_ptr: torch.Tensor, col_idx: torch.Tensor, fast: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k largest scores (:func:`outer_topk_scores_reference`) outside the CSR pattern (row_ptr, col_idx).
+    """The k largest scores outside the CSR pattern (row_ptr, col_idx): the exact scores
+    (:func:`outer_topk_scores_reference`), or with ``fast`` the float64-matmul ones
+    (:func:`outer_topk_fast_scores_reference`).
 
     Returns (index int64 (k), score float32 (k)): flat indices o * n_in + i sorted by score descending, equal
     scores by ascending index. Materialises the dense (n_out, n_in) scores: a brute-force oracle.
     """
     n_out, n_in = g.shape[1], x.shape[1]
-    scores = outer_topk_scores_reference(x, g).reshape(-1)
+    scores = (outer_topk_fast_scores_reference if fast else outer_topk_scores_reference)(x, g).reshape(-1)
     candidate = torch.ones(n_out * n_in, dtype=torch.bool, device=scores.device)
     candidate[csr_flat(row_ptr, col_idx, n_in)] = False
     flat = candidate.nonzero().squeeze(1)

@@ -1,7 +1,7 @@
 // outer_topk on the CPU: the k largest |g.T @ x| outside an excluded CSR pattern, without the dense scores.
 //
 // The (n_out, n_in) score matrix is cut into kMC x kNC tiles, one task each. A task computes its tile with a
-// register-blocked GEMM over the batch (packed panels of g and x, kMR x kNR accumulators, the batch in blocks of
+// register-blocked GEMM over the batch (packed panels of g and x, MR x NR accumulators, the batch in blocks of
 // kKC that continue from the previous block's partial sums, so every score is summed over b in order), turns it
 // into keys (outer_topk.h), and hands the keys at or above a threshold that are not excluded to its thread's
 // collector. A collector that reaches its capacity keeps only its k largest ranks, which also raises its
@@ -11,6 +11,16 @@
 // candidates of the full matrix would reach is estimated from them, so most keys are dropped in the tile and the
 // collectors stay near k entries in all. If fewer than k candidates reach the estimate, the pass is repeated with
 // no threshold (exact either way; the sample only saves memory and time).
+//
+// Two arithmetics (outer_topk.h): "exact" multiplies and adds with two roundings (the bits of every backend);
+// "fast" accumulates with fused multiply-adds, s = fma(g[b, o], x[b, i], s) for b in order, on AVX2 and AVX-512
+// (the same bits on both, and for every thread count: each score is one chain in batch order whatever the tiling).
+// The portable path has no FMA instruction on x86-64, so there "fast" runs the exact arithmetic.
+//
+// Why not hand the tiles to the BLAS torch uses (at::mm of a tile into a per-thread buffer, then the same
+// selection)? Measured on Zen 4, 2 threads, 4096^2: MKL's tile calls were slower than these FMA tiles (they pack
+// both operands per call) and MKL's bits may depend on the inputs' alignment, which would break rank-to-rank
+// equality in DDP; these kernels' bits depend on nothing but the inputs.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,7 +37,8 @@
 #include "sparsekern/outer_topk.h"
 #include "sparsekern/outer_topk_checks.h"
 
-// Scores are defined with a rounded product and a rounded sum (outer_topk.h): the compiler must not fuse them.
+// The exact scores are defined with a rounded product and a rounded sum (outer_topk.h): the compiler must not fuse
+// them. The fast kernels fuse explicitly (fma_acc below), never by contraction.
 #pragma GCC optimize("fp-contract=off")
 
 namespace sparsekern {
@@ -35,79 +46,128 @@ namespace {
 
 namespace ot = outer_topk;
 
-constexpr int64_t kMR = 6;    // g rows per micro tile: 6 x 4 accumulator registers
-constexpr int64_t kNR = 64;   // x columns per micro tile: four 16-lane vectors
-constexpr int64_t kMC = 192;  // tile rows (32 micro panels): a batch block of g's stripe is 96 KiB, in L2
-constexpr int64_t kNC = 256;  // tile columns: the packed x block (128 KiB) and the tile (192 KiB) stay in L2
-constexpr int64_t kKC = 128;  // batch rows per block: one micro panel of x (kKC x kNR) fills L1's 32 KiB
+constexpr int64_t kMC = 192;  // tile rows (a multiple of every MR): a batch block of g's stripe is 96 KiB, in L2
+constexpr int64_t kNC = 256;  // tile columns (a multiple of every NR): the packed x block and the tile stay in L2
+constexpr int64_t kKC = 128;  // batch rows per block: one micro panel of x (kKC x NR) stays in L1
 
-typedef float v16 __attribute__((vector_size(64), aligned(4)));  // unaligned loads and stores
+// Vectors of 16, 8 or 4 lanes. Packed panels and tile rows are float-aligned only, and a template argument loses a
+// typedef's aligned(4), so the kernels move them with memcpy (unaligned vector moves).
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+typedef float v4 __attribute__((vector_size(16), aligned(4)));
 
-// acc[r][j] += a[p][r] * b[p][j] for p in [0, kc), from zero (first block) or from the partial sums in c.
+// v = {s, s, ...}: one broadcast instruction (a loop over the lanes compiles to one masked move per lane).
+inline __attribute__((always_inline)) void splat(v16& v, float s) {
+  v = v16{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+}
+inline __attribute__((always_inline)) void splat(v8& v, float s) { v = v8{s, s, s, s, s, s, s, s}; }
+inline __attribute__((always_inline)) void splat(v4& v, float s) { v = v4{s, s, s, s}; }
+
+// acc = a * b + acc with one rounding. The builtins expand in the target function the micro tile is inlined into
+// (AVX2 or AVX-512 below), so a portable template can name them; references keep vectors out of the call ABI.
+#if defined(SPARSEKERN_X86)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"  // the builtins' vector results never cross a call: always inlined
+inline __attribute__((always_inline)) void fma_acc(v16& acc, const v16& a, const v16& b) {
+  acc = reinterpret_cast<v16>(__builtin_ia32_vfmaddps512_mask(reinterpret_cast<__v16sf>(a),
+                                                              reinterpret_cast<__v16sf>(b),
+                                                              reinterpret_cast<__v16sf>(acc), -1, 4));
+}
+inline __attribute__((always_inline)) void fma_acc(v8& acc, const v8& a, const v8& b) {
+  acc = reinterpret_cast<v8>(__builtin_ia32_vfmaddps256(reinterpret_cast<__v8sf>(a), reinterpret_cast<__v8sf>(b),
+                                                        reinterpret_cast<__v8sf>(acc)));
+}
+#pragma GCC diagnostic pop
+#endif
+
+// acc[r][j] += a[p][r] * b[p][j] for p in [0, kc), from zero (first block) or from the partial sums in c (row
+// stride kNC): MR rows of g times NV vectors of W lanes of x. kFused: one fused multiply-add per step, else a
+// rounded product and a rounded sum.
+template <typename V, int MR, int NV, bool kFused>
 inline __attribute__((always_inline)) void micro_tile(const float* __restrict a, const float* __restrict b,
                                                       float* __restrict c, int64_t kc, bool first) {
-  v16 acc[kMR][4];
+  constexpr int W = sizeof(V) / sizeof(float), NR = NV * W;
+  V acc[MR][NV];
 #pragma GCC unroll 8
-  for (int r = 0; r < kMR; ++r) {
+  for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) acc[r][j] = first ? v16{} : *reinterpret_cast<const v16*>(c + r * kNC + 16 * j);
+    for (int j = 0; j < NV; ++j) {
+      acc[r][j] = V{};
+      if (!first) std::memcpy(&acc[r][j], c + r * kNC + W * j, sizeof(V));
+    }
   }
   for (int64_t p = 0; p < kc; ++p) {
-    const v16* bv = reinterpret_cast<const v16*>(b + p * kNR);
-    const v16 b0 = bv[0], b1 = bv[1], b2 = bv[2], b3 = bv[3];
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int j = 0; j < NV; ++j) std::memcpy(&bv[j], b + p * NR + W * j, sizeof(V));
 #pragma GCC unroll 8
-    for (int r = 0; r < kMR; ++r) {
-      const float s = a[p * kMR + r];
-      const v16 av = {s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
-      // vmulps then vaddps: fp-contract is off
-      acc[r][0] += av * b0;
-      acc[r][1] += av * b1;
-      acc[r][2] += av * b2;
-      acc[r][3] += av * b3;
+    for (int r = 0; r < MR; ++r) {
+      V av;
+      splat(av, a[p * MR + r]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NV; ++j) {
+        if constexpr (kFused) {
+          fma_acc(acc[r][j], av, bv[j]);
+        } else {
+          acc[r][j] += av * bv[j];  // vmulps then vaddps: fp-contract is off
+        }
+      }
     }
   }
 #pragma GCC unroll 8
-  for (int r = 0; r < kMR; ++r) {
+  for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) *reinterpret_cast<v16*>(c + r * kNC + 16 * j) = acc[r][j];
+    for (int j = 0; j < NV; ++j) std::memcpy(c + r * kNC + W * j, &acc[r][j], sizeof(V));
   }
 }
 
-// One batch block of a tile: c (kMC x kNC, row stride kNC) from the packed panels, compiled once per ISA
-// (AVX-512: the 24 accumulators and 4 x vectors fit the 32 zmm registers).
+// One batch block of a tile: c (kMC x kNC, row stride kNC) from the packed panels.
+template <typename V, int MR, int NV, bool kFused>
 inline __attribute__((always_inline)) void tile_block_body(const float* ap, const float* bp, float* c,
                                                            int64_t m_panels, int64_t n_panels, int64_t kc,
                                                            bool first) {
+  constexpr int64_t NR = NV * static_cast<int64_t>(sizeof(V) / sizeof(float));
   for (int64_t np = 0; np < n_panels; ++np) {  // x's micro panel stays in L1 while g's stream from L2
     for (int64_t mp = 0; mp < m_panels; ++mp) {
-      micro_tile(ap + mp * kc * kMR, bp + np * kc * kNR, c + mp * kMR * kNC + np * kNR, kc, first);
+      micro_tile<V, MR, NV, kFused>(ap + mp * kc * MR, bp + np * kc * NR, c + mp * MR * kNC + np * NR, kc, first);
     }
   }
 }
-void tile_block_baseline(const float* ap, const float* bp, float* c, int64_t m_panels, int64_t n_panels, int64_t kc,
-                         bool first) {
-  tile_block_body(ap, bp, c, m_panels, n_panels, kc, first);
-}
-#if defined(SPARSEKERN_X86)
-SPARSEKERN_AVX2 void tile_block_avx2(const float* ap, const float* bp, float* c, int64_t m_panels, int64_t n_panels,
-                                     int64_t kc, bool first) {
-  tile_block_body(ap, bp, c, m_panels, n_panels, kc, first);
-}
-SPARSEKERN_AVX512 void tile_block_avx512(const float* ap, const float* bp, float* c, int64_t m_panels,
-                                         int64_t n_panels, int64_t kc, bool first) {
-  tile_block_body(ap, bp, c, m_panels, n_panels, kc, first);
-}
-#endif
+
 using TileBlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, bool);
-TileBlockFn tile_block_fn() {
+
+// A compiled tile kernel and the panel shapes it reads (kMC and kNC are multiples of mr and nr).
+struct Kernel {
+  TileBlockFn tile_block;
+  int64_t mr, nr;
+};
+
+#define SPARSEKERN_OT_TILE_BLOCK(NAME, ATTR, V, MR, NV, FUSED)                                                    \
+  ATTR void NAME(const float* ap, const float* bp, float* c, int64_t m_panels, int64_t n_panels, int64_t kc, \
+                 bool first) {                                                                               \
+    tile_block_body<V, MR, NV, FUSED>(ap, bp, c, m_panels, n_panels, kc, first);                             \
+  }
+// Register budgets: AVX-512 has 32 zmm (24 accumulators of 6 x 64, 4 x vectors, a broadcast); AVX2 has 16 ymm:
+// fused 6 x 16 (12 accumulators, 2 x vectors, a broadcast), exact 4 x 16 (8 accumulators: each step also needs a
+// product register); the portable path (SSE2's 16 xmm) 4 x 8.
+SPARSEKERN_OT_TILE_BLOCK(tile_block_baseline, , v4, 4, 2, false)
+#if defined(SPARSEKERN_X86)
+SPARSEKERN_OT_TILE_BLOCK(tile_block_avx2_exact, SPARSEKERN_AVX2, v8, 4, 2, false)
+SPARSEKERN_OT_TILE_BLOCK(tile_block_avx2_fast, SPARSEKERN_AVX2, v8, 6, 2, true)
+SPARSEKERN_OT_TILE_BLOCK(tile_block_avx512_exact, SPARSEKERN_AVX512, v16, 6, 4, false)
+SPARSEKERN_OT_TILE_BLOCK(tile_block_avx512_fast, SPARSEKERN_AVX512, v16, 6, 4, true)
+#endif
+#undef SPARSEKERN_OT_TILE_BLOCK
+
+Kernel tile_kernel(bool fast) {
 #if defined(SPARSEKERN_X86)
   switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return tile_block_avx512;
-    case CpuIsa::kAvx2: return tile_block_avx2;
+    case CpuIsa::kAvx512: return {fast ? tile_block_avx512_fast : tile_block_avx512_exact, 6, 64};
+    case CpuIsa::kAvx2: return fast ? Kernel{tile_block_avx2_fast, 6, 16} : Kernel{tile_block_avx2_exact, 4, 16};
     default: break;
   }
 #endif
-  return tile_block_baseline;
+  return {tile_block_baseline, 4, 8};  // no FMA on the portable path: fast computes the exact scores
 }
 
 struct Problem {
@@ -118,6 +178,7 @@ struct Problem {
   const int32_t* col_idx;
   const int64_t* rows;  // the score rows to compute (a sample), or nullptr: all n_out rows
   int64_t n_rows;
+  Kernel kernel;
 };
 
 // A thread's candidates as ranks (outer_topk.h). Keys below min_key, or ranks below floor, cannot be in the
@@ -156,13 +217,13 @@ struct Collector {
 template <typename T>
 void pack_g(const Problem& p, int64_t r0, int64_t b0, int64_t kc, float* ap) {
   const T* g = static_cast<const T*>(p.g);
-  const int64_t height = std::min(kMC, p.n_rows - r0);
+  const int64_t height = std::min(kMC, p.n_rows - r0), mr = p.kernel.mr;
   if (p.rows == nullptr && height == kMC) {  // the common case: kMC contiguous rows, no padding
     for (int64_t q = 0; q < kc; ++q) {
       const T* src = g + (b0 + q) * p.n_out + r0;
-      for (int64_t mp = 0; mp < kMC / kMR; ++mp) {
-        float* dst = ap + mp * kc * kMR + q * kMR;
-        for (int64_t rr = 0; rr < kMR; ++rr) dst[rr] = static_cast<float>(src[mp * kMR + rr]);
+      for (int64_t mp = 0; mp < kMC / mr; ++mp) {
+        float* dst = ap + mp * kc * mr + q * mr;
+        for (int64_t rr = 0; rr < mr; ++rr) dst[rr] = static_cast<float>(src[mp * mr + rr]);
       }
     }
     return;
@@ -171,7 +232,7 @@ void pack_g(const Problem& p, int64_t r0, int64_t b0, int64_t kc, float* ap) {
     const T* src = g + (b0 + q) * p.n_out;
     for (int64_t r = 0; r < kMC; ++r) {
       const float v = r < height ? static_cast<float>(src[p.rows ? p.rows[r0 + r] : r0 + r]) : 0.f;
-      ap[r / kMR * kc * kMR + q * kMR + r % kMR] = v;
+      ap[r / mr * kc * mr + q * mr + r % mr] = v;
     }
   }
 }
@@ -179,39 +240,46 @@ void pack_g(const Problem& p, int64_t r0, int64_t b0, int64_t kc, float* ap) {
 template <typename T>
 void pack_x(const Problem& p, int64_t i0, int64_t b0, int64_t kc, float* bp) {
   const T* x = static_cast<const T*>(p.x);
-  for (int64_t np = 0; np < kNC / kNR; ++np) {
-    float* panel = bp + np * kc * kNR;
-    const int64_t c0 = i0 + np * kNR, width = std::clamp<int64_t>(p.n_in - c0, 0, kNR);
+  const int64_t nr = p.kernel.nr;
+  for (int64_t np = 0; np < kNC / nr; ++np) {
+    float* panel = bp + np * kc * nr;
+    const int64_t c0 = i0 + np * nr, width = std::clamp<int64_t>(p.n_in - c0, 0, nr);
     if (width == 0) break;  // the micro tiles stop at the last panel holding columns
     for (int64_t q = 0; q < kc; ++q) {
       const T* src = x + (b0 + q) * p.n_in + c0;
-      float* dst = panel + q * kNR;
-      if (width == kNR) {
-        for (int64_t j = 0; j < kNR; ++j) dst[j] = static_cast<float>(src[j]);
+      float* dst = panel + q * nr;
+      if (width == nr) {
+        for (int64_t j = 0; j < nr; ++j) dst[j] = static_cast<float>(src[j]);
       } else {
         for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<float>(src[j]);
-        for (int64_t j = width; j < kNR; ++j) dst[j] = 0.f;
+        for (int64_t j = width; j < nr; ++j) dst[j] = 0.f;
       }
     }
   }
 }
 
-// Keys of one computed tile row (score row o, columns [i0, i0 + width)) into the collector. Blocks of 16 keys all
-// below the threshold (most of them) are skipped after one vectorised test; exclusion and NaN are looked at only
-// for keys that pass, walking the row's sorted excluded columns alongside.
-void collect_row(const Problem& p, int64_t o, int64_t i0, int64_t width, float* tile_row, Collector& out) {
-  uint32_t* keys = reinterpret_cast<uint32_t*>(tile_row);
-  for (int64_t j = 0; j < width; ++j) keys[j] = ot::key_of_bits(keys[j]);
+// Bit j of the result: key j of the n <= 32 scores' bits reaches min_key (N = 32: a loop the compiler vectorises).
+template <int64_t N>
+inline uint32_t keys_at_least(const uint32_t* bits, int64_t n, uint32_t min_key) {
+  uint32_t mask = 0;
+  for (int64_t j = 0; j < (N ? N : n); ++j) mask |= uint32_t{ot::key_of_bits(bits[j]) >= min_key} << j;
+  return mask;
+}
+
+// Keys of one computed tile row (score row o, columns [i0, i0 + width)) into the collector. Each block of 32 keys
+// is compared with the threshold at once (most fail), and only the set bits of the result are visited: exclusion
+// and NaN are looked at only for keys that pass, walking the row's sorted excluded columns alongside.
+void collect_row(const Problem& p, int64_t o, int64_t i0, int64_t width, const float* tile_row, Collector& out) {
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(tile_row);
   const int64_t end = p.row_ptr[o + 1], base = o * p.n_in + i0;
   int64_t e = ot::lower_bound(p.col_idx, p.row_ptr[o], end, i0);
-  for (int64_t j0 = 0; j0 < width; j0 += 16) {
-    const int64_t j1 = std::min(width, j0 + 16);
-    bool any = false;
-    for (int64_t j = j0; j < j1; ++j) any |= keys[j] >= out.min_key;
-    if (!any) continue;
-    for (int64_t j = j0; j < j1; ++j) {
-      const uint32_t key = keys[j];
-      if (key < out.min_key) continue;
+  for (int64_t j0 = 0; j0 < width; j0 += 32) {
+    uint32_t pass = width - j0 >= 32 ? keys_at_least<32>(bits + j0, 32, out.min_key)
+                                     : keys_at_least<0>(bits + j0, width - j0, out.min_key);
+    for (; pass != 0; pass &= pass - 1) {
+      const int64_t j = j0 + __builtin_ctz(pass);
+      const uint32_t key = ot::key_of_bits(bits[j]);
+      if (key < out.min_key) continue;  // a push since the block's test raised the threshold
       while (e < end && p.col_idx[e] < i0 + j) ++e;
       if (e < end && p.col_idx[e] == i0 + j) continue;  // excluded
       if (key > ot::kInfKey) {
@@ -226,13 +294,14 @@ void collect_row(const Problem& p, int64_t o, int64_t i0, int64_t width, float* 
 // Computes every tile of p's rows and feeds its keys to the calling thread's collector. Threads take tiles one at a
 // time from a shared counter (a thread slowed by other processes on its core takes fewer), in row-stripe order, so
 // a thread packs g's stripe (kMC rows, the whole batch: the broadcast operand, whose packing is a transpose) once
-// per stripe and reuses it for the tiles beside it; x's block is packed per tile, as contiguous runs of kNR.
+// per stripe and reuses it for the tiles beside it; x's block is packed per tile, as contiguous runs of nr.
 template <typename T>
 void run_tiles(const Problem& p, std::vector<Collector>& collectors) {
   const int64_t n_mb = (p.n_rows + kMC - 1) / kMC, n_nb = (p.n_in + kNC - 1) / kNC, n_tiles = n_mb * n_nb;
   const int64_t n_kb = std::max<int64_t>(1, (p.batch + kKC - 1) / kKC);  // an empty batch: one block of zeros
   std::atomic<int64_t> next{0};
-  const TileBlockFn tile_block = tile_block_fn();
+  const TileBlockFn tile_block = p.kernel.tile_block;
+  const int64_t mr = p.kernel.mr, nr = p.kernel.nr;
   at::parallel_for(0, static_cast<int64_t>(collectors.size()), 1, [&](int64_t, int64_t) {
     Collector& out = collectors[at::get_thread_num()];
     std::vector<float> gs, xb, tile;
@@ -245,7 +314,7 @@ void run_tiles(const Problem& p, std::vector<Collector>& collectors) {
       }
       const int64_t r0 = t / n_nb * kMC, i0 = t % n_nb * kNC;
       const int64_t width = std::min(kNC, p.n_in - i0), height = std::min(kMC, p.n_rows - r0);
-      const int64_t m_panels = (height + kMR - 1) / kMR, n_panels = (width + kNR - 1) / kNR;
+      const int64_t m_panels = (height + mr - 1) / mr, n_panels = (width + nr - 1) / nr;
       if (packed != r0) {
         for (int64_t kb = 0; kb < n_kb; ++kb) {
           pack_g<T>(p, r0, kb * kKC, std::min(kKC, p.batch - kb * kKC), gs.data() + kb * kKC * kMC);
@@ -288,7 +357,7 @@ uint32_t key_at_rank(const std::vector<Collector>& collectors, int64_t rank) {
 // key) when the sample would be a large part of the work or k is a large part of the candidates.
 template <typename T>
 uint32_t estimate_threshold(const Problem& full, int64_t k, int64_t n_candidates, std::vector<Collector>& collectors) {
-  constexpr int64_t kSamplePositions = 1 << 19;
+  constexpr int64_t kSamplePositions = 1 << 18;  // 64 rows of 4096: 1.6% of the work there
   const int64_t n_rows = std::min(full.n_out / 32, std::max<int64_t>(1, kSamplePositions / full.n_in));
   if (n_rows < 4 || 4 * k > n_candidates) return 0;
   std::vector<int64_t> rows(static_cast<size_t>(n_rows));
@@ -353,7 +422,7 @@ void select_top(const Problem& p, int64_t k, int64_t n_candidates, int64_t* inde
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> outer_topk_cpu(const at::Tensor& x, const at::Tensor& g, int64_t k,
-                                                  const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+                                                  const at::Tensor& row_ptr, const at::Tensor& col_idx, bool fast) {
   constexpr const char* fn = "outer_topk";
   batch_tiles::check_activation(fn, "x", x);
   batch_tiles::check_activation(fn, "g", g);
@@ -366,8 +435,8 @@ std::tuple<at::Tensor, at::Tensor> outer_topk_cpu(const at::Tensor& x, const at:
   at::Tensor score = at::empty({k}, x.options().dtype(at::kFloat));
   if (k == 0) return {index, score};
 
-  const Problem p{x.data_ptr(),           g.data_ptr(), batch,   n_in, n_out, row_ptr.data_ptr<int64_t>(),
-                  col_idx.data_ptr<int32_t>(), nullptr,      n_out};
+  const Problem p{x.data_ptr(), g.data_ptr(), batch, n_in, n_out, row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(),
+                  nullptr,      n_out,        tile_kernel(fast)};
   batch_tiles::dispatch_dtype(x.scalar_type(), [&](auto tag) {
     select_top<decltype(tag)>(p, k, n_candidates, index.data_ptr<int64_t>(), score.data_ptr<float>());
   });

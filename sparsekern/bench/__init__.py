@@ -151,17 +151,26 @@ _BENCHES: dict[str, _Bench] = {
         help="RigL grow: sparsekern.outer_topk vs dense g.T @ x, mask and torch.topk (time and peak memory)",
         description=(
             "Times sparsekern.outer_topk (the k highest-scoring inactive positions of |g.T @ x|, never forming it) "
-            "against the dense path (g.T @ x, masked, torch.topk) at 4096x4096 with B 256 and 2048, sparsity 0.9 "
-            "and 0.99, drop fraction 0.1 and 0.3, and at 16384x16384 (the dense path is skipped where it would not "
-            "fit in memory), with the peak memory of each. Prints the DESIGN goals next to the achieved figures. "
+            "with precision 'fast' and 'exact', interleaved with the GEMM g.T @ x alone (the floor) and the dense "
+            "path (g.T @ x, masked, torch.topk), at 4096x4096, 90% sparse, drop fraction 0.3, B 64, 256 and 2048, "
+            "at B=256 99% / 0.1, and at 16384x16384 (the dense path is skipped where it would not "
+            "fit in memory), with the peak memory of each. Prints the goals next to the achieved figures. "
             "Writes <out>/grow.md and <out>/grow.json."
         ),
         dtypes=("fp32", "bf16"),
-        add_arguments=lambda p: p.add_argument(
-            "--backend",
-            choices=("cpu", "cuda", "triton", "reference"),
-            default="cpu",
-            help="sparsekern kernel to time (default: %(default)s; cuda and triton need a CUDA GPU)",
+        add_arguments=lambda p: (
+            p.add_argument(
+                "--backend",
+                choices=("cpu", "cuda", "triton", "reference"),
+                default="cpu",
+                help="sparsekern kernel to time (default: %(default)s; cuda and triton need a CUDA GPU)",
+            ),
+            p.add_argument(
+                "--isa",
+                choices=("avx512", "avx2", "baseline"),
+                default=None,
+                help="force the C++ CPU kernels' instruction set (default: the widest this CPU runs)",
+            ),
         ),
     ),
 }

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
 from .._csr import VALUE_DTYPES, CSRIndex, csr_from_flat, csr_from_mask
 from .._validate import check_tensor
 from ..reference import csr_flat, outer_topk_reference
+from ._backend import warn_once
 from .spmm import resolve
 
 # Flat indices are packed next to the 31-bit score key in one 64-bit sort key by every kernel (outer_topk.h).
@@ -17,8 +19,13 @@ PRECISIONS = ("fast", "exact")
 
 
 @torch.library.register_fake("sparsekern::outer_topk")
-def _fake(x, g, k, row_ptr, col_idx):
+def _fake(x, g, k, row_ptr, col_idx, fast=False):
     return x.new_empty(k, dtype=torch.int64), x.new_empty(k, dtype=torch.float32)
+
+
+def _takes_fast(launcher) -> bool:
+    """Whether a launcher has a ``fast`` parameter (the Triton launcher gains one with its tensor-core path)."""
+    return "fast" in inspect.signature(launcher).parameters
 
 
 @functools.cache
@@ -26,10 +33,18 @@ def _triton_op():
     # Defined on first use, so TRITON_INTERPRET (read when Triton kernels are defined) can be set late.
     from ..kernels.outer_topk import _outer_topk_fwd
 
+    takes_fast = _takes_fast(_outer_topk_fwd)
+
     @torch.library.triton_op("sparsekern::outer_topk_triton", mutates_args=())
     def outer_topk_triton(
-        x: torch.Tensor, g: torch.Tensor, k: int, row_ptr: torch.Tensor, col_idx: torch.Tensor
+        x: torch.Tensor, g: torch.Tensor, k: int, row_ptr: torch.Tensor, col_idx: torch.Tensor, fast: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if takes_fast:
+            return _outer_topk_fwd(x, g, k, row_ptr, col_idx, fast=fast)
+        if fast:
+            warn_once(
+                "outer_topk: the Triton kernel has no fast arithmetic yet; precision='fast' computes the exact scores"
+            )
         return _outer_topk_fwd(x, g, k, row_ptr, col_idx)
 
     # The body reads histograms back to pick thresholds, so fake tensors take the shape function instead.
@@ -37,14 +52,14 @@ def _triton_op():
     return outer_topk_triton
 
 
-def run(backend: str, x, g, k: int, row_ptr, col_idx) -> tuple[torch.Tensor, torch.Tensor]:
+def run(backend: str, x, g, k: int, row_ptr, col_idx, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """outer_topk on a resolved backend, without argument checks (the exclusion is canonical: see
-    :func:`exclusion_csr`)."""
+    :func:`exclusion_csr`). ``fast``: precision="fast" (False: "exact")."""
     if backend == "reference":
-        return outer_topk_reference(x, g, k, row_ptr, col_idx)
+        return outer_topk_reference(x, g, k, row_ptr, col_idx, fast=fast)
     if backend == "triton":
-        return _triton_op()(x, g, k, row_ptr, col_idx)
-    return torch.ops.sparsekern.outer_topk(x, g, k, row_ptr, col_idx)
+        return _triton_op()(x, g, k, row_ptr, col_idx, fast)
+    return torch.ops.sparsekern.outer_topk(x, g, k, row_ptr, col_idx, fast)
 
 
 def _canonical(fn: str, row_ptr: torch.Tensor, cols: torch.Tensor, n_out: int, n_in: int) -> tuple[torch.Tensor, ...]:
@@ -173,11 +188,24 @@ def outer_topk(
     mask aside), and peak extra memory is O(k + tiles in flight) besides the O(nnz) exclusion index (on the CPU
     at 16384 x 16384, B = 256, k = 8M: about 170 MiB, where the dense scores alone take 1 GiB).
 
-    The score of (o, i) is ``|s|`` with ``s = sum_b g[b, o] * x[b, i]`` summed in float32 in a fixed order:
-    b = 0, 1, ..., B - 1 from +0, each product rounded to float32 and then added (never a fused multiply-add),
-    after converting x and g to float32. Every backend (C++, Triton, CUDA, reference) computes exactly these
-    bits, so results are identical across backends, not merely close. float64 inputs run the reference, which
-    sums in float64 and rounds |s| to float32.
+    The score of (o, i) is ``|s|`` with ``s = sum_b g[b, o] * x[b, i]``, x and g converted to float32 first;
+    the result is the exact top-k of the scores the chosen ``precision`` computes, ties by the lower index:
+
+    * ``"exact"``: s summed in float32 in a fixed order, b = 0, 1, ..., B - 1 from +0, each product rounded to
+      float32 and then added (never a fused multiply-add). Every backend (C++, Triton, CUDA, reference) computes
+      exactly these bits, so results are identical across backends, not merely close.
+    * ``"fast"`` (default): each device's fastest arithmetic. C++ on AVX2 and AVX-512: s = fma(g[b, o], x[b, i],
+      s) for b in order from +0, one rounding per step (the same bits on both ISAs and for every thread count);
+      the portable C++ path (no FMA) computes the exact scores; Triton and CUDA: see their kernels (tensor cores,
+      or the exact scores until their fast kernels land, with a warning). The same inputs give the same bits run
+      to run and on every rank of one backend. The reference computes s in float64 and rounds |s| once.
+      Bound: every float32 sum of B products in any order, fused or not, is within
+      ``gamma_B * sum_b |g[b, o] * x[b, i]|`` of s (``gamma_B = B u / (1 - B u)``, ``u = 2**-24``), so each returned
+      position's float64 score is at least the float64 k-th largest candidate score minus its own bound and the
+      largest bound among the candidates (tests/test_outer_topk.py checks exactly this).
+
+    float64 inputs run the reference: "exact" sums in float64 in batch order, "fast" by a float64 matmul; |s| is
+    rounded to float32 once.
 
     Args:
         x: (B, n_in) float32, bfloat16, float16 (or float64): the layer's inputs.
@@ -186,8 +214,7 @@ def outer_topk(
         exclude: positions that may not be returned (RigL: the active connections): None, a bool
             (n_out, n_in) mask (True = excluded), a sparse CSR tensor (its pattern is excluded, whatever its
             values) or a :class:`sparsekern._csr.CSRIndex` (a ``SparseLinear``'s index).
-        precision: "fast" or "exact". For now both compute the exact scores described above; the fast arithmetic
-            (issue 10) replaces "fast" in the commits that follow.
+        precision: "fast" (default) or "exact", as described above.
         backend: "auto" (C++ on CPU tensors, Triton on CUDA tensors), "cpu", "triton", "cuda" or "reference".
         group: a ``torch.distributed`` process group: x and g of every rank are all-gathered (batch sizes may
             differ) and every rank returns the result for the concatenated batch (in rank order), identical on
@@ -203,6 +230,7 @@ def outer_topk(
     Raises:
         TypeError: x, g or exclude is of an unsupported type or dtype.
         ValueError: shapes, batch sizes, devices or dtypes disagree; k is not an int in [0, candidates];
+            precision is not "fast" or "exact";
             x or g holds inf or NaN; the score of a position not excluded overflows to NaN (inf - inf);
             n_out * n_in exceeds 2**33 (kernels pack the flat index into 33 bits).
 
@@ -227,9 +255,9 @@ def outer_topk(
         x, g = _all_gather_batch(fn, group, x, g, k)
     for name, t in (("x", x), ("g", g)):
         # In blocks: isfinite over all of x at once holds several temporaries of x's size.
-        if not all(bool(torch.isfinite(block).all()) for block in t.reshape(-1).split(1 << 18)):
+        if not all(bool(torch.isfinite(block).all()) for block in t.reshape(-1).split(1 << 22)):
             raise ValueError(f"{fn}: {name} must be finite, got inf or NaN" + (" (on some rank)" if group else ""))
-    return run(backend, x.contiguous(), g.contiguous(), k, row_ptr, col_idx)
+    return run(backend, x.contiguous(), g.contiguous(), k, row_ptr, col_idx, fast=precision == "fast")
 
 
 def _checked(fn: str, x, g, k, exclude, backend) -> tuple[str, torch.Tensor, torch.Tensor]:
