@@ -373,6 +373,16 @@ def test_cpu_kernel_checks_its_arguments():
         op(x, g, 1, row_ptr[:-1], col_idx)
     with pytest.raises(ValueError, match="g must have x's dtype"):
         op(x, g.half(), 1, row_ptr, col_idx)
+    for dtype in DTYPES:  # each dtype's exponent bits
+        for bad in (float("inf"), -float("inf"), float("nan")):
+            x_bad, g_bad = x.to(dtype).clone(), g.to(dtype).clone()
+            x_bad[3, 5] = bad
+            with pytest.raises(ValueError, match="x must be finite, got inf or NaN"):
+                op(x_bad, g.to(dtype), 1, row_ptr, col_idx, True)
+            g_bad[2, 4] = bad
+            with pytest.raises(ValueError, match="g must be finite, got inf or NaN"):
+                op(x.to(dtype), g_bad, 1, row_ptr, col_idx)
+    assert op(x.half(), (g * 1e4).half(), 1, row_ptr, col_idx)[0].numel() == 1  # large but finite passes
 
 
 @pytest.mark.skipif(not sparsekern._extension.available(), reason="needs the C++ extension")

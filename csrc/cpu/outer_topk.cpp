@@ -2,7 +2,7 @@
 //
 // The (n_out, n_in) score matrix is cut into kMC x kNC tiles, one task each. A task computes its tile with a
 // register-blocked GEMM over the batch (packed panels of g and x, MR x NR accumulators, the batch in blocks of
-// kKC that continue from the previous block's partial sums, so every score is summed over b in order), turns it
+// KC rows that continue from the previous block's partial sums, so every score is summed over b in order), turns it
 // into keys (outer_topk.h), and hands the keys at or above a threshold that are not excluded to its thread's
 // collector. A collector that reaches its capacity keeps only its k largest ranks, which also raises its
 // threshold; its k largest always contain the thread's share of the result, so the merge at the end is exact.
@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -54,7 +55,6 @@ namespace ot = outer_topk;
 
 constexpr int64_t kMC = 192;  // tile rows (a multiple of every MR): a batch block of g's stripe is 96 KiB, in L2
 constexpr int64_t kNC = 256;  // tile columns (a multiple of every NR): the packed x block and the tile stay in L2
-constexpr int64_t kKC = 128;  // batch rows per block: one micro panel of x (kKC x NR) stays in L1
 
 // Vectors of 16, 8 or 4 lanes. Packed panels and tile rows are float-aligned only, and a template argument loses a
 // typedef's aligned(4), so the kernels move them with memcpy (unaligned vector moves).
@@ -142,10 +142,12 @@ inline __attribute__((always_inline)) void tile_block_body(const float* ap, cons
 
 using TileBlockFn = void (*)(const float*, const float*, float*, int64_t, int64_t, int64_t, bool);
 
-// A compiled tile kernel and the panel shapes it reads (kMC and kNC are multiples of mr and nr).
+// A compiled tile kernel, the panel shapes it reads (kMC and kNC are multiples of mr and nr) and its batch block kc:
+// one micro panel of x (kc x nr floats) takes at most half of L1's 32 KiB, so g's panels streaming past it from L2
+// do not evict it.
 struct Kernel {
   TileBlockFn tile_block;
-  int64_t mr, nr;
+  int64_t mr, nr, kc;
 };
 
 #define SPARSEKERN_OT_TILE_BLOCK(NAME, ATTR, V, MR, NV, FUSED)                                                    \
@@ -168,12 +170,13 @@ SPARSEKERN_OT_TILE_BLOCK(tile_block_avx512_fast, SPARSEKERN_AVX512, v16, 6, 4, t
 Kernel tile_kernel(bool fast) {
 #if defined(SPARSEKERN_X86)
   switch (cpu_isa()) {
-    case CpuIsa::kAvx512: return {fast ? tile_block_avx512_fast : tile_block_avx512_exact, 6, 64};
-    case CpuIsa::kAvx2: return fast ? Kernel{tile_block_avx2_fast, 6, 16} : Kernel{tile_block_avx2_exact, 4, 16};
+    case CpuIsa::kAvx512: return {fast ? tile_block_avx512_fast : tile_block_avx512_exact, 6, 64, 64};
+    case CpuIsa::kAvx2:
+      return fast ? Kernel{tile_block_avx2_fast, 6, 16, 128} : Kernel{tile_block_avx2_exact, 4, 16, 128};
     default: break;
   }
 #endif
-  return {tile_block_baseline, 4, 8};  // no FMA on the portable path: fast computes the exact scores
+  return {tile_block_baseline, 4, 8, 128};  // no FMA on the portable path: fast computes the exact scores
 }
 
 struct Problem {
@@ -316,6 +319,7 @@ void collect_row(const Problem& p, int64_t o, int64_t i0, int64_t width, const f
 template <typename T>
 void run_tiles(const Problem& p, std::vector<Collector>& collectors) {
   const int64_t n_mb = (p.n_rows + kMC - 1) / kMC, n_nb = (p.n_in + kNC - 1) / kNC, n_tiles = n_mb * n_nb;
+  const int64_t kKC = p.kernel.kc;
   const int64_t n_kb = std::max<int64_t>(1, (p.batch + kKC - 1) / kKC);  // an empty batch: one block of zeros
   std::atomic<int64_t> next{0};
   const TileBlockFn tile_block = p.kernel.tile_block;
@@ -464,6 +468,25 @@ void select_top(const Problem& p, int64_t k, int64_t n_candidates, int64_t* inde
   }
 }
 
+// Whether no element of a float32, bfloat16 or float16 tensor is inf or NaN: its exponent bits are not all set.
+// One pass in blocks with an early exit (the Python layer leaves this check to the kernel on the CPU: one
+// sequential read of x and g instead of several parallel regions and temporaries).
+template <typename T>
+bool all_finite(const at::Tensor& t) {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>;
+  constexpr Bits kExponent = std::is_same_v<T, float> ? Bits(0x7F800000u)
+                             : std::is_same_v<T, c10::BFloat16> ? Bits(0x7F80u)
+                                                                 : Bits(0x7C00u);
+  const Bits* bits = static_cast<const Bits*>(t.data_ptr());
+  const int64_t n = t.numel();
+  for (int64_t i0 = 0; i0 < n; i0 += 4096) {
+    bool bad = false;
+    for (int64_t i = i0; i < std::min(n, i0 + 4096); ++i) bad |= (bits[i] & kExponent) == kExponent;
+    if (bad) return false;
+  }
+  return true;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> outer_topk_cpu(const at::Tensor& x, const at::Tensor& g, int64_t k,
@@ -483,7 +506,10 @@ std::tuple<at::Tensor, at::Tensor> outer_topk_cpu(const at::Tensor& x, const at:
   const Problem p{x.data_ptr(), g.data_ptr(), batch, n_in, n_out, row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(),
                   nullptr,      n_out,        tile_kernel(fast)};
   batch_tiles::dispatch_dtype(x.scalar_type(), [&](auto tag) {
-    select_top<decltype(tag)>(p, k, n_candidates, index.data_ptr<int64_t>(), score.data_ptr<float>());
+    using T = decltype(tag);
+    TORCH_CHECK_VALUE(all_finite<T>(x), fn, ": x must be finite, got inf or NaN");
+    TORCH_CHECK_VALUE(all_finite<T>(g), fn, ": g must be finite, got inf or NaN");
+    select_top<T>(p, k, n_candidates, index.data_ptr<int64_t>(), score.data_ptr<float>());
   });
   return {index, score};
 }
