@@ -1,5 +1,6 @@
-"""outer_topk(group=...): two gloo processes on the CPU with unequal batches get identical results, equal to the
-single-process result on the concatenated batch; disagreeing arguments raise on every rank (none hangs)."""
+"""outer_topk(group=...): two gloo processes on the CPU with unequal batches get identical results (with
+precision "fast" and "exact"), equal to the single-process result on the concatenated batch; disagreeing arguments
+raise on every rank (none hangs)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ WORLD = 2
 BATCHES = (5, 12)  # unequal on purpose: the all-gather pads and trims
 N_OUT, N_IN, K = 37, 53, 300
 BACKENDS = ["cpu", "reference"] if _extension.available() else ["reference"]
+PRECISIONS = ("fast", "exact")
 
 
 def _inputs(rank: int, dtype: torch.dtype):
@@ -35,9 +37,12 @@ def _worker(rank: int, port: int, out: str) -> None:
         results = {}
         for backend in BACKENDS:
             for dtype in (torch.float32, torch.bfloat16):
-                x, g = _inputs(rank, dtype)
-                result = sparsekern.outer_topk(x, g, K, exclude=_exclude(), backend=backend, group=dist.group.WORLD)
-                results[(backend, dtype)] = result
+                for precision in PRECISIONS:
+                    x, g = _inputs(rank, dtype)
+                    result = sparsekern.outer_topk(
+                        x, g, K, exclude=_exclude(), precision=precision, backend=backend, group=dist.group.WORLD
+                    )
+                    results[(backend, dtype, precision)] = result
         x, g = _inputs(rank, torch.float32)
         try:  # rank 1 passes a different k: every rank must raise the same error
             sparsekern.outer_topk(x, g, K + rank, exclude=_exclude(), group=dist.group.WORLD)
@@ -70,13 +75,14 @@ def test_two_ranks_agree_with_the_concatenated_batch(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for backend in BACKENDS:
         for dtype in (torch.float32, torch.bfloat16):
-            parts = [_inputs(r, dtype) for r in range(WORLD)]
-            x = torch.cat([p[0] for p in parts])
-            g = torch.cat([p[1] for p in parts])
-            expected = sparsekern.outer_topk(x, g, K, exclude=_exclude(), backend=backend)
-            for result in ranks:
-                index, score = result[(backend, dtype)]
-                assert torch.equal(index, expected[0]) and torch.equal(score, expected[1]), (backend, dtype)
+            for precision in PRECISIONS:
+                parts = [_inputs(r, dtype) for r in range(WORLD)]
+                x = torch.cat([p[0] for p in parts])
+                g = torch.cat([p[1] for p in parts])
+                expected = sparsekern.outer_topk(x, g, K, exclude=_exclude(), precision=precision, backend=backend)
+                for result in ranks:
+                    index, score = result[(backend, dtype, precision)]
+                    assert torch.equal(index, expected[0]) and torch.equal(score, expected[1]), (backend, dtype)
     for result in ranks:
         assert "every rank of group must pass the same n_in, n_out, dtype and k" in result["mismatch"]
         assert "rank 1 has (n_in=53, n_out=37, dtype=torch.float32, k=301)" in result["mismatch"]

@@ -5,7 +5,14 @@
 // Score. s(o, i) = sum over b = 0, 1, ..., B - 1 of g[b, o] * x[b, i], in float32 from +0, each product rounded
 // and then added: two roundings, never a fused multiply-add (CPU: compiled with fp-contract off; CUDA: __fmul_rn
 // and __fadd_rn; Triton: enable_fp_fusion=False), so the reference, the interpreter and every kernel get the same
-// bits. The score is |s|.
+// bits. The score is |s|. These are the scores of precision="exact" (fast=false).
+//
+// precision="fast" (fast=true) scores with each device's fastest arithmetic instead and keeps every rule below (key,
+// rank, ties, selection): the CPU's AVX2 and AVX-512 kernels compute s = fma(g[b, o], x[b, i], s) for b in order
+// from +0 (one rounding per step; the same bits on both ISAs and for every thread count), its portable path the
+// exact scores. Any float32 sum of the B products, fused or not, in any order, is within
+// gamma_B * sum_b |g[b, o] * x[b, i]| of the real sum (gamma_B = B u / (1 - B u), u = 2**-24), the bound the
+// Python layer documents and the tests check.
 //
 // Key. The bits of |s| as uint32 (sign cleared) order non-negative floats like the floats themselves, so the top-k
 // is a top-k over integers: keys above kInfKey are NaN (an overflow inf - inf), kExcludedKey marks excluded
