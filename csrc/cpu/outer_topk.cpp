@@ -353,7 +353,8 @@ void select_top(const Problem& p, int64_t k, int64_t n_candidates, int64_t* inde
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> outer_topk_cpu(const at::Tensor& x, const at::Tensor& g, int64_t k,
-                                                  const at::Tensor& row_ptr, const at::Tensor& col_idx) {
+                                                  const at::Tensor& row_ptr, const at::Tensor& col_idx,
+                                                  bool /*fast: the CPU fast kernels are issue 10's CPU side*/) {
   constexpr const char* fn = "outer_topk";
   batch_tiles::check_activation(fn, "x", x);
   batch_tiles::check_activation(fn, "g", g);

@@ -39,5 +39,8 @@ lib.define("csr_dense_gather(Tensor dense, Tensor row_ptr, Tensor col_idx) -> Te
 # Fused top-k over the outer product (RigL grow); see ops/outer_topk.py. x (B, n_in), g (B, n_out); the k largest
 # |sum_b g[b, o] * x[b, i]| outside the CSR pattern (row_ptr int64 (n_out + 1), col_idx int32, columns ascending
 # and unique per row), as flat indices o * n_in + i (int64) and scores (float32), by score descending, ties by
-# ascending index. Never forms the (n_out, n_in) scores.
-lib.define("outer_topk(Tensor x, Tensor g, int k, Tensor row_ptr, Tensor col_idx) -> (Tensor index, Tensor score)")
+# ascending index. Never forms the (n_out, n_in) scores. fast: the device's fastest arithmetic (ops/outer_topk.py).
+lib.define(
+    "outer_topk(Tensor x, Tensor g, int k, Tensor row_ptr, Tensor col_idx, bool fast=False) "
+    "-> (Tensor index, Tensor score)"
+)
