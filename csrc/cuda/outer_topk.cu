@@ -62,22 +62,33 @@ struct PassArgs {
 constexpr int kThreads = kThreadsX * kThreadsY;
 using Scores = float[kRowsPerThread][kColsPerThread];  // a thread's scores: rows ty + 16 r, columns tx + 16 c
 
+// Stages batch rows [b0, b0 + kStageB) of the tile's columns of g and x in shared memory as convert(value),
+// zeros past the edges (zero rows and columns add nothing to any score).
+template <typename scalar_t, typename T, typename Convert>
+__device__ __forceinline__ void stage_chunk(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
+                                            const PassArgs& a, int64_t b0, int64_t o0, int64_t i0,
+                                            T (&gs)[kStageB][kTileO], T (&xs)[kStageB][kTileI], Convert convert) {
+  const int tid = threadIdx.y * kThreadsX + threadIdx.x;
+  const scalar_t zero(0.f);
+  for (int e = tid; e < kStageB * kTileO; e += kThreads) {
+    const int64_t b = b0 + e / kTileO, o = o0 + e % kTileO;
+    gs[e / kTileO][e % kTileO] = convert(b < a.batch && o < a.n_out ? g[b * a.n_out + o] : zero);
+  }
+  for (int e = tid; e < kStageB * kTileI; e += kThreads) {
+    const int64_t b = b0 + e / kTileI, i = i0 + e % kTileI;
+    xs[e / kTileI][e % kTileI] = convert(b < a.batch && i < a.n_in ? x[b * a.n_in + i] : zero);
+  }
+}
+
 // Exact scores: in order over b, a rounded product and a rounded sum per step.
 template <typename scalar_t>
 __device__ __forceinline__ void exact_tile(const scalar_t* __restrict__ x, const scalar_t* __restrict__ g,
                                            const PassArgs& a, int64_t o0, int64_t i0, Scores& acc) {
   __shared__ float gs[kStageB][kTileO];
   __shared__ float xs[kStageB][kTileI];
-  const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kThreadsX + tx;
+  const int tx = threadIdx.x, ty = threadIdx.y;
   for (int64_t b0 = 0; b0 < a.batch; b0 += kStageB) {
-    for (int e = tid; e < kStageB * kTileO; e += kThreads) {
-      const int64_t b = b0 + e / kTileO, o = o0 + e % kTileO;
-      gs[e / kTileO][e % kTileO] = b < a.batch && o < a.n_out ? static_cast<float>(g[b * a.n_out + o]) : 0.f;
-    }
-    for (int e = tid; e < kStageB * kTileI; e += kThreads) {
-      const int64_t b = b0 + e / kTileI, i = i0 + e % kTileI;
-      xs[e / kTileI][e % kTileI] = b < a.batch && i < a.n_in ? static_cast<float>(x[b * a.n_in + i]) : 0.f;
-    }
+    stage_chunk(x, g, a, b0, o0, i0, gs, xs, [](scalar_t v) { return static_cast<float>(v); });
     __syncthreads();
     const int steps = a.batch - b0 < kStageB ? static_cast<int>(a.batch - b0) : kStageB;
     for (int bb = 0; bb < steps; ++bb) {
@@ -140,18 +151,10 @@ __device__ __forceinline__ void fast_tile(const scalar_t* __restrict__ x, const 
   __shared__ __align__(32) float cs[kTileO][kTileI];
   const int tid = threadIdx.y * kThreadsX + threadIdx.x, warp = tid / 32;
   const int wo = warp / (kTileI / kMmaTile) * kMmaTile, wi = warp % (kTileI / kMmaTile) * kMmaTile;
-  const scalar_t zero(0.f);
   wmma::fragment<wmma::accumulator, kMmaTile, kMmaTile, M::K, float> c_frag;
   wmma::fill_fragment(c_frag, 0.f);
   for (int64_t b0 = 0; b0 < a.batch; b0 += kStageB) {
-    for (int e = tid; e < kStageB * kTileO; e += kThreads) {
-      const int64_t b = b0 + e / kTileO, o = o0 + e % kTileO;
-      gs[e / kTileO][e % kTileO] = M::stage(b < a.batch && o < a.n_out ? g[b * a.n_out + o] : zero);
-    }
-    for (int e = tid; e < kStageB * kTileI; e += kThreads) {
-      const int64_t b = b0 + e / kTileI, i = i0 + e % kTileI;
-      xs[e / kTileI][e % kTileI] = M::stage(b < a.batch && i < a.n_in ? x[b * a.n_in + i] : zero);
-    }
+    stage_chunk(x, g, a, b0, o0, i0, gs, xs, [](scalar_t v) { return M::stage(v); });
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kStageB; kk += M::K) {
