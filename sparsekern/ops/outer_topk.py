@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 
 from .._csr import VALUE_DTYPES, CSRIndex, csr_from_flat, csr_from_mask
 from .._validate import check_tensor
 from ..reference import csr_flat, outer_topk_reference
-from ._backend import warn_once
 from .spmm import resolve
 
 # Flat indices are packed next to the 31-bit score key in one 64-bit sort key by every kernel (outer_topk.h).
@@ -23,29 +21,16 @@ def _fake(x, g, k, row_ptr, col_idx, fast=False):
     return x.new_empty(k, dtype=torch.int64), x.new_empty(k, dtype=torch.float32)
 
 
-def _takes_fast(launcher) -> bool:
-    """Whether a launcher has a ``fast`` parameter (the Triton launcher gains one with its tensor-core path)."""
-    return "fast" in inspect.signature(launcher).parameters
-
-
 @functools.cache
 def _triton_op():
     # Defined on first use, so TRITON_INTERPRET (read when Triton kernels are defined) can be set late.
     from ..kernels.outer_topk import _outer_topk_fwd
 
-    takes_fast = _takes_fast(_outer_topk_fwd)
-
     @torch.library.triton_op("sparsekern::outer_topk_triton", mutates_args=())
     def outer_topk_triton(
         x: torch.Tensor, g: torch.Tensor, k: int, row_ptr: torch.Tensor, col_idx: torch.Tensor, fast: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if takes_fast:
-            return _outer_topk_fwd(x, g, k, row_ptr, col_idx, fast=fast)
-        if fast:
-            warn_once(
-                "outer_topk: the Triton kernel has no fast arithmetic yet; precision='fast' computes the exact scores"
-            )
-        return _outer_topk_fwd(x, g, k, row_ptr, col_idx)
+        return _outer_topk_fwd(x, g, k, row_ptr, col_idx, fast=fast)
 
     # The body reads histograms back to pick thresholds, so fake tensors take the shape function instead.
     outer_topk_triton.register_fake(_fake)
@@ -195,13 +180,16 @@ def outer_topk(
       exactly these bits, so results are identical across backends, not merely close.
     * ``"fast"`` (default): each device's fastest arithmetic. C++ on AVX2 and AVX-512: s = fma(g[b, o], x[b, i],
       s) for b in order from +0, one rounding per step (the same bits on both ISAs and for every thread count);
-      the portable C++ path (no FMA) computes the exact scores; Triton and CUDA: see their kernels (tensor cores,
-      or the exact scores until their fast kernels land, with a warning). The same inputs give the same bits run
-      to run and on every rank of one backend. The reference computes s in float64 and rounds |s| once.
-      Bound: every float32 sum of B products in any order, fused or not, is within
+      the portable C++ path (no FMA) computes the exact scores; Triton and CUDA: tensor cores (``tl.dot`` / WMMA
+      with float32 accumulation; float32 inputs as TF32, bf16 and fp16 as they are; CUDA below sm_80 computes the
+      exact scores, warned once). The same inputs give the same bits run to run and on every rank of one backend.
+      The reference computes s in float64 and rounds |s| once.
+      Bound (C++): every float32 sum of B products in any order, fused or not, is within
       ``gamma_B * sum_b |g[b, o] * x[b, i]|`` of s (``gamma_B = B u / (1 - B u)``, ``u = 2**-24``), so each returned
       position's float64 score is at least the float64 k-th largest candidate score minus its own bound and the
-      largest bound among the candidates (tests/test_outer_topk.py checks exactly this).
+      largest bound among the candidates (tests/test_outer_topk.py checks exactly this). Tensor cores add the TF32
+      rounding of float32 inputs: ``(2**-9 + 2**-19 + (B + 1) 2**-22) * sum_b |g[b, o] x[b, i]|`` (see
+      sparsekern/kernels/outer_topk.py; tests/test_outer_topk_fast_gpu.py checks it).
 
     float64 inputs run the reference: "exact" sums in float64 in batch order, "fast" by a float64 matmul; |s| is
     rounded to float32 once.
