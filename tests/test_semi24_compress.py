@@ -30,7 +30,6 @@ from sparsekern import BackendUnavailableError
 from sparsekern.ops import _backend
 
 
-
 def isa_backends(*names: str):
     """backend_params, with "cpu" once per instruction set this machine runs ("cpu:avx2", ...): the C++ kernels'
     AVX-512, AVX2 and portable paths are each checked against torch."""
@@ -89,15 +88,29 @@ def test_compress_bit_identical_to_torch(backend, dtype, shape):
     assert_bits_equal(meta, expected_meta)
 
 
+@pytest.fixture(scope="module")
+def large_case():
+    """(dense, torch's (packed, meta)) per (shape, dtype), drawn and converted by torch once for all backends."""
+    cache = {}
+
+    def get(shape, dtype):
+        if (shape, dtype) not in cache:
+            dense = random_semi24(*shape, dtype)
+            cache.clear()  # one large case held at a time
+            cache[shape, dtype] = dense, torch_compress(dense)
+        return cache[shape, dtype]
+
+    return get
+
+
 @pytest.mark.parametrize("backend", isa_backends("cpu", "reference"), indirect=True)
 @pytest.mark.parametrize("shape", [(4096, 4096), (3072, 10240)], ids=["4096x4096", "3072x10240"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d)[6:])
-def test_compress_large_bit_identical(backend, shape, dtype):
+def test_compress_large_bit_identical(backend, shape, dtype, large_case):
     if backend == "reference" and dtype != torch.float16:
         pytest.skip("the large-shape reference run is covered once (fp16); the CPU kernel runs every dtype")
-    dense = random_semi24(*shape, dtype)
+    dense, (expected_packed, expected_meta) = large_case(shape, dtype)
     packed, meta = sparsekern.semi24_compress(dense, backend=backend)
-    expected_packed, expected_meta = torch_compress(dense)
     assert_bits_equal(packed, expected_packed)
     assert_bits_equal(meta, expected_meta)
     assert_round_trip(sparsekern.semi24_decompress(packed, meta, backend=backend), dense)

@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "sparsekern/batch_tiles.h"
+#include "sparsekern/cpu_alloc.h"
 #include "sparsekern/cpu_features.h"
 
 namespace sparsekern {
@@ -141,7 +142,7 @@ at::Tensor csr_dense_gather_cpu(const at::Tensor& dense, const at::Tensor& row_p
   check_dense(op, dense);
   const int64_t n_rows = dense.size(0), n_cols = dense.size(1);
   const int64_t nnz = batch_tiles::check_csr(op, row_ptr, col_idx, n_rows);
-  at::Tensor values = at::empty({nnz}, dense.options());
+  at::Tensor values = empty_cpu_output({nnz}, dense.options());
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();
   dispatch_bits(dense, [&](auto e) {

@@ -10,6 +10,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "sparsekern/cpu_alloc.h"
 #include "sparsekern/cpu_features.h"
 #include "sparsekern/semi24.h"
 #include "sparsekern/semi24_dispatch.h"
@@ -155,7 +156,7 @@ at::Tensor semi24_decompress_cpu(const at::Tensor& packed, const at::Tensor& met
   TORCH_CHECK_VALUE(packed.is_contiguous() && meta.is_contiguous(),
                     "semi24_decompress: packed and meta must be contiguous");
   const int64_t m = packed.size(0), k = packed.size(1) * 2;
-  at::Tensor dense = at::empty({m, k}, packed.options());
+  at::Tensor dense = empty_cpu_output({m, k}, packed.options());
   semi24::dispatch_format(packed.scalar_type(), "semi24_decompress: packed", [&](auto fmt) {
     using Fmt = decltype(fmt);
     using Bits = typename Fmt::Bits;
@@ -172,7 +173,7 @@ at::Tensor semi24_decompress_cpu(const at::Tensor& packed, const at::Tensor& met
     const Meta* meta_ptr = reinterpret_cast<const Meta*>(meta.data_ptr());
     Bits* out = reinterpret_cast<Bits*>(dense.data_ptr());
     std::atomic<int64_t> first_bad{INT64_MAX};
-    at::parallel_for(0, m, 32, [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, m, semi24::rows_per_task(k, sizeof(Bits)), [&](int64_t r0, int64_t r1) {
       semi24::atomic_min(first_bad, decompress_fn<Fmt>(in, meta_ptr, out, m, k, r0, r1));
     });
     semi24::check_no_bad_code<Fmt>(first_bad.load(), k);
