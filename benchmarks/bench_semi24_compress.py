@@ -28,11 +28,26 @@ SHAPE = (256, 512) if QUICK else (4096, 4096)
 GROUP = f"{SHAPE[0]}x{SHAPE[1]} fp16"
 
 needs_extension = pytest.mark.skipif(not _extension.available(), reason=f"extension: {_extension.unavailable_reason}")
+# The C++ backend once per instruction set this CPU runs ("cpu:avx2", ...), so every path is timed and checked.
 IMPLS = [
     pytest.param("torch-reference-conversion", id="torch"),
+    *(pytest.param(f"cpu:{isa}", id=f"cpu-{isa}") for isa in _extension.available_isas()),
     pytest.param("cpu", id="cpu", marks=needs_extension),
     pytest.param("reference", id="reference"),
 ]
+
+
+def _ours(op, impl: str):
+    """sparsekern's op for ``impl`` ("cpu:<isa>" forces that ISA around each call)."""
+    backend, _, isa = impl.partition(":")
+    if not isa:
+        return functools.partial(op, backend=backend)
+
+    def call(*args):
+        with _extension.use_cpu_isa(isa):
+            return op(*args, backend=backend)
+
+    return call
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +66,7 @@ def test_semi24_compress(benchmark, impl, dense, compressed):
     if impl == "torch-reference-conversion":
         fn = sparse_semi_structured_from_dense_cutlass
     else:
-        fn = functools.partial(sparsekern.semi24_compress, backend=impl)
+        fn = _ours(sparsekern.semi24_compress, impl)
     packed, meta = benchmark(fn, dense)
     assert bits_equal(packed, compressed[0]) and bits_equal(meta, compressed[1])
 
@@ -62,6 +77,6 @@ def test_semi24_decompress(benchmark, impl, dense, compressed):
     if impl == "torch-reference-conversion":
         fn = sparse_semi_structured_to_dense_cutlass
     else:
-        fn = functools.partial(sparsekern.semi24_decompress, backend=impl)
+        fn = _ours(sparsekern.semi24_decompress, impl)
     restored = benchmark(fn, *compressed)
     assert bits_equal(restored, dense)

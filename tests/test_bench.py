@@ -67,17 +67,46 @@ def test_bench_semi24_subprocess(tmp_path):
     assert all(r["bit_identical"] for r in data["conversions"])
 
 
+@pytest.mark.skipif(not _extension.available(), reason="needs the compiled extension")
+def test_bench_semi24_rows_name_the_isa(tmp_path, capsys):
+    """--isa all: a row per instruction set for the C++ backend, each bit-identical, with its faults and the
+    range of the per-round ratios; other backends have one row whatever the ISAs."""
+    argv = ["bench", "semi24", "--quick", "--dtype", "fp16", "--isa", "all", "--repeat", "2", "--out", str(tmp_path)]
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| backend | ISA |" in printed and "page faults / call" in printed
+    data = _load(tmp_path)
+    assert data["isas"] == _extension.available_isas()
+    for op in ("compress", "decompress"):
+        for weight in {r["weight"] for r in data["conversions"]}:
+            rows = [r for r in data["conversions"] if r["op"] == op and r["weight"] == weight]
+            assert sorted(r["isa"] for r in rows if r["backend"] == "cpu") == sorted(_extension.available_isas())
+            assert [r["isa"] for r in rows if r["backend"] == "reference"] == ["-"]
+            for r in rows:
+                assert r["bit_identical"] is True, r
+                low, high = r["ratio_rounds"]
+                assert 0 < low <= r["ratio"] * (1 + 1e-9) and r["ratio"] <= high * (1 + 1e-9)
+                assert r["faults_per_call"] >= 0 and r["torch_faults_per_call"] >= 0
+
+
+def test_bench_semi24_isa_the_cpu_lacks(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(_extension, "available_isas", lambda: ["baseline"])
+    assert cli.main(["bench", "semi24", "--quick", "--isa", "avx2", "--out", str(tmp_path)]) == 2
+    assert "--isa avx2: this CPU runs baseline" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["bench", "semi24", "--repeat", "0"], "expected a positive integer, got 0"),
         (["bench", "semi24", "--repeat", "many"], "expected a positive integer, got 'many'"),
         (["bench", "semi24", "--dtype", "fp64"], "invalid choice: 'fp64'"),
+        (["bench", "semi24", "--isa", "sse"], "invalid choice: 'sse'"),
         (["bench", "semi24", "--bogus"], "unrecognized arguments: --bogus"),
         (["bench"], "required: BENCHMARK"),
         (["bench", "nosuch"], "invalid choice: 'nosuch'"),
     ],
-    ids=["repeat-zero", "repeat-text", "bad-dtype", "unknown-option", "no-benchmark", "unknown-benchmark"],
+    ids=["repeat-zero", "repeat-text", "bad-dtype", "bad-isa", "unknown-option", "no-benchmark", "unknown-benchmark"],
 )
 def test_bench_bad_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:

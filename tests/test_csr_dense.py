@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import bits
+from helpers import bits, isa_params
 
 import sparsekern
 from sparsekern._csr import csr_from_mask
@@ -35,14 +35,15 @@ def random_case(n_rows: int, n_cols: int, density: float, dtype: torch.dtype):
     return mask, row_ptr, col_idx, special_values(col_idx.numel(), dtype)
 
 
-SHAPES = [(1, 1), (7, 13), (33, 65), (64, 300), (5, 1), (1, 257)]
+SHAPES = [(1, 1), (7, 13), (33, 65), (64, 300), (5, 1), (1, 257), (3, 1001)]
 
 
 @needs_ext
+@pytest.mark.parametrize("cpu_isa", isa_params(), indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-def test_kernel_equals_reference_bit_for_bit(dtype, shape, density):
+def test_kernel_equals_reference_bit_for_bit(cpu_isa, dtype, shape, density):
     mask, row_ptr, col_idx, values = random_case(*shape, density, dtype)
     before = special_values(mask.numel(), dtype).view(shape)
     ours, ref = before.clone(), before.clone()
@@ -58,26 +59,40 @@ def test_kernel_equals_reference_bit_for_bit(dtype, shape, density):
 
 
 @needs_ext
-def test_large_parallel_case_bit_for_bit():
+@pytest.mark.parametrize("cpu_isa", isa_params(), indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_large_parallel_case_bit_for_bit(cpu_isa, dtype):
     """Enough nonzeros for several threads' tasks, with uneven rows."""
-    mask, row_ptr, col_idx, values = random_case(1031, 517, 0.4, torch.bfloat16)
+    mask, row_ptr, col_idx, values = random_case(1031, 517, 0.4, dtype)
     mask[:100] = torch.rand(100, 517) < 0.95
+    mask[-1] = True  # the last row full: a 2-byte gather must not read past the matrix
     row_ptr, col_idx = csr_from_mask(mask)
-    values = special_values(col_idx.numel(), torch.bfloat16)
-    dense = torch.zeros(mask.shape, dtype=torch.bfloat16)
+    values = special_values(col_idx.numel(), dtype)
+    dense = torch.zeros(mask.shape, dtype=dtype)
     torch.ops.sparsekern.csr_dense_scatter_(dense, values, row_ptr, col_idx)
     assert torch.equal(bits(dense[mask]), bits(values))
     assert not bits(dense[~mask]).any()
     assert torch.equal(bits(torch.ops.sparsekern.csr_dense_gather(dense, row_ptr, col_idx)), bits(values))
 
 
-@pytest.mark.parametrize("kernel", [pytest.param(True, marks=needs_ext, id="cpp"), pytest.param(False, id="torch")])
+@pytest.mark.parametrize(
+    "kernel",
+    [pytest.param(isa, marks=needs_ext, id=f"cpp-{isa}") for isa in sparsekern._extension.available_isas()]
+    + [pytest.param(None, id="torch")],
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 def test_shadow_rewrites_exactly_the_changed_rows(kernel, dtype):
     """With a shadow the result is a full scatter of the new values and the shadow becomes them; the kernel skips
     the rows whose values are bit-identical (a changed sign of zero or NaN payload counts as a change)."""
     mask, row_ptr, col_idx, old = random_case(40, 37, 0.5, dtype)
-    scatter = torch.ops.sparsekern.csr_dense_scatter_ if kernel else csr_dense_scatter_reference
+    scatter = csr_dense_scatter_reference
+    if kernel is not None:
+        isa, op = kernel, torch.ops.sparsekern.csr_dense_scatter_
+
+        def scatter(*args):
+            with sparsekern._extension.use_cpu_isa(isa):
+                op(*args)
+
     dense = torch.zeros(40, 37, dtype=dtype)
     scatter(dense, old, row_ptr, col_idx)
     shadow = old.clone()
@@ -97,7 +112,7 @@ def test_shadow_rewrites_exactly_the_changed_rows(kernel, dtype):
     assert torch.equal(bits(shadow), bits(new))
     expected = torch.zeros(40, 37, dtype=dtype)
     csr_dense_scatter_reference(expected, new, row_ptr, col_idx)
-    expected[unchanged_row, col] = 7.0 if kernel else expected[unchanged_row, col]
+    expected[unchanged_row, col] = 7.0 if kernel is not None else expected[unchanged_row, col]
     assert torch.equal(bits(dense), bits(expected))
 
 

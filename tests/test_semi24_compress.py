@@ -7,7 +7,17 @@ import os
 
 import pytest
 import torch
-from helpers import ALL_DTYPES, HAS_GPU, assert_bits_equal, backend_params, bits, device_for, random_semi24, run_python
+from helpers import (
+    ALL_DTYPES,
+    HAS_GPU,
+    assert_bits_equal,
+    backend_params,
+    bits,
+    device_for,
+    isa_params,
+    random_semi24,
+    run_python,
+)
 from torch.sparse._semi_structured_conversions import (
     sparse_semi_structured_from_dense_cutlass as torch_compress,
 )
@@ -19,13 +29,38 @@ import sparsekern
 from sparsekern import BackendUnavailableError
 from sparsekern.ops import _backend
 
-BACKENDS = backend_params("cpu", "reference", "triton", "cuda")
+
+def isa_backends(*names: str):
+    """backend_params, with "cpu" once per instruction set this machine runs ("cpu:avx2", ...): the C++ kernels'
+    AVX-512, AVX2 and portable paths are each checked against torch."""
+    params = []
+    for p in backend_params(*names):
+        if p.values[0] != "cpu":
+            params.append(p)
+            continue
+        for isa in isa_params():
+            params.append(pytest.param(f"cpu:{isa.values[0]}", marks=[*p.marks, *isa.marks], id=f"cpu-{isa.id}"))
+    return params
+
+
+@pytest.fixture
+def backend(request):
+    """The backend name of the param; "cpu:<isa>" runs the test with the CPU kernels forced to that ISA."""
+    name, _, isa = request.param.partition(":")
+    if not isa:
+        yield name
+        return
+    with sparsekern._extension.use_cpu_isa(isa):
+        yield name
+
+
+BACKENDS = isa_backends("cpu", "reference", "triton", "cuda")
 # minimum shapes, then odd multiples of them (not multiples of any power-of-two tile)
 SMALL_SHAPES = {
-    torch.float16: [(32, 64), (96, 192), (160, 320)],
-    torch.bfloat16: [(32, 64), (96, 192)],
-    torch.int8: [(16, 128), (48, 384), (80, 640)],
-    torch.float32: [(32, 32), (96, 96), (160, 224)],
+    torch.float16: [(32, 64), (96, 192), (160, 320), (32, 448)],
+    torch.bfloat16: [(32, 64), (96, 192), (64, 320)],
+    torch.int8: [(16, 128), (48, 384), (80, 640), (16, 1152)],
+    torch.float32: [(32, 32), (96, 96), (160, 224), (32, 416)],
 }
 SMALL = [
     pytest.param(dtype, shape, id=f"{str(dtype)[6:]}-{shape[0]}x{shape[1]}")
@@ -43,7 +78,7 @@ def assert_round_trip(restored: torch.Tensor, dense: torch.Tensor) -> None:
     assert bool((restored[~nonzero] == 0).all())
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype, shape", SMALL)
 def test_compress_bit_identical_to_torch(backend, dtype, shape):
     dense = random_semi24(*shape, dtype, device=device_for(backend))
@@ -53,21 +88,35 @@ def test_compress_bit_identical_to_torch(backend, dtype, shape):
     assert_bits_equal(meta, expected_meta)
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu", "reference"))
+@pytest.fixture(scope="module")
+def large_case():
+    """(dense, torch's (packed, meta)) per (shape, dtype), drawn and converted by torch once for all backends."""
+    cache = {}
+
+    def get(shape, dtype):
+        if (shape, dtype) not in cache:
+            dense = random_semi24(*shape, dtype)
+            cache.clear()  # one large case held at a time
+            cache[shape, dtype] = dense, torch_compress(dense)
+        return cache[shape, dtype]
+
+    return get
+
+
+@pytest.mark.parametrize("backend", isa_backends("cpu", "reference"), indirect=True)
 @pytest.mark.parametrize("shape", [(4096, 4096), (3072, 10240)], ids=["4096x4096", "3072x10240"])
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d)[6:])
-def test_compress_large_bit_identical(backend, shape, dtype):
+def test_compress_large_bit_identical(backend, shape, dtype, large_case):
     if backend == "reference" and dtype != torch.float16:
         pytest.skip("the large-shape reference run is covered once (fp16); the CPU kernel runs every dtype")
-    dense = random_semi24(*shape, dtype)
+    dense, (expected_packed, expected_meta) = large_case(shape, dtype)
     packed, meta = sparsekern.semi24_compress(dense, backend=backend)
-    expected_packed, expected_meta = torch_compress(dense)
     assert_bits_equal(packed, expected_packed)
     assert_bits_equal(meta, expected_meta)
     assert_round_trip(sparsekern.semi24_decompress(packed, meta, backend=backend), dense)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype, shape", SMALL)
 def test_decompress_round_trip(backend, dtype, shape):
     dense = random_semi24(*shape, dtype, device=device_for(backend))
@@ -88,7 +137,7 @@ def test_torch_fp32_to_dense_is_lossy():
     assert torch.equal(sparsekern.semi24_decompress(packed, meta, backend="reference"), dense)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_hand_written_codes(backend):
     device = device_for(backend)
     # every group [1, 0, 0, 2]: columns 0 and 3 -> code 0b1100, four codes per int16 -> 0xCCCC
@@ -111,7 +160,7 @@ def test_hand_written_codes(backend):
     assert torch.equal(meta.cpu(), torch.full((16, 4), 0x99999999 - 2**32, dtype=torch.int32))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=lambda d: str(d)[6:])
 def test_not_sparse_names_first_bad_group(backend, dtype):
     shape = SMALL_SHAPES[dtype][1]
@@ -125,7 +174,7 @@ def test_not_sparse_names_first_bad_group(backend, dtype):
         sparsekern.semi24_compress(dense, backend=backend)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
 def test_decompress_rejects_invalid_meta(backend):
     device = device_for(backend)
     packed, meta = sparsekern.semi24_compress(random_semi24(32, 64, torch.float16, device=device), backend=backend)

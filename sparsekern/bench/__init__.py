@@ -131,6 +131,13 @@ _BENCHES: dict[str, _Bench] = {
             "Exit code 1 when a conversion fails or is not bit-identical."
         ),
         dtypes=("fp16", "bf16", "int8", "fp32"),
+        add_arguments=lambda p: p.add_argument(
+            "--isa",
+            action="append",
+            choices=("avx512", "avx2", "baseline", "all"),
+            help="instruction set the C++ CPU kernels run, a row each; repeatable; all: every one this CPU has "
+            "(default: the one they run now, see `sparsekern info`)",
+        ),
     ),
     "linear": _Bench(
         module="sparsekern.bench.linear",

@@ -2,20 +2,32 @@
 
 Two parts:
 
-* conversions (every machine): ``semi24_compress`` / ``semi24_decompress`` per available backend against torch's
-  plain-tensor reference conversion (``torch.sparse._semi_structured_conversions``), with a bit-identity check of
-  every result;
+* conversions (every machine): ``semi24_compress`` / ``semi24_decompress`` per available backend (the C++ one once
+  per instruction set asked for with ``--isa``) against torch's plain-tensor reference conversion
+  (``torch.sparse._semi_structured_conversions``), with a bit-identity check of every result;
 * linear (only with a CUDA GPU of compute capability >= 8.0): dense ``F.linear(x, w)`` against the same pruned
   weight as a CUTLASS and a cuSPARSELt 2:4 tensor, at the shapes the 2:4 literature reports.
 
 Nothing is timed under the Triton interpreter: its timings say nothing about the speed of the kernel.
+
+Why conversion ratios used to swing 2x between runs (15.7x, 16.0x, 33.0x on one AVX2 machine): every call allocates
+its outputs, and whether those pages were fresh (page-faulted in 4 KiB at a time, ~8 us each on a 2-core VM: 36 ms
+for a 4096x4096 fp16 compress, more than its work) or recycled from what the process freed just before depended on
+the order of the calls; torch's reference, for its part, faults in hundreds of MiB of temporaries per call and
+varies with the load. So the conversions are timed in interleaved rounds (torch, then each backend and ISA, once
+per round), medians over rounds, with the minor page faults per call of each side reported; the C++ kernels
+allocate large outputs on 2 MiB huge pages (``csrc/include/sparsekern/cpu_alloc.h``), so their fresh outputs cost a
+few faults instead of thousands.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import resource
+import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +38,7 @@ import torch.nn.functional as F
 from torch.sparse import _semi_structured_conversions as torch_conversions
 
 import sparsekern
-from sparsekern import _semi24
+from sparsekern import _extension, _semi24
 from sparsekern.ops import _backend
 from sparsekern.ops.semi24_mask import group_topk_mask
 
@@ -169,61 +181,157 @@ def conversion_rows(
     backends: Sequence[tuple[str, str]],
     settings: Settings,
     progress: bool = True,
+    isas: Sequence[str] | None = None,
 ) -> list[dict[str, Any]]:
-    """Time compress and decompress per (weight, dtype, backend) against torch's reference conversion.
+    """Time compress and decompress per (weight, dtype, backend, ISA) against torch's reference conversion.
 
+    ``isas``: the instruction sets the C++ backend runs, each a row of its own (default: the one it runs now).
     Compress results are compared bit for bit with torch's (packed, meta). Decompress runs on torch's
     (packed, meta) and is compared with torch's to_dense, except fp32, where torch's to_dense is lossy
     (torch 2.14) and the original dense weight is the oracle. A failing case becomes a row saying why.
     """
+    isas = list(isas) if isas else [current_isa()]
     devices = sorted({device for _, device in backends})
     cases = [(w, d, dev) for dev in devices for w in weights for d in dtypes]
     rows: list[dict[str, Any]] = []
     for weight, dtype_name, device in harness.progress(cases, "semi24 conversions", progress):
-        on_device = [b for b, d in backends if d == device]
-        rows += _conversion_case(weight, dtype_name, device, on_device, settings)
+        runs = [(b, isa if b == "cpu" else None) for b, d in backends if d == device for isa in isas]
+        runs = list(dict.fromkeys(runs))  # one run per non-CPU backend, whatever the ISAs
+        rows += _conversion_case(weight, dtype_name, device, runs, settings)
     return rows
 
 
+def current_isa() -> str:
+    """The instruction set the C++ CPU kernels run now ("none" without the extension)."""
+    return _extension.cpu_isa().split()[0] if _extension.available() else "none"
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+@dataclass
+class _Series:
+    """The per-round samples of one timed function."""
+
+    fn: Any
+    isa: str | None = None
+    seconds: list[float] = dataclasses.field(default_factory=list)  # one per round: the mean of its calls
+    faults: list[float] = dataclasses.field(default_factory=list)  # minor page faults per call, per round
+    calls: int = 0
+    first: harness.Stats | None = None  # the warm-up call, with its peak memory
+    error: str | None = None
+
+    def call(self) -> Any:
+        if self.isa is None:
+            return self.fn()
+        with _extension.use_cpu_isa(self.isa):
+            return self.fn()
+
+    def stats(self) -> harness.Stats:
+        ordered = sorted(self.seconds)
+        if len(ordered) == 1:
+            q1 = median = q3 = ordered[0]
+        else:
+            q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        peak = self.first.peak_bytes if self.first else None
+        kind = self.first.memory_kind if self.first else "not measured"
+        return harness.Stats(median, q1, q3, ordered[0], ordered[-1], self.calls, peak, kind)
+
+
+def time_rounds(series: Sequence[_Series], settings: Settings, device: str) -> None:
+    """Time the functions in interleaved rounds (each once per round, or repeatedly for ``min_time / repeat``
+    when fast), so load from other processes and the allocator's state hit all of them alike. The first function
+    is the baseline: rounds stop after ``repeat`` of them, or after 3 once its samples total ``max_time``."""
+    for s in series:
+        try:
+            s.first = harness.measure(s.call, warmup=1, repeat=1, device=device)  # warm-up (and peak memory)
+        except Exception as exc:  # noqa: BLE001 -- reported in the table
+            s.error = _failure(exc)
+    block = settings.min_time / settings.repeat
+    live = [s for s in series if s.error is None]
+    while live:
+        for s in live:
+            calls, faults, start = 0, _minor_faults(), time.perf_counter()
+            while True:
+                try:
+                    s.call()
+                except Exception as exc:  # noqa: BLE001
+                    s.error = _failure(exc)
+                    break
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                calls += 1
+                elapsed = time.perf_counter() - start
+                if elapsed >= block:
+                    break
+            if s.error is None:
+                s.seconds.append(elapsed / calls)
+                s.faults.append((_minor_faults() - faults) / calls)
+                s.calls += calls
+        base = series[0]
+        n = len(base.seconds)
+        total = sum(base.seconds)
+        capped = settings.max_time is not None and total >= settings.max_time and n >= min(3, settings.repeat)
+        live = [s for s in live if s.error is None]
+        if n >= settings.repeat or capped or base.error is not None:
+            break
+
+
 def _conversion_case(
-    weight: Weight, dtype_name: str, device: str, backends: Sequence[str], settings: Settings
+    weight: Weight, dtype_name: str, device: str, runs: Sequence[tuple[str, str | None]], settings: Settings
 ) -> list[dict[str, Any]]:
     dtype = DTYPES[dtype_name]
     base = {"weight": weight.label, "shape": list(weight.shape), "dtype": dtype_name, "device": device}
-    kw = settings.kwargs(device)
     from_dense = torch_conversions.sparse_semi_structured_from_dense_cutlass
     to_dense = torch_conversions.sparse_semi_structured_to_dense_cutlass
     try:
         dense = pruned_weight(weight.shape, dtype, device)
-        torch_c = harness.measure(lambda: from_dense(dense), **kw)
         packed, meta = from_dense(dense)
-        torch_d = harness.measure(lambda: to_dense(packed, meta), **kw)
         checked_against = "input" if dtype == torch.float32 else "torch"
         oracle = dense if checked_against == "input" else to_dense(packed, meta)
     except Exception as exc:  # noqa: BLE001 -- reported in the table
         return [{**base, "op": op, "backend": "torch reference", "error": _failure(exc)} for op in OPS]
 
-    rows = []
-    for backend in backends:
-        row = {**base, "op": "compress", "backend": backend, "torch": torch_c.to_dict(), "checked_against": "torch"}
-        try:
-            stats = harness.measure(lambda b=backend: sparsekern.semi24_compress(dense, backend=b), **kw)
-            ours = sparsekern.semi24_compress(dense, backend=backend)
-            identical = bits_equal(ours[0], packed) and bits_equal(ours[1], meta)
-            row.update(stats=stats.to_dict(), ratio=torch_c.median / stats.median, bit_identical=identical)
-        except Exception as exc:  # noqa: BLE001
-            row["error"] = _failure(exc)
-        rows.append(row)
+    def ours(op: str, backend: str):
+        if op == "compress":
+            return lambda: sparsekern.semi24_compress(dense, backend=backend)
+        return lambda: sparsekern.semi24_decompress(packed, meta, backend=backend)
 
-        row = {**base, "op": "decompress", "backend": backend, "torch": torch_d.to_dict()}
-        row["checked_against"] = checked_against
-        try:
-            stats = harness.measure(lambda b=backend: sparsekern.semi24_decompress(packed, meta, backend=b), **kw)
-            identical = bits_equal(sparsekern.semi24_decompress(packed, meta, backend=backend), oracle)
-            row.update(stats=stats.to_dict(), ratio=torch_d.median / stats.median, bit_identical=identical)
-        except Exception as exc:  # noqa: BLE001
-            row["error"] = _failure(exc)
-        rows.append(row)
+    rows = []
+    for op in OPS:
+        torch_fn = (lambda: from_dense(dense)) if op == "compress" else (lambda: to_dense(packed, meta))
+        series = [_Series(torch_fn)] + [_Series(ours(op, b), isa) for b, isa in runs]
+        time_rounds(series, settings, device)
+        ref = series[0]
+        for (backend, isa), s in zip(runs, series[1:], strict=True):
+            row = {**base, "op": op, "backend": backend, "isa": isa or "-"}
+            row["checked_against"] = "torch" if op == "compress" else checked_against
+            if ref.error is not None or s.error is not None:
+                row["error"] = s.error or f"torch reference {ref.error}"
+                rows.append(row)
+                continue
+            try:
+                got = s.call()
+                if op == "compress":
+                    identical = bits_equal(got[0], packed) and bits_equal(got[1], meta)
+                else:
+                    identical = bits_equal(got, oracle)
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = _failure(exc)
+                rows.append(row)
+                continue
+            ratios = [a / b for a, b in zip(ref.seconds, s.seconds, strict=True)]
+            row.update(
+                torch=ref.stats().to_dict(),
+                stats=s.stats().to_dict(),
+                ratio=ref.stats().median / s.stats().median,
+                ratio_rounds=[min(ratios), max(ratios)],
+                faults_per_call=statistics.median(s.faults),
+                torch_faults_per_call=statistics.median(ref.faults),
+                bit_identical=identical,
+            )
+            rows.append(row)
     return rows
 
 
@@ -313,53 +421,45 @@ def conversion_section(op: str, rows: list[dict[str, Any]]) -> harness.Section:
         "dtype",
         "device",
         "backend",
+        "ISA",
         "ms median (IQR)",
         "torch ref ms median (IQR)",
-        "torch ref / backend",
+        "torch ref / backend (rounds' range)",
         "bit-identical",
         "checked against",
+        "page faults / call backend / torch",
         "peak MiB backend / torch",
     ]
     table = []
     for r in rows:
         if r["op"] != op:
             continue
-        stats, ref = _stats(r.get("stats")), _stats(r.get("torch"))
+        head = [r["weight"], r["dtype"], r["device"], r["backend"], r.get("isa", "-")]
         if "error" in r:
-            table.append(
-                [
-                    r["weight"],
-                    r["dtype"],
-                    r["device"],
-                    r["backend"],
-                    r["error"],
-                    harness.fmt_ms(ref),
-                    "-",
-                    "-",
-                    r.get("checked_against", "-"),
-                    "-",
-                ]
-            )
+            table.append([*head, r["error"], "-", "-", "-", r.get("checked_against", "-"), "-", "-"])
             continue
-        memory = f"{harness.fmt_mib(stats.peak_bytes)} / {harness.fmt_mib(ref.peak_bytes)}"
+        stats, ref = _stats(r.get("stats")), _stats(r.get("torch"))
+        low, high = r["ratio_rounds"]
         table.append(
             [
-                r["weight"],
-                r["dtype"],
-                r["device"],
-                r["backend"],
+                *head,
                 harness.fmt_ms(stats),
                 harness.fmt_ms(ref),
-                harness.fmt_ratio(r["ratio"]),
+                f"{harness.fmt_ratio(r['ratio'])} ({low:.3g}-{high:.3g})",
                 _yes_no(r["bit_identical"]),
                 r["checked_against"],
-                memory,
+                f"{r['faults_per_call']:.0f} / {r['torch_faults_per_call']:.0f}",
+                f"{harness.fmt_mib(stats.peak_bytes)} / {harness.fmt_mib(ref.peak_bytes)}",
             ]
         )
     torch_fn = f"sparse_semi_structured_{'from_dense' if op == 'compress' else 'to_dense'}_cutlass"
     notes = [
         f"torch ref = torch.sparse._semi_structured_conversions.{torch_fn}, timed on the same tensors in the same "
-        "run; torch ref / backend above 1x means the backend is faster."
+        "rounds (interleaved: torch, then each backend and ISA); torch ref / backend is the ratio of the medians "
+        "(above 1x: the backend is faster), with the lowest and highest ratio of a single round.",
+        "Every call allocates fresh outputs, as a user's call does (none is reused across calls); page faults / "
+        "call is the median number of minor page faults per call, the cost of first touching those outputs "
+        "(and torch's temporaries). The C++ kernels put outputs of 2 MiB or more on transparent huge pages.",
     ]
     if op == "decompress":
         notes.append(
@@ -437,8 +537,11 @@ def run_semi24(
     backends: Sequence[str] | None = None,
     linear: bool = True,
     progress: bool = True,
+    isas: Sequence[str] | None = None,
 ) -> tuple[int, str]:
     """Run both parts, write ``<out>/<name>.md`` and ``.json``; returns (exit code, markdown).
+
+    ``isas``: the instruction sets the C++ CPU backend is timed with, a row each (default: the one it runs now).
 
     The exit code is 1 when a conversion failed or was not bit-identical (a sparsekern bug), else 0; a linear
     case that torch or cuSPARSELt refuses is reported in its row and does not change the exit code.
@@ -458,10 +561,14 @@ def run_semi24(
             f"(seen: {gpu_seen}). Every timing below is on the CPU ({env['cpu']}, {env['torch_threads']} "
             "torch threads); CPU timings are noisy, so compare ratios within this run."
         )
-    cap = "" if settings.max_time is None else f", cut short once they total {settings.max_time} s and 3 have run"
+    cap = ""
+    if settings.max_time is not None:
+        cap = f" (fewer, at least 3, once the torch reference's total {settings.max_time} s)"
     notes.append(
-        f"Timing: {settings.warmup} warm-up call(s), then {settings.repeat} timed calls, continued until they "
-        f"total {settings.min_time} s{cap}; median and interquartile range (IQR) in ms."
+        f"Timing: one warm-up call each, then {settings.repeat} interleaved rounds (each round times every "
+        f"function once, or repeatedly for {settings.min_time / settings.repeat:.3g} s when faster, and counts the "
+        f"mean){cap}; median and "
+        "interquartile range (IQR) over rounds, in ms."
     )
     notes += [f"Not timed: backend `{name}`: {why}." for name, why in skipped.items()]
     notes.append(
@@ -469,7 +576,7 @@ def run_semi24(
         "memory the allocator kept from earlier calls is reused unseen), on CUDA the rise of "
         "torch.cuda.max_memory_allocated."
     )
-    conv = conversion_rows(weights, dtypes, run_backends, settings, progress)
+    conv = conversion_rows(weights, dtypes, run_backends, settings, progress, isas)
     sections = [conversion_section(op, conv) for op in OPS]
     lin: list[dict[str, Any]] = []
     if gpu and linear:
@@ -484,6 +591,7 @@ def run_semi24(
         "notes": notes,
         "gpu_measured": bool(gpu and linear),
         "settings": dataclasses.asdict(settings),
+        "isas": list(isas) if isas else [current_isa()],
         "skipped_backends": skipped,
         "conversions": conv,
         "linear": lin,
@@ -502,11 +610,20 @@ def run(args: argparse.Namespace) -> int:
         repeat=args.repeat or (3 if quick else 5), warmup=1, min_time=0.05, max_time=2.0 if quick else 10.0
     )
     dtypes = args.dtype or list(DTYPES)
+    isas = args.isa or None
+    if isas and "all" in isas:
+        isas = _extension.available_isas()
+    for isa in isas or ():
+        if isa not in _extension.available_isas():
+            have = ", ".join(_extension.available_isas()) or f"none: {_extension.unavailable_reason}"
+            print(f"sparsekern bench semi24: --isa {isa}: this CPU runs {have}", file=sys.stderr)
+            return 2
     code, markdown = run_semi24(
         weights=QUICK_WEIGHTS if quick else WEIGHTS,
         dtypes=list(dict.fromkeys(dtypes)),
         settings=settings,
         out=args.out,
+        isas=list(dict.fromkeys(isas)) if isas else None,
     )
     print(markdown)
     print(f"wrote {Path(args.out) / 'semi24.md'} and {Path(args.out) / 'semi24.json'}")

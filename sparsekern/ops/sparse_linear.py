@@ -86,6 +86,12 @@ class DenseWorkspace:
     The backward's full (n_out, n_in) weight gradient, of which only the nonzeros are kept, goes to a second
     buffer kept here too (2 x n_out x n_in elements in all, as nn.Linear's weight and its gradient): a fresh one
     per backward costs the page faults of a new allocation, 18 ms of a 195 ms step at 4096x4096 fp32 on this VM.
+
+    What the dense path costs beyond its GEMMs (forward+backward, 4096x4096 at density 0.5, B=256, fp32, Zen 4,
+    torch.profiler on one thread): the GEMMs 93.4%, the gather of dW 3.2%, the scatter 2.3%. Both copies are bound
+    by memory traffic (the dense matrix and the int32 columns; vector gathers were 2x slower than scalar loads),
+    so at small batches the path stays ~5% behind F.linear; a per-topology bitmap of the mask in place of the
+    columns (a compress/expand per row) is the next step.
     """
 
     def __init__(self) -> None:

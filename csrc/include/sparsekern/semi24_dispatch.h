@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 
@@ -72,6 +73,14 @@ void check_no_bad_code(int64_t bad, int64_t k) {
   const int64_t row = bad / groups_per_row, col = (bad % groups_per_row) * Fmt::kGroup;
   TORCH_CHECK_VALUE(false, "semi24_decompress: meta holds an invalid code for row ", row, ", columns ", col, "..",
                     col + Fmt::kGroup - 1, " (not produced by semi24_compress?)");
+}
+
+// Rows per CPU task: whole 32-row blocks (each metadata tile of a task lands in one contiguous run of the output),
+// and at least ~1 MiB of dense input, so a small matrix runs on the calling thread: waking a second thread costs
+// more than it saves there, and on an oversubscribed machine it can wait a whole time slice for it.
+inline int64_t rows_per_task(int64_t k, int64_t elem_bytes) {
+  const int64_t rows = (int64_t{1} << 20) / std::max<int64_t>(1, k * elem_bytes);
+  return std::max<int64_t>(32, (rows + 31) / 32 * 32);
 }
 
 // Lowers `target` to `value` if smaller (CPU threads merging their first bad group).
