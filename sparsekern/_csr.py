@@ -109,6 +109,15 @@ def csr_from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.T
     return row_ptr, (flat - rows * n_cols).to(torch.int32)
 
 
+def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(merged, at_a, at_b): the union of two disjoint ascending int64 tensors, ascending, and where each entry
+    of ``a`` and of ``b`` lands in it. One sort of the concatenation (torch's radix sort of int64 beats the two
+    binary searches a merge would take by 2-3x on the CPU) and its inverse permutation."""
+    merged, order = torch.cat([a, b]).sort()
+    slot = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+    return merged, slot[: a.numel()], slot[a.numel() :]
+
+
 def transpose_index(
     row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -117,11 +126,12 @@ def transpose_index(
     from .reference import csr_rows
 
     rows = csr_rows(row_ptr)
-    perm = torch.sort(col_idx.long(), stable=True).indices  # stable: rows stay ascending within a column
-    counts = torch.bincount(col_idx.long(), minlength=n_cols)
+    # stable: rows stay ascending within a column; int32 keys sort about twice as fast as int64 ones
+    perm = torch.sort(col_idx, stable=True).indices
+    counts = torch.bincount(col_idx, minlength=n_cols)
     ptr = torch.zeros(n_cols + 1, dtype=torch.int64, device=row_ptr.device)
     torch.cumsum(counts, 0, out=ptr[1:])
-    return ptr, rows[perm].to(torch.int32), perm
+    return ptr, rows.index_select(0, perm).to(torch.int32), perm
 
 
 class CSRIndex(NamedTuple):
@@ -148,6 +158,19 @@ class CSRIndex(NamedTuple):
     def from_mask(cls, mask: torch.Tensor) -> CSRIndex:
         row_ptr, col_idx = csr_from_mask(mask)
         return cls.from_csr(row_ptr, col_idx, mask.shape[1])
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, n_out: int, n_in: int) -> CSRIndex:
+        """The index of the positions ``flat`` (row * n_in + col, int64, ascending, unique; not checked)."""
+        return cls.from_csr(*csr_from_flat(flat, n_out, n_in), n_in)
+
+    @classmethod
+    def pattern(cls, flat: torch.Tensor, n_out: int, n_in: int) -> CSRIndex:
+        """The CSR of the positions ``flat`` (ascending, unique; not checked) without the transposed index (its
+        fields are empty): a pattern to read, such as outer_topk's ``exclude``, not an index to multiply with."""
+        row_ptr, col_idx = csr_from_flat(flat, n_out, n_in)
+        none = torch.zeros(0, dtype=torch.int64, device=flat.device)
+        return cls(row_ptr, col_idx, none, none.to(torch.int32), none, n_out, n_in)
 
     @classmethod
     def from_csr(cls, row_ptr: torch.Tensor, col_idx: torch.Tensor, n_in: int) -> CSRIndex:

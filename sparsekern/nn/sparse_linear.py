@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .._csr import CSRIndex, csr_from_flat, random_flat, sorted_contains
+from .._csr import CSRIndex, merge_sorted, random_flat, sorted_contains
 from .._validate import check_tensor
 from ..ops.sparse_linear import DenseWorkspace, sparse_linear
 
@@ -45,16 +46,32 @@ class TopologyUpdate:
     grown: torch.Tensor
     nnz: int
 
+    @classmethod
+    def merge(
+        cls, old_flat: torch.Tensor, keep: torch.Tensor, added: torch.Tensor
+    ) -> tuple[torch.Tensor, TopologyUpdate]:
+        """(new flat indices, update) for keeping the old connections ``old_flat[keep]`` and adding ``added``.
+
+        old_flat: int64 ascending (the current connections); keep: bool aligned with it; added: int64 ascending,
+        none of them kept. Unchecked; one radix sort of the new connections' flat indices."""
+        new_flat, at_kept, at_added = merge_sorted(old_flat[keep], added)
+        old_to_new = torch.full_like(old_flat, -1).masked_scatter_(keep, at_kept)
+        return new_flat, cls(old_to_new, at_added, new_flat.numel())
+
+    @functools.cached_property
+    def _moves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(old slots, new slots) of the kept connections, computed once for every tensor :meth:`apply` carries."""
+        old = (self.old_to_new >= 0).nonzero().reshape(-1)
+        return old, self.old_to_new.index_select(0, old)
+
     def apply(self, old: torch.Tensor) -> torch.Tensor:
         """Carry a per-nonzero tensor (old nnz, ...) over to the new topology: kept slots move, new slots are 0."""
         if old.shape[:1] != self.old_to_new.shape:
             raise ValueError(
                 f"TopologyUpdate.apply: expected a tensor of {self.old_to_new.numel()} rows, got {tuple(old.shape)}"
             )
-        new = old.new_zeros((self.nnz, *old.shape[1:]))
-        kept = self.old_to_new >= 0
-        new[self.old_to_new[kept]] = old[kept]
-        return new
+        src, dst = self._moves
+        return old.new_zeros((self.nnz, *old.shape[1:])).index_copy_(0, dst, old.index_select(0, src))
 
 
 class SparseLinear(nn.Module):
@@ -108,7 +125,7 @@ class SparseLinear(nn.Module):
         if mask is None:  # uniform random positions, without anything of n_out * n_in entries
             numel = in_features * out_features
             flat = random_flat(numel, _nnz(_check_sparsity(fn, sparsity), numel), device=device)
-            index = CSRIndex.from_csr(*csr_from_flat(flat, out_features, in_features), in_features)
+            index = CSRIndex.from_flat(flat, out_features, in_features)
         else:
             index = CSRIndex.from_mask(_check_mask(fn, mask, (out_features, in_features)).to(device))
         self._set_index(index)
@@ -263,22 +280,24 @@ class SparseLinear(nn.Module):
             raise ValueError(f"{fn}: grow names connection {bad}, which is active and not dropped")
 
         keep = ~sorted_contains(drop_sorted, old_flat) | sorted_contains(grow_sorted, old_flat)  # a regrown one stays
-        added = grow_sorted[~grow_active]
-        new_flat = torch.cat([old_flat[keep], added]).sort().values  # CSR order == ascending flat index
-        row_ptr, col_idx = csr_from_flat(new_flat, self.out_features, self.in_features)
-        index = CSRIndex.from_csr(row_ptr, col_idx, self.in_features)
-        old_to_new = torch.full_like(old_flat, -1)
-        old_to_new[keep] = torch.searchsorted(new_flat, old_flat[keep])
-        grown = torch.searchsorted(new_flat, added)
-        update = TopologyUpdate(old_to_new, grown, index.nnz)
+        new_flat, update = TopologyUpdate.merge(old_flat, keep, grow_sorted[~grow_active])
+        self._apply_topology(new_flat, update)
+        return update
 
-        # Everything is computed; now change the layer (nothing above touched it).
+    @torch.no_grad()
+    def _apply_topology(self, flat: torch.Tensor, update: TopologyUpdate) -> None:
+        """Make ``flat`` (int64 row * in_features + col, ascending, unique, in range) the connections and carry
+        ``values`` and its gradient over by ``update`` (from the current connections to ``flat``).
+
+        Unchecked: the one path by which the topology changes, for :meth:`update_topology` (after its checks)
+        and for the training methods, whose plans are right by construction. Everything is built before the
+        layer changes, so an error (out of memory) leaves it as it was."""
+        index = CSRIndex.from_flat(flat, self.out_features, self.in_features)
         new_values = update.apply(self.values.data)
         new_grad = update.apply(self.values.grad) if self.values.grad is not None else None
         self._set_index(index)
         self.values.data = new_values
         self.values.grad = new_grad
-        return update
 
     # -- state_dict: the topology may differ from this layer's current one ----------------------------------
     def _load_from_state_dict(

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import abc
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .._csr import csr_from_flat, random_positions
-from ..nn.sparse_linear import SparseLinear
-from ..ops.outer_topk import outer_topk
+from .._csr import CSRIndex, random_positions, sorted_contains
+from ..nn.sparse_linear import SparseLinear, TopologyUpdate
+from ..ops.outer_topk import PRECISIONS, outer_topk
 from ._optim_state import carry_state, check_state
 
 GROW_MODES = ("gradient", "random")
@@ -47,6 +46,15 @@ def is_masked(module: nn.Module) -> bool:
     )
 
 
+def check_precision(fn: str, precision) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(
+            f"{fn}: precision must be one of {', '.join(map(repr, PRECISIONS))} (outer_topk's grow scores), "
+            f"got {precision!r}"
+        )
+    return precision
+
+
 @dataclass(frozen=True)
 class DropGrowPlan:
     """One layer's update, computed before anything changes (all flat indices int64, ascending)."""
@@ -54,37 +62,27 @@ class DropGrowPlan:
     dropped: torch.Tensor  # active connections removed by the drop
     grown: torch.Tensor  # positions added by the grow (may include dropped ones, which then stay)
     active: torch.Tensor  # the connections after the update
+    update: TopologyUpdate  # old slot -> new slot (in the ascending order of the active connections)
 
     @property
     def n(self) -> int:
         return self.dropped.numel()
 
 
-def select_drop(active: torch.Tensor, values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dropped, kept): the n smallest |values| of the ``active`` flat indices (ascending, aligned with values),
-    ties to the lower index, and the rest; both ascending."""
+def select_drop(values: torch.Tensor, n: int) -> torch.Tensor:
+    """bool aligned with ``values`` (the active connections in ascending flat order): True at the n smallest
+    |values|, ties to the lower index."""
     magnitude = values.detach().abs()
     if magnitude.element_size() < 4:
         magnitude = magnitude.float()  # exact, and kthvalue covers it everywhere
-    drop = torch.zeros(active.numel(), dtype=torch.bool, device=active.device)
-    if n > 0:
-        # O(nnz) instead of a sort: everything below the n-th smallest |w|, then the lowest-index ties at it
-        threshold = torch.kthvalue(magnitude, n).values
-        drop = magnitude < threshold
-        ties = (magnitude == threshold).nonzero().reshape(-1)[: n - int(drop.sum())]
-        drop[ties] = True
-    return active[drop], active[~drop]  # boolean selection keeps the ascending order
-
-
-def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The union of two disjoint ascending int64 tensors, ascending, in O(len(a) + len(b) log len(a))."""
-    at_b = torch.searchsorted(a, b) + torch.arange(b.numel(), device=b.device)  # b's slots in the merged order
-    from_b = torch.zeros(a.numel() + b.numel(), dtype=torch.bool, device=a.device)
-    from_b[at_b] = True
-    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
-    out[from_b] = b
-    out[~from_b] = a
-    return out
+    if n == 0:
+        return torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
+    # O(nnz) instead of a sort: everything below the n-th smallest |w|, then the lowest-index ties at it
+    threshold = torch.kthvalue(magnitude, n).values
+    drop = magnitude < threshold
+    ties = (magnitude == threshold).nonzero().reshape(-1)[: n - int(drop.sum())]
+    drop[ties] = True
+    return drop
 
 
 def grow_from_scores(scores: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
@@ -140,23 +138,32 @@ class _Layer(abc.ABC):
         """bool mask of the weight's shape."""
 
     @abc.abstractmethod
-    def grow_by_gradient(self, kept: torch.Tensor, n: int, batches, group) -> torch.Tensor:
+    def grow_by_gradient(self, kept: torch.Tensor, n: int, batches, group, precision: str) -> torch.Tensor:
         """The n positions outside ``kept`` with the largest |dL/dW| (ascending)."""
 
     @abc.abstractmethod
     def commit(self, plan: DropGrowPlan, optimizer) -> None:
-        """Apply a plan to the layer and, if given, the optimizer state."""
+        """Apply a plan to the layer and, if given, the optimizer state (nothing to check: it cannot fail)."""
 
-    def plan(self, n: int, grow: str, *, batches=None, generator=None, group=None) -> DropGrowPlan:
+    def plan(
+        self, n: int, grow: str, *, batches=None, generator=None, group=None, precision: str = "fast"
+    ) -> DropGrowPlan:
+        """The update, the new topology included, computed once and without changing anything."""
         active = self.active()
         if not 0 <= n <= active.numel():
             raise ValueError(f"drop_and_grow: n must lie in [0, active connections={active.numel()}], got {n}")
-        dropped, kept = select_drop(active, self.active_values(), n)
+        drop = select_drop(self.active_values(), n)
+        dropped, kept = active[drop], active[~drop]  # boolean selection keeps the ascending order
         if grow == "gradient":
-            grown = self.grow_by_gradient(kept, n, batches, group)
+            grown = self.grow_by_gradient(kept, n, batches, group, precision)
         else:
             grown = grow_random(kept, self.numel, n, generator)
-        return DropGrowPlan(dropped, grown, merge_sorted(kept, grown))
+        # A dropped connection grown again keeps its slot (and value); the others are added.
+        regrown = sorted_contains(dropped, grown)
+        keep = ~drop
+        keep[torch.searchsorted(active, grown[regrown])] = True
+        new_active, update = TopologyUpdate.merge(active, keep, grown[~regrown])
+        return DropGrowPlan(dropped, grown, new_active, update)
 
 
 class CompressedLayer(_Layer):
@@ -180,28 +187,29 @@ class CompressedLayer(_Layer):
     def mask(self) -> torch.Tensor:
         return self.module.mask
 
-    def grow_by_gradient(self, kept, n, batches, group) -> torch.Tensor:
+    def grow_by_gradient(self, kept, n, batches, group, precision) -> torch.Tensor:
         if not batches:
             raise ValueError(
                 "drop_and_grow: no inputs and output gradients were recorded for this SparseLinear; run forward "
                 "and backward (in training mode, with autograd on) before the update step"
             )
-        x = torch.cat([b[0] for b in batches])
-        g = torch.cat([b[1] for b in batches])
+        x = torch.cat([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
+        g = torch.cat([b[1] for b in batches]) if len(batches) > 1 else batches[0][1]
         n_out, n_in = self.shape
         if x.shape[1:] != (n_in,) or g.shape[1:] != (n_out,) or x.shape[0] != g.shape[0]:
             raise ValueError(
                 f"drop_and_grow: x must be (B, {n_in}) and g (B, {n_out}), got {tuple(x.shape)} and {tuple(g.shape)}"
             )
-        exclude = _csr_pattern(kept, n_out, n_in)
+        # The kept connections as a plain CSR: outer_topk reads it as it is (ascending rows and columns).
+        exclude = CSRIndex.pattern(kept, n_out, n_in)
         g = g.to(x.dtype)
-        index, _ = outer_topk(x, g, n, exclude=exclude, group=group)
+        index, _ = outer_topk(x, g, n, exclude=exclude, group=group, precision=precision)
         return index.sort().values
 
     def commit(self, plan: DropGrowPlan, optimizer) -> None:
-        update = self.module.update_topology(drop=plan.dropped, grow=plan.grown)
+        self.module._apply_topology(plan.active, plan.update)
         if optimizer is not None:
-            carry_state(optimizer, self.module.values, update.apply)
+            carry_state(optimizer, self.module.values, plan.update.apply)
 
 
 class MaskedLayer(_Layer):
@@ -225,7 +233,7 @@ class MaskedLayer(_Layer):
     def mask(self) -> torch.Tensor:
         return self.module.weight_mask.clone()
 
-    def grow_by_gradient(self, kept, n, batches, group) -> torch.Tensor:
+    def grow_by_gradient(self, kept, n, batches, group, precision) -> torch.Tensor:
         grad = self.module.weight.grad
         if grad is None:
             raise ValueError("drop_and_grow: the masked weight has no gradient; run backward before the update step")
@@ -254,15 +262,6 @@ class MaskedLayer(_Layer):
             self.module.weight.mul_(self.module.weight_mask)
 
 
-def _csr_pattern(flat: torch.Tensor, n_out: int, n_in: int) -> torch.Tensor:
-    """A sparse CSR tensor with nonzeros at the (ascending) flat indices: outer_topk's exclusion, O(nnz)."""
-    crow, col = csr_from_flat(flat, n_out, n_in)
-    ones = torch.ones(flat.numel(), dtype=torch.float32, device=flat.device)
-    with warnings.catch_warnings():  # torch's "sparse CSR support is in beta" notice; only the pattern is read
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, col.long(), ones, (n_out, n_in), check_invariants=False)
-
-
 def as_layer(module: nn.Module) -> _Layer:
     """The training view of a SparseLinear or of a module masked by ``sparsify(layout="masked")``."""
     if isinstance(module, SparseLinear):
@@ -285,6 +284,7 @@ def drop_and_grow(
     generator: torch.Generator | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     group=None,
+    precision: str = "fast",
 ) -> DropGrowPlan:
     """Drop the ``n`` smallest-magnitude connections of one sparse layer and grow ``n`` new ones (RigL / SET).
 
@@ -305,13 +305,17 @@ def drop_and_grow(
         optimizer: if given, its per-parameter state follows the update (see :mod:`._optim_state`).
         group: a ``torch.distributed`` process group: the grow scores of a SparseLinear use every rank's batch
             (``outer_topk(group=...)``); a masked layer's gradient is assumed all-reduced already (DDP).
+        precision: the arithmetic of a SparseLinear's grow scores, passed to :func:`sparsekern.outer_topk`:
+            "fast" (default: the fastest of the device, deterministic on one backend, within a stated rounding
+            bound of float64) or "exact" (one rounding order, bit-identical on every backend). A masked layer
+            reads its dense gradient, whatever this says.
 
     Returns:
         the :class:`DropGrowPlan` that was applied (dropped, grown and resulting active flat indices).
 
     Raises:
         TypeError: a layer of another kind, or an optimizer whose state cannot follow.
-        ValueError: n out of range, missing x/g or gradient, non-finite scores, bad ``grow``.
+        ValueError: n out of range, missing x/g or gradient, non-finite scores, bad ``grow`` or ``precision``.
 
     Example::
 
@@ -326,6 +330,7 @@ def drop_and_grow(
     fn = "drop_and_grow"
     if grow not in GROW_MODES:
         raise ValueError(f"{fn}: grow must be one of {GROW_MODES}, got {grow!r}")
+    check_precision(fn, precision)
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"{fn}: n must be an int, got {type(n).__name__}")
     target = as_layer(layer)
@@ -344,6 +349,6 @@ def drop_and_grow(
         ]
     if optimizer is not None:
         check_state(fn, optimizer, [target.param])
-    plan = target.plan(n, grow, batches=batches, generator=generator, group=group)
+    plan = target.plan(n, grow, batches=batches, generator=generator, group=group, precision=precision)
     target.commit(plan, optimizer)
     return plan

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..nn.sparse_linear import SparseLinear
+from .._csr import sorted_contains
+from ..nn.sparse_linear import SparseLinear, TopologyUpdate
 from .drop_grow import CompressedLayer, as_layer
 from .sparsifier import Sparsifier, _verify_across_ranks
 from .sparsify import LAYOUTS, LayerReport, SparsityReport, _unwrap, sparse_layers, sparsify, sparsity_report
@@ -456,9 +457,9 @@ def _set_topology(layer, keep: torch.Tensor, dense: torch.Tensor) -> None:
     if isinstance(layer, CompressedLayer):
         module: SparseLinear = layer.module
         old = layer.active()
-        drop = old[~torch.isin(old, keep)]
-        grow = keep[~torch.isin(keep, old)]
-        module.update_topology(drop=drop, grow=grow)
+        # the same unchecked path as RigL's commit: keep is ascending and unique by construction
+        new_flat, update = TopologyUpdate.merge(old, sorted_contains(keep, old), keep[~sorted_contains(old, keep)])
+        module._apply_topology(new_flat, update)
         # A new Parameter: autograd keeps a per-tensor gradient accumulator that checks the old size (a DDP
         # reducer holds it alive), so resizing the old one would break the next backward under a new wrapper.
         module.values = nn.Parameter(flat[keep].clone(), requires_grad=module.values.requires_grad)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ._optim_state import check_optimizer, check_state
-from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer
+from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer, check_precision
 from .schedule import UpdateSchedule
 from .sparsify import SparsityReport, _unwrap, sparse_layers, sparsity_report
 
@@ -205,6 +205,7 @@ class SNIP(Sparsifier):
 
 class _DropGrow(Sparsifier):
     grow = "gradient"
+    precision = "fast"  # outer_topk's, for a gradient grow on SparseLinear layers
 
     def __init__(
         self,
@@ -239,7 +240,12 @@ class _DropGrow(Sparsifier):
                 continue  # a dense layer: the grow could only give back what the drop took
             n = self.schedule.n_drop(step, layer.count())
             plans[name] = layer.plan(
-                n, self.grow, batches=self._batches(name), generator=self._generator(), group=self.group
+                n,
+                self.grow,
+                batches=self._batches(name),
+                generator=self._generator(),
+                group=self.group,
+                precision=self.precision,
             )
         return plans
 
@@ -320,10 +326,15 @@ class RigL(_DropGrow):
         delta_t, alpha, t_end: the :class:`UpdateSchedule` (defaults 100, 0.3, 0.75 as in the paper).
         keep_optimizer_step: also take the optimizer step on update steps (the new masks are chosen from the
             weights and gradients before that step and applied after it).
+        precision: the arithmetic of the grow scores on SparseLinear layers (:func:`sparsekern.outer_topk`):
+            "fast" (default: the fastest of the device, the same bits run to run and on every rank, within a
+            stated rounding bound of float64) or "exact" (one rounding order, bit-identical on every backend and
+            device). Part of ``state_dict()``'s configuration; masked layers use their dense gradient either way.
 
     Raises:
-        as :class:`Static`, and ValueError for bad schedule values; ``step()`` raises ValueError when an update
-        step has no recorded gradient (no backward) or non-finite scores, leaving everything unchanged.
+        as :class:`Static`, and ValueError for bad schedule values or precision; ``step()`` raises ValueError
+        when an update step has no recorded gradient (no backward) or non-finite scores, leaving everything
+        unchanged.
 
     Example::
 
@@ -339,12 +350,16 @@ class RigL(_DropGrow):
     """
 
     def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
-                 keep_optimizer_step=False, group=None):  # fmt: skip
+                 keep_optimizer_step=False, precision: str = "fast", group=None):  # fmt: skip
+        self.precision = check_precision("RigL", precision)
         super().__init__(model, optimizer, total_steps=total_steps, delta_t=delta_t, alpha=alpha, t_end=t_end,
                          keep_optimizer_step=keep_optimizer_step, group=group)  # fmt: skip
         for name, layer in self.layers.items():
             if isinstance(layer, CompressedLayer):
                 self._hooks.append(layer.module.register_forward_hook(self._recorder(name)))
+
+    def _config(self) -> dict:
+        return {**super()._config(), "precision": self.precision}
 
     def _recorder(self, name: str):
         def record(module, args, output):
