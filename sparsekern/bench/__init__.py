@@ -3,7 +3,8 @@
 Each benchmark is one module here with a ``run(args) -> int``; it is listed in ``_BENCHES`` with its help text
 and dtypes, and optionally a function adding options of its own (``linear``'s sweep axes). This file imports
 neither torch nor the modules, so building the command line stays fast.
-To add one (``grow``): write ``sparsekern/bench/<name>.py`` with ``run(args)`` and add a ``_Bench``.
+To add one (``grow``): write ``sparsekern/bench/<name>.py`` with ``run(args)`` and add a ``_Bench``. To let it force
+an instruction set, add :func:`add_isa_argument` to its options and run it inside ``harness.isa_context(args)``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["add_bench_arguments", "add_linear_arguments", "positive_float", "positive_int", "run_bench", "size_pair"]
+__all__ = [
+    "CPU_ISAS",
+    "add_bench_arguments",
+    "add_isa_argument",
+    "add_linear_arguments",
+    "positive_float",
+    "positive_int",
+    "run_bench",
+    "size_pair",
+]
 
 
 @dataclass(frozen=True)
@@ -70,6 +80,25 @@ def size_pair(form: str, example: str):
         return first, second
 
     return parse
+
+
+# sparsekern._extension.ISAS, widest first (repeated here: building the command line must not import torch; a test
+# checks that they agree).
+CPU_ISAS = ("avx512", "avx2", "baseline")
+
+
+def add_isa_argument(parser: argparse.ArgumentParser, *, multiple: bool = False) -> None:
+    """Add ``--isa`` to a benchmark's parser: the instruction set the C++ CPU kernels are forced to, as
+    ``SPARSEKERN_CPU_ISA`` does (with ``multiple``: repeatable). argparse refuses unknown names; run the benchmark
+    inside :func:`sparsekern.bench.harness.isa_context`, which refuses an ISA this CPU lacks with a clear error."""
+    default = "every one this CPU runs" if multiple else "the widest this CPU runs"
+    parser.add_argument(
+        "--isa",
+        choices=CPU_ISAS,
+        action="append" if multiple else "store",
+        default=None,
+        help=f"instruction set of the C++ CPU kernels{'; repeatable' if multiple else ''} (default: {default})",
+    )
 
 
 LINEAR_MODES = ("fwd", "fwdbwd")
