@@ -32,7 +32,7 @@ class _Bench:
     module: str
     help: str
     description: str
-    dtypes: tuple[str, ...]
+    dtypes: tuple[str, ...]  # the choices of --dtype; empty: the benchmark has no --dtype (its dtypes are fixed)
     # Adds the benchmark's own options to its subcommand's parser (after the shared ones).
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
@@ -147,6 +147,18 @@ def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_micro_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sparsekern bench micro`` besides the shared ones."""
+    add_isa_argument(parser, multiple=True)
+    parser.add_argument(
+        "--calibrate",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run the whole set N times and print the floors table that those runs suggest (never fails on a floor)",
+    )
+
+
 _BENCHES: dict[str, _Bench] = {
     "semi24": _Bench(
         module="sparsekern.bench.semi24",
@@ -193,6 +205,20 @@ _BENCHES: dict[str, _Bench] = {
             help="sparsekern kernel to time (default: %(default)s; cuda and triton need a CUDA GPU)",
         ),
     ),
+    "micro": _Bench(
+        module="sparsekern.bench.micro",
+        help="CI's kernel microbenchmarks: each CPU op on each ISA as a ratio to its dense baseline, with floors",
+        description=(
+            "Times a short fixed set of cases (spmm forward; the sparse linear forward+backward, i.e. spmm, spmm dX "
+            "and sddmm; outer_topk fast and exact; csr_dense scatter+gather; the dense path; semi24_compress) on "
+            "every instruction set this CPU runs, each as a ratio to its dense baseline timed in the same process "
+            "in alternation (median over --repeat turns). Writes <out>/micro.md and <out>/micro.json. Exit code 1 "
+            "when a case fails or its ratio falls below its floor (see sparsekern/bench/micro.py for the floors and "
+            "how they were set), 2 when an --isa cannot run here."
+        ),
+        dtypes=(),
+        add_arguments=add_micro_arguments,
+    ),
 }
 
 
@@ -206,14 +232,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
             "--out", default="bench-results", help="directory for the .md and .json results (default: %(default)s)"
         )
         p.add_argument(
-            "--repeat", type=positive_int, default=None, help="timed calls per case (default: 5, or 3 with --quick)"
+            "--repeat",
+            "--repeats",
+            type=positive_int,
+            default=None,
+            help="timed calls per case (default: 5, or 3 with --quick; micro: turns of baseline and op, default 7)",
         )
-        p.add_argument(
-            "--dtype",
-            action="append",
-            choices=bench.dtypes,
-            help="dtype to run; repeat the option for several (default: all)",
-        )
+        if bench.dtypes:
+            p.add_argument(
+                "--dtype",
+                action="append",
+                choices=bench.dtypes,
+                help="dtype to run; repeat the option for several (default: all)",
+            )
         if bench.add_arguments is not None:
             bench.add_arguments(p)
 
