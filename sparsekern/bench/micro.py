@@ -24,17 +24,21 @@ both. A case's ratio is the median over the turns of baseline time / op time (ab
 
 Floors: a ratio below the floor of its (case, ISA) in ``FLOORS`` fails the run (exit code 1, a line naming the
 case, the ISA, the ratio and the floor); so does a case that raises. How they were set: ``sparsekern bench micro
---calibrate 5`` ran the whole set five times (2026-12-03, 777 s) on the 2-core development machine (AMD EPYC Zen 4,
-AVX-512, 2 torch threads, shared with other jobs: load average 8-10, this run got 36% of the two cores) and printed,
-per (case, ISA), FLOOR_FACTOR (0.55) times the lowest median ratio seen, rounded down to 2 significant digits; the
-range of the five median ratios is kept next to each floor. So a floor fails a kernel that lost about half its speed,
-not a noisy run. The avx2 and baseline figures come from forcing those ISAs on that AVX-512 machine; on a real
-AVX2-only CPU the dense baselines run AVX2 too, so its ratios differ: re-calibrate when CI runs on one. When a
+--calibrate 5``, twice (2026-12-03, 777 s and 779 s; the first with a one-call warm-up estimate of the block size,
+the second with today's), ran the whole set ten times in all on the 2-core development machine (AMD EPYC Zen 4,
+AVX-512, 2 torch threads, shared with other jobs: load average 8-12, each calibration got 36% of the two cores);
+per (case, ISA), the floor is FLOOR_FACTOR (0.55) times the lowest of the ten median ratios, rounded down to 2
+significant digits (``calibration_table`` of both calibrations' runs), and the range of the ten is kept next to it.
+Load inflates the slow baselines more than the quick ops (a quick op's turn has many calls to pick the fastest
+from), so the highs are loose; the lows are what the floors rest on. So a floor fails a kernel that lost about half
+its speed, not a noisy run. The avx2 and baseline figures come from forcing those ISAs on that AVX-512 machine; on a
+real AVX2-only CPU the dense baselines run AVX2 too, so its ratios differ: re-calibrate when CI runs on one. When a
 kernel gets faster (the AVX2 paths, outer_topk's fast precision) run the calibration again and paste the table it
 prints over ``FLOORS``. A (case, ISA) without a floor is reported as such and never fails.
 
-Runtime: one run of the set (3 ISAs) used 56 s of CPU time a run in that calibration (155 s of wall time on the
-loaded machine), so about 30-40 s on 2 idle cores; ``--quick`` (tiny shapes, no floors) takes seconds.
+Runtime: one run of the set (3 ISAs) used about 57 s of CPU time in those calibrations (155 s of wall time on the
+loaded machine; 210 s for a lone run under load 10-12), so about 30-40 s on 2 idle cores; ``--quick`` (tiny shapes,
+no floors) takes seconds.
 """
 
 from __future__ import annotations
@@ -179,52 +183,52 @@ QUICK: tuple[Case, ...] = (
     semi24_case((64, 128)),
 )
 
-# Written by `sparsekern bench micro --calibrate 5` (see the module docstring); paste a new table over this one.
+# Written by `sparsekern bench micro --calibrate 5` (twice, see the module docstring); paste a new table over this one.
 FLOORS: dict[str, dict[str, Floor]] = {
     "spmm fwd 1024->2048 B=256 90%": {
-        "avx512": Floor(2.2, observed=(4.01, 31.63)),
-        "avx2": Floor(1.8, observed=(3.37, 3.92)),
+        "avx512": Floor(2.1, observed=(4.00, 36.45)),
+        "avx2": Floor(1.8, observed=(3.32, 23.00)),
         "baseline": Floor(1.2, observed=(2.22, 4.77)),
     },
     "spmm fwd 2048->2048 B=256 95%": {
-        "avx512": Floor(2.8, observed=(5.14, 62.82)),
-        "avx2": Floor(2.9, observed=(5.40, 6.54)),
-        "baseline": Floor(2.9, observed=(5.42, 6.33)),
+        "avx512": Floor(2.8, observed=(5.14, 70.42)),
+        "avx2": Floor(2.8, observed=(5.17, 6.54)),
+        "baseline": Floor(2.7, observed=(4.93, 8.98)),
     },
     "linear fwd+bwd 1024->2048 B=256 90%": {
-        "avx512": Floor(0.73, observed=(1.34, 1.72)),
-        "avx2": Floor(0.69, observed=(1.27, 1.52)),
-        "baseline": Floor(0.63, observed=(1.15, 1.45)),
+        "avx512": Floor(0.71, observed=(1.29, 2.81)),
+        "avx2": Floor(0.65, observed=(1.19, 1.69)),
+        "baseline": Floor(0.63, observed=(1.15, 1.56)),
     },
     "linear fwd+bwd 2048->2048 B=256 95%": {
-        "avx512": Floor(1.3, observed=(2.40, 2.84)),
-        "avx2": Floor(1.1, observed=(2.17, 2.38)),
+        "avx512": Floor(1.2, observed=(2.20, 3.61)),
+        "avx2": Floor(1.1, observed=(2.06, 2.64)),
         "baseline": Floor(1.0, observed=(1.83, 2.24)),
     },
     "dense path fwd+bwd 1024->2048 B=256 50%": {
-        "avx512": Floor(0.44, observed=(0.80, 0.93)),
-        "avx2": Floor(0.39, observed=(0.72, 0.97)),
-        "baseline": Floor(0.4, observed=(0.74, 0.90)),
+        "avx512": Floor(0.4, observed=(0.74, 0.93)),
+        "avx2": Floor(0.37, observed=(0.68, 0.97)),
+        "baseline": Floor(0.37, observed=(0.68, 0.90)),
     },
     "outer_topk fast 2048x1024 B=256 90% α=0.3": {
-        "avx512": Floor(0.2, observed=(0.37, 0.48)),
-        "avx2": Floor(0.09, observed=(0.16, 0.31)),
-        "baseline": Floor(0.099, observed=(0.18, 0.33)),
+        "avx512": Floor(0.19, observed=(0.36, 1.44)),
+        "avx2": Floor(0.082, observed=(0.15, 0.31)),
+        "baseline": Floor(0.089, observed=(0.16, 0.33)),
     },
     "outer_topk exact 2048x1024 B=256 90% α=0.3": {
-        "avx512": Floor(0.21, observed=(0.38, 1.12)),
-        "avx2": Floor(0.1, observed=(0.19, 0.32)),
-        "baseline": Floor(0.1, observed=(0.20, 0.33)),
+        "avx512": Floor(0.19, observed=(0.35, 1.12)),
+        "avx2": Floor(0.083, observed=(0.15, 0.32)),
+        "baseline": Floor(0.087, observed=(0.16, 0.33)),
     },
     "csr_dense scatter+gather 2048->2048 90%": {
-        "avx512": Floor(2.0, observed=(3.77, 151.00)),
-        "avx2": Floor(2.1, observed=(3.88, 11.38)),
-        "baseline": Floor(2.1, observed=(4.00, 46.33)),
+        "avx512": Floor(1.6, observed=(2.99, 151.00)),
+        "avx2": Floor(1.6, observed=(3.03, 17.68)),
+        "baseline": Floor(2.1, observed=(3.95, 248.07)),
     },
     "semi24_compress fp16 1024x1024": {
-        "avx512": Floor(40.0, observed=(73.24, 528.15)),
-        "avx2": Floor(50.0, observed=(91.27, 1090.04)),
-        "baseline": Floor(54.0, observed=(98.96, 375.16)),
+        "avx512": Floor(40.0, observed=(73.24, 704.29)),
+        "avx2": Floor(41.0, observed=(75.00, 1090.04)),
+        "baseline": Floor(54.0, observed=(98.96, 708.67)),
     },
 }
 
