@@ -3,7 +3,8 @@
 Each benchmark is one module here with a ``run(args) -> int``; it is listed in ``_BENCHES`` with its help text
 and dtypes, and optionally a function adding options of its own (``linear``'s sweep axes). This file imports
 neither torch nor the modules, so building the command line stays fast.
-To add one (``grow``): write ``sparsekern/bench/<name>.py`` with ``run(args)`` and add a ``_Bench``.
+To add one (``grow``): write ``sparsekern/bench/<name>.py`` with ``run(args)`` and add a ``_Bench``. To let it force
+an instruction set, add :func:`add_isa_argument` to its options and run it inside ``harness.isa_context(args)``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["add_bench_arguments", "add_linear_arguments", "positive_float", "positive_int", "run_bench", "size_pair"]
+__all__ = [
+    "CPU_ISAS",
+    "add_bench_arguments",
+    "add_isa_argument",
+    "add_linear_arguments",
+    "positive_float",
+    "positive_int",
+    "run_bench",
+    "size_pair",
+]
 
 
 @dataclass(frozen=True)
@@ -22,7 +32,7 @@ class _Bench:
     module: str
     help: str
     description: str
-    dtypes: tuple[str, ...]
+    dtypes: tuple[str, ...]  # the choices of --dtype; empty: the benchmark has no --dtype (its dtypes are fixed)
     # Adds the benchmark's own options to its subcommand's parser (after the shared ones).
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
 
@@ -72,6 +82,25 @@ def size_pair(form: str, example: str):
     return parse
 
 
+# sparsekern._extension.ISAS, widest first (repeated here: building the command line must not import torch; a test
+# checks that they agree).
+CPU_ISAS = ("avx512", "avx2", "baseline")
+
+
+def add_isa_argument(parser: argparse.ArgumentParser, *, multiple: bool = False) -> None:
+    """Add ``--isa`` to a benchmark's parser: the instruction set the C++ CPU kernels are forced to, as
+    ``SPARSEKERN_CPU_ISA`` does (with ``multiple``: repeatable). argparse refuses unknown names; run the benchmark
+    inside :func:`sparsekern.bench.harness.isa_context`, which refuses an ISA this CPU lacks with a clear error."""
+    default = "every one this CPU runs" if multiple else "the widest this CPU runs"
+    parser.add_argument(
+        "--isa",
+        choices=CPU_ISAS,
+        action="append" if multiple else "store",
+        default=None,
+        help=f"instruction set of the C++ CPU kernels{'; repeatable' if multiple else ''} (default: {default})",
+    )
+
+
 LINEAR_MODES = ("fwd", "fwdbwd")
 LINEAR_BACKENDS = ("cpu", "cuda", "triton", "reference")
 
@@ -115,6 +144,18 @@ def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="cut the timed calls of one function short once they total this long; a call this long is timed "
         "once or twice (default: 1.0, or 0.2 with --quick)",
+    )
+
+
+def add_micro_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sparsekern bench micro`` besides the shared ones."""
+    add_isa_argument(parser, multiple=True)
+    parser.add_argument(
+        "--calibrate",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="run the whole set N times and print the floors table that those runs suggest (never fails on a floor)",
     )
 
 
@@ -180,6 +221,20 @@ _BENCHES: dict[str, _Bench] = {
             ),
         ),
     ),
+    "micro": _Bench(
+        module="sparsekern.bench.micro",
+        help="CI's kernel microbenchmarks: each CPU op on each ISA as a ratio to its dense baseline, with floors",
+        description=(
+            "Times a short fixed set of cases (spmm forward; the sparse linear forward+backward, i.e. spmm, spmm dX "
+            "and sddmm; outer_topk fast and exact; csr_dense scatter+gather; the dense path; semi24_compress) on "
+            "every instruction set this CPU runs, each as a ratio to its dense baseline timed in the same process "
+            "in alternation (median over --repeat turns). Writes <out>/micro.md and <out>/micro.json. Exit code 1 "
+            "when a case fails or its ratio falls below its floor (see sparsekern/bench/micro.py for the floors and "
+            "how they were set), 2 when an --isa cannot run here."
+        ),
+        dtypes=(),
+        add_arguments=add_micro_arguments,
+    ),
 }
 
 
@@ -193,14 +248,19 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
             "--out", default="bench-results", help="directory for the .md and .json results (default: %(default)s)"
         )
         p.add_argument(
-            "--repeat", type=positive_int, default=None, help="timed calls per case (default: 5, or 3 with --quick)"
+            "--repeat",
+            "--repeats",
+            type=positive_int,
+            default=None,
+            help="timed calls per case (default: 5, or 3 with --quick; micro: turns of baseline and op, default 7)",
         )
-        p.add_argument(
-            "--dtype",
-            action="append",
-            choices=bench.dtypes,
-            help="dtype to run; repeat the option for several (default: all)",
-        )
+        if bench.dtypes:
+            p.add_argument(
+                "--dtype",
+                action="append",
+                choices=bench.dtypes,
+                help="dtype to run; repeat the option for several (default: all)",
+            )
         if bench.add_arguments is not None:
             bench.add_arguments(p)
 

@@ -1,11 +1,21 @@
-"""The shared benchmark harness: timing stats, peak memory, an environment stamp, markdown and JSON writers.
+"""The shared benchmark harness: timing stats, peak memory, an environment stamp, markdown and JSON writers, and
+forcing the instruction set of the C++ CPU kernels.
 
 Every benchmark (``sparsekern bench <name>``, ``benchmarks/sweep.py``) times through :func:`measure` and writes
 through :func:`write_report`, so every result file carries the same stamp and the same statistics.
+
+Every row names the instruction set the C++ CPU kernels ran: each :class:`Stats` records it when it is made
+(``cpu_isa``, so every timing in a JSON report carries it), and :func:`render_markdown` gives every table an ISA
+column (the section's ``isa``, else the environment stamp's). A benchmark that switches ISA inside one run (``bench
+micro``) adds its own ISA column or sets ``Section.isa`` per section. To let a benchmark force an ISA, add
+``sparsekern.bench.add_isa_argument`` to its parser (in ``sparsekern/bench/__init__.py``, which must not import
+torch) and run it inside :func:`isa_context`.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import ctypes
 import datetime
 import functools
@@ -16,12 +26,14 @@ import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .. import _extension
 
 # A safety net for min_time on functions that take nanoseconds.
 _MAX_SAMPLES = 10_000
@@ -39,6 +51,16 @@ class Stats:
     n: int
     peak_bytes: int | None = None
     memory_kind: str = "not measured"
+    # The instruction set the C++ CPU kernels ran when these timings were made (see :func:`current_isa`).
+    cpu_isa: str = field(default_factory=lambda: current_isa())
+
+    @classmethod
+    def from_samples(cls, samples: Sequence[float], n: int | None = None, **kwargs: Any) -> Stats:
+        """Median, quartiles, min and max of ``samples`` (seconds); ``n``: calls behind them (default: one each)."""
+        if not samples:
+            raise ValueError("Stats.from_samples: no samples")
+        q1, median, q3 = _quartiles(samples)
+        return cls(median, q1, q3, min(samples), max(samples), len(samples) if n is None else n, **kwargs)
 
     @property
     def iqr(self) -> float:
@@ -191,8 +213,7 @@ def measure(
             break
         if len(samples) >= repeat and total >= min_time:
             break
-    q1, median, q3 = _quartiles(samples)
-    return Stats(median, q1, q3, min(samples), max(samples), len(samples), peak.bytes, peak.kind)
+    return Stats.from_samples(samples, peak_bytes=peak.bytes, memory_kind=peak.kind)
 
 
 def progress(items: Sequence[Any], desc: str, enabled: bool = True) -> Iterable[Any]:
@@ -200,6 +221,54 @@ def progress(items: Sequence[Any], desc: str, enabled: bool = True) -> Iterable[
     from tqdm import tqdm
 
     return tqdm(items, desc=desc, unit="case", disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Instruction sets of the C++ CPU kernels
+
+
+def current_isa() -> str:
+    """The instruction set the C++ CPU kernels run now: "avx512", "avx2" or "baseline"; "none" without the
+    extension (every op then runs its plain-PyTorch reference); "refused: ..." when SPARSEKERN_CPU_ISA names one
+    this CPU lacks."""
+    return _extension.cpu_isa()
+
+
+def check_isa(name: str, option: str = "--isa") -> str:
+    """``name`` if the C++ CPU kernels can be forced to it here; else a ValueError naming ``option``, the ISA and
+    what this machine offers (unknown name, an ISA this CPU lacks, or no extension)."""
+    if name not in _extension.ISAS:
+        raise ValueError(f"{option}: expected one of {', '.join(_extension.ISAS)}, got {name!r}")
+    if not _extension.available():
+        raise ValueError(
+            f"{option} {name}: the C++ extension is not loaded ({_extension.unavailable_reason}), so no CPU kernel "
+            "can be forced to an instruction set"
+        )
+    have = _extension.available_isas()
+    if name not in have:
+        raise ValueError(f"{option} {name}: this CPU ({cpu_name()}) runs only {', '.join(have)}")
+    return name
+
+
+@contextlib.contextmanager
+def isa_context(args: argparse.Namespace | str | None) -> Iterator[str]:
+    """Run the body with the C++ CPU kernels forced to ``args.isa`` (or the ISA named directly; None: leave the
+    choice as it is) and restore the previous choice after. Yields the ISA that runs.
+
+    Raises:
+        ValueError: the ISA is unknown or this CPU or build cannot run it (see :func:`check_isa`).
+
+    Example::
+
+        >>> with harness.isa_context(args) as isa:  # doctest: +SKIP
+        ...     code = run_my_bench(args)            # every Stats and report row says `isa`
+    """
+    name = args if isinstance(args, str) or args is None else getattr(args, "isa", None)
+    if name is None:
+        yield current_isa()
+        return
+    with _extension.use_cpu_isa(check_isa(name)):
+        yield name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -303,22 +372,41 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 @dataclass
 class Section:
-    """One titled table of a report, with notes printed above it."""
+    """One titled table of a report, with notes printed above it. ``isa``: the instruction set its rows ran
+    (default: the environment stamp's ``extension_cpu_isa``); ignored when the table has an ISA column itself."""
 
     title: str
     headers: list[str]
     rows: list[list[Any]]
     notes: list[str]
+    isa: str | None = None
+
+
+ISA_HEADER = "ISA"
+
+
+def with_isa_column(section: Section, isa: str) -> tuple[list[str], list[list[Any]]]:
+    """The section's headers and rows with an ISA column, placed before its first timing column (a header with
+    "ms" in it: the timings are what the ISA explains) or last; unchanged when it has one."""
+    if ISA_HEADER in section.headers:
+        return list(section.headers), [list(row) for row in section.rows]
+    at = next((i for i, h in enumerate(section.headers) if "ms" in h.split()), len(section.headers))
+    headers = [*section.headers[:at], ISA_HEADER, *section.headers[at:]]
+    return headers, [[*row[:at], section.isa or isa, *row[at:]] for row in section.rows]
 
 
 def render_markdown(title: str, env: dict[str, Any], notes: Sequence[str], sections: Sequence[Section]) -> str:
+    """The report: title, notes, the environment stamp, then each section's table, every row naming its ISA."""
     stamp = ", ".join(f"{k}: {v}" for k, v in env.items())
     parts = [f"# {title}", "", *notes, "", f"Environment: {stamp}", ""]
+    isa = str(env.get("extension_cpu_isa") or current_isa())
+    isa = "none" if isa.startswith("not loaded") else isa
     for section in sections:
         parts += [f"## {section.title}", ""]
         if section.notes:
             parts += [*section.notes, ""]
-        parts += [markdown_table(section.headers, section.rows) if section.rows else "(no rows)", ""]
+        headers, rows = with_isa_column(section, isa)
+        parts += [markdown_table(headers, rows) if rows else "(no rows)", ""]
     return "\n".join(parts)
 
 
