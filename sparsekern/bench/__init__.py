@@ -164,6 +164,19 @@ _BENCHES: dict[str, _Bench] = {
             help="sparsekern kernel to time (default: %(default)s; cuda and triton need a CUDA GPU)",
         ),
     ),
+    "e2e": _Bench(
+        module="sparsekern.bench.e2e",
+        help="training end to end: wide MLP dense vs RigL on masked weights vs RigL on SparseLinear",
+        description=(
+            "Trains the MLP 64-4096-4096-10 on the UCI digits (B=256) dense, with RigL on masked dense weights and "
+            "with RigL on SparseLinear (the 4096x4096 layer at --sparsity, default 0.95; the small first and last "
+            "layers dense), for each seed back to back and for each --isa of the sparse kernels. Reports training "
+            "seconds per epoch, the speedup over dense and the test accuracy against DESIGN's goal. --repeat is "
+            "the number of seeds (default 3, 1 with --quick). Writes <out>/e2e.md and <out>/e2e.json."
+        ),
+        dtypes=("fp32",),
+        add_arguments=lambda p: importlib.import_module("sparsekern.bench.e2e").add_arguments(p),
+    ),
 }
 
 
