@@ -581,15 +581,17 @@ def plot(results: list[Result], path: Path, cfg: Config, wide: list[WideResult] 
     ax.grid(alpha=0.3)
     ax.legend()
     if wide:
-        bars = bx.bar([r.method for r in wide], [r.s_per_epoch for r in wide], color=["0.6", "tab:orange", "tab:green"])
+        names = [r.method + (f"\n{r.isa}" if r.isa else "") for r in wide]
+        colors = ["0.6", "tab:orange", *["tab:green"] * (len(wide) - 2)]
+        bars = bx.bar(names, [r.s_per_epoch for r in wide], color=colors)
         for bar, r in zip(bars, wide, strict=True):
             bx.annotate(f"{r.speedup:.2f}x, {r.accuracy:.1f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=9)  # fmt: skip
         bx.set_ylabel("training s per epoch (lower is faster)")
-        hidden = wide[0].runs[0].report or wide[-1].runs[0].report
-        size = hidden["layers"][0]["shape"] if hidden else ["?", "?"]
-        sp = f"{hidden['layers'][0]['sparsity']:.0%}" if hidden else ""
-        bx.set_title(f"wide MLP 64-{size[1]}-{size[0]}-10, RigL at {sp}: speed vs dense, accuracy")
+        layer = next(r.runs[0].report["layers"][0] for r in wide if r.runs[0].report)
+        n_out, n_in = layer["shape"]
+        bx.set_title(f"wide MLP 64-{n_in}-{n_out}-10, {n_in}x{n_out} at {layer['sparsity']:.0%}:\n"
+                     "s per epoch (speedup vs dense, test accuracy)", fontsize=10)  # fmt: skip
         bx.margins(y=0.15)
         bx.grid(alpha=0.3, axis="y")
     fig.tight_layout()
