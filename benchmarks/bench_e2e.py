@@ -7,7 +7,7 @@ per epoch than the same training dense at 95%, accuracy within the seeds' spread
 
 ``test_training`` times one whole run per method (the model and its sparsification built outside the timing; the
 test evaluation after each epoch is inside it, as it is for every method). ``test_e2e_goal`` runs
-:func:`sparsekern.training.demo.run_wide` (the demo's wide section: the three methods back to back per seed,
+:func:`sparsekern.training.demo.run_wide` (the demo's wide section: the runs of a seed take turns epoch by epoch,
 training time per epoch without the evaluation) on the ISA the process runs (``SPARSEKERN_CPU_ISA=avx2`` forces
 AVX2), records the figures and, in the full run, asserts the goal. ``sparsekern bench e2e`` is the same
 comparison with a markdown/JSON report and several ISAs in one run.

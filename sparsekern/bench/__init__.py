@@ -170,9 +170,9 @@ _BENCHES: dict[str, _Bench] = {
         description=(
             "Trains the MLP 64-4096-4096-10 on the UCI digits (B=256) dense, with RigL on masked dense weights and "
             "with RigL on SparseLinear (the 4096x4096 layer at --sparsity, default 0.95; the small first and last "
-            "layers dense), for each seed back to back and for each --isa of the sparse kernels. Reports training "
-            "seconds per epoch, the speedup over dense and the test accuracy against DESIGN's goal. --repeat is "
-            "the number of seeds (default 3, 1 with --quick). Writes <out>/e2e.md and <out>/e2e.json."
+            "layers dense), the runs of a seed taking turns epoch by epoch, the sparse one once per --isa. Reports "
+            "training seconds per epoch, the speedup over dense and the test accuracy against DESIGN's goal. "
+            "--repeat is the number of seeds (default 3, 1 with --quick). Writes <out>/e2e.md and <out>/e2e.json."
         ),
         dtypes=("fp32",),
         add_arguments=lambda p: importlib.import_module("sparsekern.bench.e2e").add_arguments(p),

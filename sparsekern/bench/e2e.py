@@ -1,7 +1,7 @@
 """``sparsekern bench e2e``: training end to end where sparse layers pay off (DESIGN §6, the last goal).
 
-Trains the MLP 64-4096-4096-10 on the embedded UCI digits (B=256, a few epochs) three ways, per seed back to
-back: dense (nn.Linear), RigL on masked dense weights (``sparsify(layout="masked")``) and RigL on
+Trains the MLP 64-4096-4096-10 on the embedded UCI digits (B=256, a few epochs) three ways, the runs of a seed
+taking turns epoch by epoch: dense (nn.Linear), RigL on masked dense weights (``sparsify(layout="masked")``) and RigL on
 :class:`~sparsekern.nn.SparseLinear` (the compressed layout), once per instruction set asked for (``--isa``:
 the sparse kernels' ISA; the dense and masked runs use torch's GEMM, whatever the CPU has). Only the 4096x4096
 layer is sparse (uniform at ``--sparsity``; the 64x4096 and 4096x10 layers are 1.8% of the weights and stay
@@ -86,7 +86,8 @@ def run_e2e(cfg: demo.WideConfig, isas: list[str | None], out: str | Path) -> tu
         "- dense and masked runs use torch's own GEMM (MKL/oneDNN at the widest ISA of this CPU), so a forced "
         "lower ISA of the sparse kernels is compared against a dense baseline an older CPU would not have",
         "- s/epoch: training time of the steps of every epoch (mask updates included, test evaluation excluded), "
-        "mean over the epochs of a run; speedup: dense s/epoch over the method's, per seed (runs back to back)",
+        "mean over the epochs of a run; speedup: dense s/epoch over the method's, per seed (the runs of a seed "
+        "take turns epoch by epoch)",
         "- every run of a seed starts from the same weights, mask and batch order; the two RigL runs differ only "
         "in their arithmetic",
         f"- 1-minute load average at the end: {load:.2f} on {env['cpu_count']} cores" if load is not None else "",

@@ -405,7 +405,7 @@ class WideResult:
 
     method: str
     runs: list[WideRun]
-    speedups: list[float]  # dense s/epoch over this method's, per seed (same seed, measured back to back)
+    speedups: list[float]  # dense s/epoch over this method's, per seed (runs taking turns epoch by epoch)
     isa: str | None = None  # rigl-sparse: the instruction set its kernels ran
 
     @property
