@@ -21,7 +21,6 @@ import os
 import pytest
 import torch
 
-from sparsekern import _extension
 from sparsekern.training.demo import (
     GOAL_SPEEDUP,
     WIDE_METHODS,
@@ -29,6 +28,7 @@ from sparsekern.training.demo import (
     _WideTrainer,
     load_split,
     run_wide,
+    sparse_kernels,
     wide_goal,
 )
 
@@ -50,7 +50,7 @@ def test_training(benchmark, method):
     setup = lambda: ((_WideTrainer(method, CFG, CFG.seed, data),), {})  # noqa: E731
     run = benchmark.pedantic(train, setup=setup, rounds=1 if QUICK else 2)
     benchmark.extra_info.update(
-        cpu_isa=_extension.cpu_isa(), s_per_epoch=run.s_per_epoch, accuracy=run.curve[-1], mask_updates=run.mask_updates
+        cpu_isa=sparse_kernels(), s_per_epoch=run.s_per_epoch, accuracy=run.curve[-1], mask_updates=run.mask_updates
     )
     assert len(run.curve) == CFG.epochs and 0 <= run.curve[-1] <= 100
     if method != "dense":
@@ -67,8 +67,8 @@ def test_e2e_goal(record_property):
         record_property(f"{r.method}_s_per_epoch", r.s_per_epoch)
         record_property(f"{r.method}_speedup", r.speedup)
         record_property(f"{r.method}_accuracy", r.accuracy)
-    record_property("cpu_isa", _extension.cpu_isa())
-    print(f"\n{GROUP}, {_extension.cpu_isa()}, {torch.get_num_threads()} threads: "
+    record_property("cpu_isa", sparse_kernels())
+    print(f"\n{GROUP}, {sparse_kernels()}, {torch.get_num_threads()} threads: "
           + "; ".join(f"{r.label} {r.s_per_epoch:.3f} s/epoch {r.speedup:.2f}x {r.accuracy:.2f}%" for r in results)
           + "\n" + "\n".join(goal))  # fmt: skip
     if not QUICK:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sparsekern import _extension, cli
-from sparsekern.training.demo import WIDE_METHODS, WideConfig, run_wide, wide_goal
+from sparsekern.training.demo import WIDE_METHODS, WideConfig, run_wide, sparse_kernels, wide_goal
 
 # 64-96-96-10: a few seconds for all runs; ΔT=4 over 6 epochs of 6 steps moves the masks 6 times before step 27
 TINY = dict(hidden=96, epochs=6, delta_t=4, sparsity=0.9)
@@ -28,7 +28,7 @@ def test_run_wide_rows_density_and_masks():
     cfg = WideConfig(**TINY, seeds=2)
     results = run_wide(cfg, echo=lambda line: None)
     assert [r.method for r in results] == list(WIDE_METHODS)
-    assert [r.isa for r in results] == [None, None, _extension.cpu_isa()]
+    assert [r.isa for r in results] == [None, None, sparse_kernels()]
     nnz = round((1 - cfg.sparsity) * cfg.hidden**2)
     for r in results:
         assert [run.seed for run in r.runs] == [0, 1] and len(r.speedups) == 2
@@ -60,7 +60,7 @@ def test_run_wide_isas_and_one_seed():
     isas = _extension.available_isas()[-2:] or [None]  # e.g. avx2 and baseline: each forced for its run
     cfg = WideConfig(**{**TINY, "epochs": 1, "hidden": 48, "delta_t": 2}, seeds=1, seed=3)
     results = run_wide(cfg, isas=isas, echo=lambda line: None)
-    expected = [None, None, *(isa or _extension.cpu_isa() for isa in isas)]
+    expected = [None, None, *(isa or sparse_kernels() for isa in isas)]
     assert [r.isa for r in results] == expected
     assert [r.method for r in results] == ["dense", "rigl-masked"] + ["rigl-sparse"] * len(isas)
     assert all(r.runs[0].seed == 3 and r.accuracy_sd == 0 for r in results)

@@ -459,13 +459,11 @@ def run_wide(cfg: WideConfig, *, isas: Sequence[str | None] = (None,), echo=prin
     per method and ISA: dense, rigl-masked, then rigl-sparse per ISA."""
     from tqdm.auto import tqdm
 
-    from .. import _extension
-
     cfg.check("run_wide")
     if not isas:
         raise ValueError("run_wide: isas must name at least one instruction set (None: the process's)")
     keys = [("dense", None), ("rigl-masked", None)]
-    keys += [("rigl-sparse", isa if isa is not None else _extension.cpu_isa()) for isa in isas]
+    keys += [("rigl-sparse", isa if isa is not None else sparse_kernels()) for isa in isas]
     given = [None, None, *isas]  # the ISA each run forces (None: the process's)
     runs: dict[tuple, list[WideRun]] = {key: [] for key in keys}
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
@@ -600,11 +598,15 @@ def plot(results: list[Result], path: Path, cfg: Config, wide: list[WideResult] 
 
 
 def _kernels() -> str:
+    isa = sparse_kernels()
+    return "the plain-PyTorch reference (no extension)" if isa == "reference" else f"the C++ kernels ({isa})"
+
+
+def sparse_kernels() -> str:
+    """What SparseLinear runs now: the C++ kernels' ISA ("avx512", "avx2", "baseline") or "reference"."""
     from .. import _extension
 
-    if not _extension.build_info()["loaded"]:
-        return "the plain-PyTorch reference (no extension)"
-    return f"the C++ kernels ({_extension.cpu_isa()})"
+    return _extension.cpu_isa() if _extension.available() else "reference"
 
 
 def _isa() -> dict:
