@@ -2,7 +2,7 @@
 per epoch than the same training dense at 95%, accuracy within the seeds' spread of RigL on masked weights).
 
     pytest benchmarks/bench_e2e.py --benchmark-enable        # MLP 64-4096-4096-10 on the digits, B=256, 10 epochs,
-                                                             # the 4096x4096 layer at 95%, RigL ΔT=10, 3 seeds
+                                                             # the 4096x4096 layer at 95%, RigL ΔT=10, 2 seeds
     SPARSEKERN_BENCH_QUICK=1 pytest benchmarks/bench_e2e.py   # CI smoke: 64-256-256-10, 3 epochs, 1 seed
 
 ``test_training`` times one whole run per method (the model and its sparsification built outside the timing; the

@@ -120,7 +120,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
     else:
         isas = default_isas()
-    args.seeds = args.repeat
+    args.seeds = args.repeat or (None if args.quick else 3)
     try:
         cfg = demo.wide_config(args, fn)
         demo.set_threads(fn, args.threads)
