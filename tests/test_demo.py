@@ -1,4 +1,4 @@
-"""`sparsekern demo` in its quick mode, and the embedded digits data set."""
+"""`sparsekern demo` in its quick mode (its table and the wide-MLP section), and the embedded digits data set."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from sparsekern import cli
 from sparsekern.data import load_digits
-from sparsekern.training.demo import METHODS
+from sparsekern.training.demo import METHODS, WIDE_METHODS
 
 
 def test_digits_data():
@@ -27,7 +27,8 @@ def test_demo_quick(tmp_path, capsys):
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    table = [line for line in out.splitlines() if line.split()[:1] and line.split()[0] in METHODS]
+    small, wide_text = out.split("wide MLP, where the sparse layers pay off")
+    table = [line for line in small.splitlines() if line.split()[:1] and line.split()[0] in METHODS]
     assert [line.split()[0] for line in table][-len(METHODS) :] == list(METHODS)
     results = json.loads((tmp_path / "results.json").read_text())
     by_method = {r["method"]: r for r in results["results"]}
@@ -45,9 +46,52 @@ def test_demo_quick(tmp_path, capsys):
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
+    # the wide-MLP section (quick: 64-256-256-10, 3 epochs, one seed), measured in this run
+    assert wide_text.startswith(": MLP 64-256-256-10, B=256, 3 epochs, the 256x256 layer at 95% sparsity")
+    wide_rows = [
+        line.split()[0] for line in wide_text.splitlines() if line.split()[:1] and line.split()[0] in WIDE_METHODS
+    ]
+    assert wide_rows == list(WIDE_METHODS)
+    assert "RigL on SparseLinear >= 4x dense per epoch" in wide_text
+    wide = results["wide"]
+    assert wide["config"]["hidden"] == 256 and wide["config"]["sparsity"] == 0.95 and wide["isa"]["cpu"]
+    assert [r["method"] for r in wide["results"]] == list(WIDE_METHODS)
+    for r in wide["results"]:
+        assert r["s_per_epoch"] > 0 and len(r["runs"]) == 1 and 0 <= r["accuracy"] <= 100
+        (run,) = r["runs"]
+        assert len(run["epoch_s"]) == 3 and len(run["curve"]) == 3
+        if r["method"] == "dense":
+            assert r["speedup_vs_dense"] == 1.0 and run["report"] is None
+        else:
+            (layer,) = run["report"]["layers"]
+            assert layer["nnz"] == round(0.05 * 256 * 256) and layer["shape"] == [256, 256]
+            assert run["mask_updates"] == 4 and run["mask_moved"] > 0
+    assert wide["results"][0]["accuracy"] > 50
+
+
+def test_demo_no_wide(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        argv = ["demo", "--quick", "--no-wide", "--methods", "dense", "--threads", "1", "--no-plot", "--out"]
+        assert cli.main([*argv, str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "wide MLP" not in out and "wide dense" not in out
+    assert json.loads((tmp_path / "results.json").read_text())["wide"] is None
+
 
 def test_demo_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="--methods must name some of"):
         cli.main(["demo", "--quick", "--methods", "dense,magic", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match=r"--sparsity must lie in \(0, 1\)"):
         cli.main(["demo", "--quick", "--sparsity", "1.5", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^sparsekern demo: --wide-hidden must be a positive int, got 0$"):
+        cli.main(["demo", "--quick", "--wide-hidden", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^sparsekern demo: --wide-sparsity must lie in \(0, 1\), got 0.0$"):
+        cli.main(["demo", "--quick", "--wide-sparsity", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^sparsekern demo: --wide-delta-t must be a positive int, got 0$"):
+        cli.main(["demo", "--quick", "--wide-delta-t", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"^sparsekern demo: --threads must be >= 1, got 0$"):
+        cli.main(["demo", "--quick", "--threads", "0", "--out", str(tmp_path)])
+    assert not (tmp_path / "results.json").exists()  # refused before anything ran

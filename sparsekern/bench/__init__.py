@@ -235,6 +235,19 @@ _BENCHES: dict[str, _Bench] = {
         dtypes=(),
         add_arguments=add_micro_arguments,
     ),
+    "e2e": _Bench(
+        module="sparsekern.bench.e2e",
+        help="training end to end: wide MLP dense vs RigL on masked weights vs RigL on SparseLinear",
+        description=(
+            "Trains the MLP 64-4096-4096-10 on the UCI digits (B=256) dense, with RigL on masked dense weights and "
+            "with RigL on SparseLinear (the 4096x4096 layer at --sparsity, default 0.95; the small first and last "
+            "layers dense), the runs of a seed taking turns epoch by epoch, the sparse one once per --isa. Reports "
+            "training seconds per epoch, the speedup over dense and the test accuracy against DESIGN's goal. "
+            "--repeat is the number of seeds (default 3, 1 with --quick). Writes <out>/e2e.md and <out>/e2e.json."
+        ),
+        dtypes=("fp32",),
+        add_arguments=lambda p: importlib.import_module("sparsekern.bench.e2e").add_arguments(p),
+    ),
 }
 
 

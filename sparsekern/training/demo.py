@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,28 +93,42 @@ def _batches(n: int, batch: int, generator: torch.Generator):
     return [order[i : i + batch] for i in range(0, n, batch)]
 
 
-def train(model, data, cfg: Config, *, sparsifier_factory=None, desc: str = "", on_step=None) -> list[float]:
-    """SGD with momentum and a cosine learning rate; ``sparsifier_factory(model, optimizer, total_steps)``
-    returns the sparsifier to step (None: plain optimizer steps). Returns the test accuracy after each epoch."""
-    from tqdm.auto import tqdm
-
+def epochs(model, data, cfg, *, sparsifier_factory=None, update_s: list | None = None):
+    """Training one epoch per ``next()``: SGD with momentum and a cosine learning rate over ``cfg.epochs`` epochs
+    (``cfg``: a :class:`Config` or :class:`WideConfig`); ``sparsifier_factory(model, optimizer, total_steps)``
+    returns the sparsifier to step (None: plain optimizer steps). Yields (seconds of the epoch's steps, test
+    accuracy after it); appends the seconds of each ``step()`` call that moved the masks to ``update_s``."""
     x_train, y_train, x_test, y_test = data
-    steps_per_epoch = math.ceil(len(y_train) / cfg.batch)
-    total = steps_per_epoch * cfg.epochs
+    total = math.ceil(len(y_train) / cfg.batch) * cfg.epochs
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total)
     sparsifier = sparsifier_factory(model, optimizer, total) if sparsifier_factory else None
     step = sparsifier.step if sparsifier is not None else optimizer.step
+    if update_s is not None and sparsifier is not None:
+
+        def step():
+            start = time.perf_counter()
+            if sparsifier.step():
+                update_s.append(time.perf_counter() - start)
+
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    curve = []
-    for _ in tqdm(range(cfg.epochs), desc=desc, leave=False, unit="epoch"):
+    for _ in range(cfg.epochs):
+        start = time.perf_counter()
         for idx in _batches(len(y_train), cfg.batch, generator):
             F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
             step()
             optimizer.zero_grad()
             schedule.step()
-        curve.append(accuracy(model, x_test, y_test))
-    return curve
+        seconds = time.perf_counter() - start
+        yield seconds, accuracy(model, x_test, y_test)
+
+
+def train(model, data, cfg: Config, *, sparsifier_factory=None, desc: str = "") -> list[float]:
+    """:func:`epochs` to the end, with a progress bar; returns the test accuracy after each epoch."""
+    from tqdm.auto import tqdm
+
+    run = epochs(model, data, cfg, sparsifier_factory=sparsifier_factory)
+    return [acc for _, acc in tqdm(run, total=cfg.epochs, desc=desc, leave=False, unit="epoch")]
 
 
 def layer_time_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float:
@@ -231,13 +246,335 @@ def format_table(results: list[Result]) -> str:
     )
 
 
-def plot(results: list[Result], path: Path, cfg: Config) -> None:
+# -- the wide MLP: where the sparse layers pay off ------------------------------------------------------------
+
+WIDE_METHODS = ("dense", "rigl-masked", "rigl-sparse")
+WIDE_LAYOUT = {"dense": "nn.Linear", "rigl-masked": "masked nn.Linear", "rigl-sparse": "SparseLinear"}
+# DESIGN §6: RigL on SparseLinear per epoch >= 4x the same training dense, for the 4096-wide MLP at 95%
+GOAL_SPEEDUP, GOAL_WIDTH, GOAL_SPARSITY = 4.0, 4096, 0.95
+
+
+@dataclass
+class WideConfig:
+    """The wide-MLP comparison: 64-hidden-hidden-10, the hidden x hidden layer at ``sparsity`` (uniform), the
+    small first and last layers dense (1.8% of the weights at hidden 4096, and the inputs/outputs every class
+    needs), trained dense, with RigL on masked dense weights and with RigL on SparseLinear."""
+
+    hidden: int = 4096
+    sparsity: float = 0.95
+    epochs: int = 10
+    batch: int = 256
+    lr: float = 0.2  # reaches ~97% dense and ~97% RigL at 95% in 10 epochs at width 4096 (0.1: ~97% / ~94%)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    # 1438 images / 256 = 6 steps per epoch, 60 in the run: RigL's ΔT=100 would never fire. ΔT=10 until 75% of the
+    # run moves the masks 4 times (steps 10, 20, 30, 40; a quarter of the connections in all), keeping the update
+    # steps to 1 in 15 (the paper's runs: 1 in 100); α=0.3 and the cosine decay are the paper's
+    delta_t: int = 10
+    t_end: float = 0.75
+    seed: int = 0
+    seeds: int = 2  # the demo's; ``sparsekern bench e2e`` runs 3
+
+    @classmethod
+    def quick(cls, **overrides) -> WideConfig:
+        base = dict(hidden=256, epochs=3, delta_t=3, seeds=1)
+        base.update(overrides)
+        return cls(**base)
+
+    def check(self, fn: str, names: Callable[[str], str] = str) -> WideConfig:
+        """Raise ValueError for any value the run cannot use, naming the field as ``names(field)`` (the command
+        line passes its option names); returns self."""
+        for name in ("hidden", "epochs", "batch", "delta_t", "seeds"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{fn}: {names(name)} must be a positive int, got {value!r}")
+        sparsity = self.sparsity
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
+            raise ValueError(f"{fn}: {names('sparsity')} must lie in (0, 1), got {sparsity!r}")
+        if round((1 - sparsity) * self.hidden * self.hidden) < 1:
+            raise ValueError(
+                f"{fn}: {names('sparsity')} {sparsity} leaves no nonzero in a {self.hidden}x{self.hidden} layer"
+            )
+        return self
+
+    @property
+    def sparse_layer(self) -> str:
+        return "2"  # make_mlp's hidden x hidden Linear
+
+    def describe(self) -> str:
+        h = self.hidden
+        return (
+            f"MLP 64-{h}-{h}-10, B={self.batch}, {self.epochs} epochs, the {h}x{h} layer at {self.sparsity:.0%} "
+            f"sparsity (uniform random start; 64x{h} and {h}x10 dense), SGD lr {self.lr} cosine, "
+            f"RigL ΔT={self.delta_t} steps until {self.t_end:.0%} of the run ({self.mask_updates()} mask updates, "
+            "α=0.3)"
+        )
+
+    def mask_updates(self) -> int:
+        """The mask updates of one run: every ``delta_t`` optimizer steps before ``t_end``."""
+        from .schedule import UpdateSchedule
+
+        total = math.ceil(len(load_split(self.seed)[1]) / self.batch) * self.epochs
+        schedule = UpdateSchedule(total, self.delta_t, t_end=self.t_end)
+        return sum(schedule.is_update(t) for t in range(1, total + 1))
+
+
+@dataclass
+class WideRun:
+    """One training run of the wide comparison."""
+
+    method: str
+    seed: int
+    epoch_s: list[float]  # training seconds of each epoch (steps only, the test evaluation excluded)
+    curve: list[float]  # test accuracy (%) after each epoch
+    report: dict | None = None  # sparsity_report of the trained model (None: dense)
+    mask_moved: float | None = None  # share of the initial nonzeros no longer active at the end (RigL)
+    mask_updates: int = 0  # RigL steps that moved the masks
+    update_s: float = 0.0  # seconds in the RigL steps that moved the masks (plan and commit), all epochs
+
+    @property
+    def update_s_per_epoch(self) -> float:
+        return self.update_s / len(self.epoch_s)
+
+    @property
+    def s_per_epoch(self) -> float:
+        return float(np.mean(self.epoch_s))
+
+
+class _WideTrainer:
+    """One run of the wide comparison, trained an epoch at a time (so the runs of a seed can take turns)."""
+
+    def __init__(self, method: str, cfg: WideConfig, seed: int, data, isa: str | None = None):
+        from . import RigL, sparsify
+
+        self.isa = isa  # the sparse kernels' instruction set for this run (None: as the process has it)
+        self.model = make_mlp(cfg.hidden, seed)
+        self.held: dict = {}
+        factory = None
+        if method != "dense":
+            layout = "compressed" if method == "rigl-sparse" else "masked"
+            generator = torch.Generator().manual_seed(seed)  # same mask and weights for both layouts
+            sparsify(self.model, cfg.sparsity, distribution="uniform", include=cfg.sparse_layer, layout=layout,
+                     generator=generator, rescale=True)  # fmt: skip
+
+            def factory(m, o, total):
+                self.held["rigl"] = RigL(m, o, total_steps=total, delta_t=cfg.delta_t, t_end=cfg.t_end)
+                self.held["start"] = self.held["rigl"].state_dict()["active"]
+                return self.held["rigl"]
+
+        self.update_s: list[float] = []
+        run_cfg = dataclasses.replace(cfg, seed=seed)
+        self.epochs = epochs(self.model, data, run_cfg, sparsifier_factory=factory, update_s=self.update_s)
+        self.run = WideRun(method, seed, [], [])
+
+    def epoch(self) -> None:
+        if self.isa is None:
+            seconds, acc = next(self.epochs)
+        else:
+            from .._extension import use_cpu_isa
+
+            with use_cpu_isa(self.isa):
+                seconds, acc = next(self.epochs)
+        self.run.epoch_s.append(seconds)
+        self.run.curve.append(acc)
+
+    def finish(self) -> WideRun:
+        from . import sparsity_report
+
+        run = self.run
+        run.update_s, run.mask_updates = sum(self.update_s), len(self.update_s)
+        if "rigl" in self.held:
+            run.report = sparsity_report(self.model).to_dict()
+            start, end = self.held["start"], self.held["rigl"].state_dict()["active"]
+            kept = sum(int(torch.isin(start[name], end[name]).sum()) for name in end)
+            run.mask_moved = 1.0 - kept / sum(a.numel() for a in start.values())
+            self.held["rigl"].remove()
+        return run
+
+
+def _wide_run(method: str, cfg: WideConfig, seed: int, data, isa: str | None = None) -> WideRun:
+    """One run of ``method`` on its own."""
+    trainer = _WideTrainer(method, cfg, seed, data, isa)
+    for _ in range(cfg.epochs):
+        trainer.epoch()
+    return trainer.finish()
+
+
+@dataclass
+class WideResult:
+    """One method of the wide comparison over the seeds."""
+
+    method: str
+    runs: list[WideRun]
+    speedups: list[float]  # dense s/epoch over this method's, per seed (runs taking turns epoch by epoch)
+    isa: str | None = None  # rigl-sparse: the instruction set its kernels ran
+
+    @property
+    def label(self) -> str:
+        return WIDE_LAYOUT[self.method] + (f" ({self.isa})" if self.isa else "")
+
+    @property
+    def accuracies(self) -> list[float]:
+        return [r.curve[-1] for r in self.runs]
+
+    @property
+    def accuracy(self) -> float:
+        return float(np.mean(self.accuracies))
+
+    @property
+    def accuracy_sd(self) -> float:
+        return float(np.std(self.accuracies)) if len(self.runs) > 1 else 0.0
+
+    @property
+    def s_per_epoch(self) -> float:
+        return float(np.median([r.s_per_epoch for r in self.runs]))
+
+    @property
+    def update_s_per_epoch(self) -> float:
+        return float(np.median([r.update_s_per_epoch for r in self.runs]))
+
+    @property
+    def speedup(self) -> float:
+        return float(np.median(self.speedups))
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "layout": WIDE_LAYOUT[self.method],
+            "isa": self.isa,
+            "s_per_epoch": self.s_per_epoch,
+            "speedup_vs_dense": self.speedup,
+            "speedups": self.speedups,
+            "accuracy": self.accuracy,
+            "accuracy_sd": self.accuracy_sd,
+            "accuracies": self.accuracies,
+            "update_s_per_epoch": self.update_s_per_epoch,
+            "runs": [dataclasses.asdict(r) | {"s_per_epoch": r.s_per_epoch} for r in self.runs],
+        }
+
+
+def run_wide(cfg: WideConfig, *, isas: Sequence[str | None] = (None,), echo=print) -> list[WideResult]:
+    """Train the wide MLP dense, with RigL on masked weights and with RigL on SparseLinear (once per entry of
+    ``isas``: the sparse kernels' instruction set, None for the process's), for each seed; the runs of a seed
+    take turns epoch by epoch, so a slow spell of a shared machine hits every method. One :class:`WideResult`
+    per method and ISA: dense, rigl-masked, then rigl-sparse per ISA."""
+    from tqdm.auto import tqdm
+
+    cfg.check("run_wide")
+    if not isas:
+        raise ValueError("run_wide: isas must name at least one instruction set (None: the process's)")
+    keys = [("dense", None), ("rigl-masked", None)]
+    keys += [("rigl-sparse", isa if isa is not None else sparse_kernels()) for isa in isas]
+    given = [None, None, *isas]  # the ISA each run forces (None: the process's)
+    runs: dict[tuple, list[WideRun]] = {key: [] for key in keys}
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        data = load_split(seed)
+        # the runs of a seed take turns epoch by epoch, so a slow spell of a shared machine hits every method
+        trainers = [_WideTrainer(m, cfg, seed, data, isa) for (m, _), isa in zip(keys, given, strict=True)]
+        with tqdm(total=cfg.epochs * len(keys), desc=f"wide MLP seed {seed}", leave=False, unit="epoch") as bar:
+            for _ in range(cfg.epochs):
+                for trainer in trainers:
+                    trainer.epoch()
+                    bar.update()
+        for (method, isa), trainer in zip(keys, trainers, strict=True):
+            run = trainer.finish()
+            runs[method, isa].append(run)
+            name = f"{method} ({isa})" if isa else method
+            echo(f"  wide {name} seed {seed}: {run.s_per_epoch:.3f} s/epoch, {run.curve[-1]:.2f}%")
+    dense = [r.s_per_epoch for r in runs["dense", None]]
+    return [
+        WideResult(method, rs, [d / r.s_per_epoch for d, r in zip(dense, rs, strict=True)], isa)
+        for (method, isa), rs in runs.items()
+    ]
+
+
+def wide_goal(results: list[WideResult]) -> list[str]:
+    """The DESIGN §6 end-to-end goal, judged on this run: lines of text."""
+    masked = next(r for r in results if r.method == "rigl-masked")
+    lines = []
+    for sparse in (r for r in results if r.method == "rigl-sparse"):
+        speed = "met" if sparse.speedup >= GOAL_SPEEDUP else "NOT met"
+        lines.append(
+            f"goal ({sparse.isa}): RigL on SparseLinear >= {GOAL_SPEEDUP:g}x dense per epoch: {sparse.speedup:.2f}x, "
+            f"{speed}"
+        )
+        if len(masked.runs) < 2:
+            lines.append(f"goal ({sparse.isa}): accuracy within the seeds' spread of RigL on masked weights: needs 2 "
+                         "or more seeds")  # fmt: skip
+            continue
+        # the spread: the range of the per-seed accuracies of either RigL run
+        spread = max(max(r.accuracies) - min(r.accuracies) for r in (sparse, masked))
+        gap = abs(sparse.accuracy - masked.accuracy)
+        lines.append(
+            f"goal ({sparse.isa}): accuracy within the seeds' spread of RigL on masked weights: mean gap {gap:.2f} "
+            f"points, spread (range over seeds) {spread:.2f}, {'met' if gap <= spread else 'NOT met'}"
+        )
+    layer = masked.runs[0].report["layers"][0]
+    if layer["shape"] != [GOAL_WIDTH, GOAL_WIDTH] or round(layer["sparsity"], 3) != GOAL_SPARSITY:
+        n_out, n_in = layer["shape"]
+        lines.append(
+            f"(the goal is set for the {GOAL_WIDTH}x{GOAL_WIDTH} layer at {GOAL_SPARSITY:.0%}; this run's "
+            f"{n_out}x{n_in} at {layer['sparsity']:.0%} only shows the figures)"
+        )
+    return lines
+
+
+def format_wide_table(results: list[WideResult]) -> str:
+    head = ["method", "layers", "s/epoch", "updates s/epoch", "vs dense", "test acc %", "sp hidden", "masks moved"]
+    rows = [head]
+    for r in results:
+        spread = f" ({min(r.speedups):.2f}-{max(r.speedups):.2f})" if len(r.speedups) > 1 else ""
+        first = r.runs[0]
+        hidden = next((layer for layer in (first.report or {}).get("layers", [])), None)
+        rows.append([
+            r.method,
+            r.label,
+            f"{r.s_per_epoch:.3f}",
+            f"{r.update_s_per_epoch:.3f}" if first.report else "",
+            f"{r.speedup:.2f}x{spread}",
+            f"{r.accuracy:.2f} ± {r.accuracy_sd:.2f}",
+            f"{hidden['sparsity']:.4f}" if hidden else "0",
+            f"{np.mean([x.mask_moved for x in r.runs]):.1%}" if first.mask_moved is not None else "",
+        ])  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.rjust(w) if i > 1 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+        for row in rows
+    )
+
+
+def wide_section(cfg: WideConfig, results: list[WideResult]) -> tuple[str, dict]:
+    """The printed section (title, table, notes, goal lines) and its JSON."""
+    seeds = f"seed {cfg.seed}" if cfg.seeds == 1 else f"seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}"
+    text = "\n".join([
+        f"wide MLP, where the sparse layers pay off: {cfg.describe()}; {seeds}",
+        format_wide_table(results),
+        "s/epoch: training time per epoch (the steps of all epochs, mask updates included, test evaluation "
+        "excluded; median over the seeds); updates s/epoch: the part of it in RigL's mask updates (the optimizer "
+        "steps that plan and apply new masks); vs dense: dense s/epoch over the method's, per seed (median, range); "
+        "test acc: final, mean ± sd over the seeds; masks moved: share of the initial nonzeros gone at the end",
+        *wide_goal(results),
+    ])  # fmt: skip
+    data = {
+        "config": dataclasses.asdict(cfg),
+        "description": cfg.describe(),
+        "isa": _isa(),
+        "results": [r.to_dict() for r in results],
+        "goal": wide_goal(results),
+    }
+    return text, data
+
+
+def plot(results: list[Result], path: Path, cfg: Config, wide: list[WideResult] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if wide:
+        fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in results:
         label = f"{r.method} ({r.accuracy:.1f}%)" + (" last round" if r.method == "imp" else "")
         ax.plot(range(1, len(r.curve) + 1), r.curve, label=label, linestyle="--" if r.method == "dense" else "-")
@@ -249,25 +586,67 @@ def plot(results: list[Result], path: Path, cfg: Config) -> None:
     ax.set_ylim(max(0.0, min(low, 80.0)), 100.0)
     ax.grid(alpha=0.3)
     ax.legend()
+    if wide:
+        names = [r.method + (f"\n{r.isa}" if r.isa else "") for r in wide]
+        colors = ["0.6", "tab:orange", *["tab:green"] * (len(wide) - 2)]
+        bars = bx.bar(names, [r.s_per_epoch for r in wide], color=colors)
+        for bar, r in zip(bars, wide, strict=True):
+            bx.annotate(f"{r.speedup:.2f}x, {r.accuracy:.1f}%", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=9)  # fmt: skip
+        bx.set_ylabel("training s per epoch (lower is faster)")
+        layer = next(r.runs[0].report["layers"][0] for r in wide if r.runs[0].report)
+        n_out, n_in = layer["shape"]
+        bx.set_title(f"wide MLP 64-{n_in}-{n_out}-10, {n_in}x{n_out} at {layer['sparsity']:.0%}:\n"
+                     "s per epoch (speedup vs dense, test accuracy)", fontsize=10)  # fmt: skip
+        bx.margins(y=0.15)
+        bx.grid(alpha=0.3, axis="y")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
 def _kernels() -> str:
+    isa = sparse_kernels()
+    return "the plain-PyTorch reference (no extension)" if isa == "reference" else f"the C++ kernels ({isa})"
+
+
+def sparse_kernels() -> str:
+    """What SparseLinear runs now: the C++ kernels' ISA ("avx512", "avx2", "baseline") or "reference"."""
     from .. import _extension
 
-    return "the C++ kernels" if _extension.build_info()["loaded"] else "the plain-PyTorch reference (no extension)"
+    return _extension.cpu_isa() if _extension.available() else "reference"
 
 
-def run_demo(cfg: Config, out: Path, *, make_plot: bool = True, echo=print) -> list[Result]:
+def _isa() -> dict:
+    """The CPU and the instruction set the sparse kernels run, for the results."""
+    import os
+
+    from .. import _extension
+    from ..bench.harness import cpu_name
+
+    return {
+        "cpu": cpu_name(),
+        "cpu_isa": _extension.cpu_isa(),
+        "forced_by_env": os.environ.get("SPARSEKERN_CPU_ISA"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_demo(
+    cfg: Config, out: Path, *, make_plot: bool = True, echo=print, wide: WideConfig | None = None
+) -> tuple[list[Result], list[WideResult] | None]:
+    """The demo: every method on the small MLP (``cfg``), then, unless ``wide`` is None, the wide-MLP comparison.
+    Prints the tables, writes ``out/results.json`` (and ``out/accuracy.png``); returns both results."""
+    if wide is not None:
+        wide.check("sparsekern demo")
     out.mkdir(parents=True, exist_ok=True)
     data = load_split(cfg.seed)
     seeds = f"seed {cfg.seed}" if cfg.seeds == 1 else f"seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, mean ± sd"
+    isa = _isa()
     echo(
         f"UCI digits: {len(data[1])} train / {len(data[3])} test images; MLP 64-{cfg.hidden}-{cfg.hidden}-10; "
         f"sparsity {cfg.sparsity:.0%} (ERK; SNIP and IMP: global); {cfg.epochs} epochs; {seeds}; "
-        f"{torch.get_num_threads()} threads; sparse layers on {_kernels()}"
+        f"{torch.get_num_threads()} threads on {isa['cpu']}; sparse layers on {_kernels()}"
     )
     results = []
     for method in cfg.methods:
@@ -279,20 +658,65 @@ def run_demo(cfg: Config, out: Path, *, make_plot: bool = True, echo=print) -> l
         "wall s: training time of one run (IMP: all its rounds). layers ms/batch: forward+backward of the Linear "
         f"layers alone for one batch of {cfg.batch} (SparseLinear for the sparse methods; median of 20); "
         "vs dense below 1x means the sparse layers are faster"
+        + (": at this size they are not, see the wide MLP below" if wide is not None else "")
     )
     payload = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "kernels": _kernels(),
+        "isa": isa,
         "results": [{**r.__dict__, "accuracy_sd": r.accuracy_sd} for r in results],
+        "wide": None,
     }
+    wide_results = None
+    if wide is not None:
+        echo("")
+        wide_results = run_wide(wide, echo=echo)
+        text, payload["wide"] = wide_section(wide, wide_results)
+        echo(text)
     (out / "results.json").write_text(json.dumps(payload, indent=2))
     echo(f"wrote {out / 'results.json'}")
     if make_plot:
-        plot(results, out / "accuracy.png", cfg)
+        plot(results, out / "accuracy.png", cfg, wide_results)
         echo(f"wrote {out / 'accuracy.png'}")
-    return results
+    return results, wide_results
+
+
+def add_wide_arguments(parser, prefix: str = "", seeds: bool = True) -> None:
+    """The wide-MLP options: ``--wide-hidden`` etc. in the demo (``prefix="wide-"``), ``--hidden`` etc. in
+    ``sparsekern bench e2e`` (whose shared ``--repeat`` is the seeds: ``seeds=False``)."""
+    d = WideConfig()
+    parser.add_argument(f"--{prefix}hidden", type=int, default=None, help=f"hidden width (default {d.hidden})")
+    parser.add_argument(f"--{prefix}sparsity", type=float, default=None,
+                        help=f"sparsity of the hidden x hidden layer (default {d.sparsity})")  # fmt: skip
+    parser.add_argument(f"--{prefix}epochs", type=int, default=None, help=f"epochs per run (default {d.epochs})")
+    if seeds:
+        parser.add_argument(f"--{prefix}seeds", type=int, default=None,
+                            help=f"runs per method, from --seed on (default {d.seeds})")  # fmt: skip
+    parser.add_argument(f"--{prefix}delta-t", type=int, default=None,
+                        help=f"RigL's steps between mask updates (default {d.delta_t})")  # fmt: skip
+
+
+def wide_config(args: argparse.Namespace, fn: str, prefix: str = "") -> WideConfig:
+    """The :class:`WideConfig` from parsed :func:`add_wide_arguments` options (``--quick``: the small variant)."""
+    overrides = {"seed": args.seed}
+    for name in ("hidden", "sparsity", "epochs", "seeds", "delta_t"):
+        value = getattr(args, prefix.replace("-", "_") + name)
+        if value is not None:
+            overrides[name] = value
+    cfg = WideConfig.quick(**overrides) if args.quick else WideConfig(**overrides)
+    try:
+        return cfg.check(fn, lambda name: f"--{prefix}{name.replace('_', '-')}")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+
+
+def set_threads(fn: str, threads: int | None) -> None:
+    if threads is not None:
+        if threads < 1:
+            raise SystemExit(f"{fn}: --threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
@@ -306,24 +730,29 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     parser.add_argument("--out", type=Path, default=Path("sparsekern-demo"), help="output folder (JSON, PNG)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
-    parser.add_argument("--quick", action="store_true", help="a few-second smoke run (small MLP, 3 epochs)")
+    parser.add_argument("--quick", action="store_true", help="a few-second smoke run (small MLPs, few epochs)")
+    parser.add_argument(
+        "--no-wide",
+        action="store_true",
+        help="skip the wide-MLP section (64-4096-4096-10: dense vs RigL masked vs RigL SparseLinear)",
+    )
+    add_wide_arguments(parser.add_argument_group("wide MLP section"), prefix="wide-")
 
 
 def demo_main(args: argparse.Namespace) -> int:
+    fn = "sparsekern demo"
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
-        raise SystemExit(f"sparsekern demo: --methods must name some of {','.join(METHODS)}, got {args.methods!r}")
+        raise SystemExit(f"{fn}: --methods must name some of {','.join(METHODS)}, got {args.methods!r}")
     if not 0 < args.sparsity < 1:
-        raise SystemExit(f"sparsekern demo: --sparsity must lie in (0, 1), got {args.sparsity}")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"sparsekern demo: --threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+        raise SystemExit(f"{fn}: --sparsity must lie in (0, 1), got {args.sparsity}")
+    wide = None if args.no_wide else wide_config(args, fn, prefix="wide-")
+    set_threads(fn, args.threads)
     overrides = {"sparsity": args.sparsity, "seed": args.seed, "methods": methods}
     for name in ("epochs", "hidden", "seeds"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     cfg = Config.quick(**overrides) if args.quick else Config(**overrides)
-    run_demo(cfg, args.out, make_plot=not args.no_plot)
+    run_demo(cfg, args.out, make_plot=not args.no_plot, wide=wide)
     return 0
