@@ -25,6 +25,7 @@ SHAPES = [
     (67, 19, 70, 0.5),
     (131, 1100, 21, 0.9),
     (200, 45, 17, 0.05),
+    (70, 33, 48, 0.4),  # outputs a multiple of 16: whole staged blocks, streamed write-back where the ISA has it
 ]
 ISAS = isa_params()
 
@@ -76,16 +77,16 @@ def test_sddmm_matches_float64(cpu_isa, dtype, shape):
 def test_work_split_over_threads(cpu_isa, threads):
     """Tiles that do not divide among the threads are cut into row ranges: every (tile, range) item is computed
     once, with the same result as one thread's (the split never changes a row's summation order)."""
-    index, mask = _index(41, 300, 0.2)
-    x, g = torch.randn(150, 300), torch.randn(150, 41)
+    index, mask = _index(80, 300, 0.2)  # 80 rows: split into ranges of whole 16-row blocks
+    x, g = torch.randn(150, 300), torch.randn(150, 80)
     values = torch.randn(index.nnz)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        y1 = torch.ops.sparsekern.spmm(x, index.row_ptr, index.col_idx, values, 41)
+        y1 = torch.ops.sparsekern.spmm(x, index.row_ptr, index.col_idx, values, 80)
         d1 = torch.ops.sparsekern.sddmm(g, x, index.row_ptr, index.col_idx)
         torch.set_num_threads(threads)
-        y = torch.ops.sparsekern.spmm(x, index.row_ptr, index.col_idx, values, 41)
+        y = torch.ops.sparsekern.spmm(x, index.row_ptr, index.col_idx, values, 80)
         d = torch.ops.sparsekern.sddmm(g, x, index.row_ptr, index.col_idx)
     finally:
         torch.set_num_threads(before)
@@ -94,6 +95,18 @@ def test_work_split_over_threads(cpu_isa, threads):
     _assert_close(y, x.double() @ w.double().T, F.linear(x, w))
     _assert_close(d, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
     _assert_close(d1, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
+
+
+@pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+def test_large_output(cpu_isa, dtype):
+    """An output of 8 MiB and more is advised onto huge pages before it is written; results are unchanged."""
+    index, _ = _index(1024, 40, 0.05)
+    x = torch.randn(2048 + 5, 40).to(dtype)
+    values = torch.randn(index.nnz).to(dtype)
+    y = torch.ops.sparsekern.spmm(x, index.row_ptr, index.col_idx, values, 1024)
+    w = index.to_dense(values)
+    _assert_close(y, x.double() @ w.double().T, F.linear(x, w))
 
 
 @pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)

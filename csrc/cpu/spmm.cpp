@@ -246,6 +246,7 @@ SPARSEKERN_AVX512 void spmm_item_avx512(const SpmmArgs& a, int64_t tile, int64_t
   using TileT = batch_tiles::tile_t<T>;
   spmm_item<L, T, TileT>(a, tile, r0, r1, buf, pack, batch_tiles::pack_tile_avx512<L, T, TileT>,
                          spmm_rows_avx512<L, TileT>, batch_tiles::store_block_avx512<L, T>);
+  _mm_sfence();  // the streamed write-back is visible before the worker reports done
 }
 SPARSEKERN_AVX512_DIAGNOSTICS_END
 #endif
@@ -287,6 +288,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
   const int64_t batch = x.size(0), n_in = x.size(1);
   at::Tensor y = at::empty({batch, n_out}, x.options());
   if (batch == 0 || n_out == 0) return y;
+  batch_tiles::advise_huge_pages(y.data_ptr(), y.nbytes());
 
   const at::Tensor values_f32 = values.to(at::kFloat);
   SpmmArgs a{x.data_ptr(), y.data_ptr(), row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(),
