@@ -109,6 +109,7 @@ def main_linear(argv: list[str]) -> int:
         out=args.out,
         name=args.name,
         title="sparsekern sparse linear sweep",
+        isa=args.isa,
     )
     print(markdown)
     print(f"wrote {args.out}/{args.name}.md and {args.out}/{args.name}.json")

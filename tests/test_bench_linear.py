@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsekern import cli
+from sparsekern import _extension, cli
 from sparsekern.bench import harness, linear
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,6 +200,34 @@ def test_bench_linear_bad_arguments(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not _extension.available(), reason="needs the compiled extension")
+def test_bench_linear_isa_forces_the_cpu_kernels(tmp_path, capsys):
+    """--isa runs every row on that instruction set and records it; the choice is restored afterwards."""
+    before = _extension.cpu_isa()
+    argv = ["bench", "linear", "--quick", "--shape", "40x24", "--batch", "5", "--sparsity", "0.9", "--dtype", "fp32"]
+    assert cli.main([*argv, "--repeat", "1", "--isa", "baseline", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    data = _load(tmp_path)
+    assert {r["cpu_isa"] for r in data["rows"]} == {"baseline"} and all(r["ok"] for r in data["rows"])
+    assert data["environment"]["extension_cpu_isa"] == "baseline"
+    assert "CPU kernels: baseline" in printed
+    assert _extension.cpu_isa() == before
+
+
+def test_bench_linear_isa_errors(tmp_path, capsys):
+    assert cli.main([*QUICK, "--isa", "baseline", "--out", str(tmp_path)]) == 2
+    assert "--isa baseline picks the C++ CPU kernels' path, which --backend reference does not run" in (
+        capsys.readouterr().err
+    )
+    missing = [isa for isa in _extension.ISAS if isa not in _extension.available_isas()]
+    if missing:  # a CPU without AVX-512 (or the extension not built): a clear error, exit code 2
+        assert cli.main(["bench", "linear", "--quick", "--isa", missing[0], "--out", str(tmp_path)]) == 2
+        assert f"--isa {missing[0]}: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["bench", "linear", "--isa", "sse2"])
+    assert exc.value.code == 2 and "invalid choice: 'sse2'" in capsys.readouterr().err
+
+
 def test_linear_options_stay_with_linear(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["bench", "semi24", "--sparsity", "0.9"])
@@ -336,6 +364,7 @@ def _row(label, batch, dtype, mode, sparsity, sparse, auto=None, csr=None, sp=No
         "sparsity": sparsity,
         "backend": backend,
         "device": "cpu",
+        "cpu_isa": "avx2" if backend == "cpu" else None,
         "speedup": {"sparse": sparse, "auto": sparse if auto is None else auto},
         "vs_torch_csr": csr,
         "vs_sparseprop": sp,
@@ -361,8 +390,8 @@ def test_crossover_is_the_start_of_the_winning_run():
 
 def test_goals_read_at_b2048_fp32():
     rows = [
-        _row("768->3072", 2048, "fp32", "fwd", 0.9, 2.5, csr=1.5, sp=0.8),
-        _row("768->3072", 2048, "fp32", "fwd", 0.95, 3.5, csr=2.0),
+        _row("768->3072", 2048, "fp32", "fwd", 0.9, 5.5, csr=1.5, sp=0.8),
+        _row("768->3072", 2048, "fp32", "fwd", 0.95, 8.5, csr=2.0),
         _row("768->3072", 2048, "fp32", "fwd", 0.5, 0.2, auto=0.95, csr=0.5),
         _row("768->3072", 256, "fp32", "fwd", 0.9, 9.0, auto=0.85),
         _row("768->3072", 2048, "bf16", "fwd", 0.9, 0.1),
@@ -370,7 +399,8 @@ def test_goals_read_at_b2048_fp32():
     goal_rows, notes = linear.goals(rows)
     assert notes == []
     by_goal = {g["goal"]: g for g in goal_rows}
-    assert by_goal["speedup over dense at 90%"]["auto"] == 2.5 and by_goal["speedup over dense at 90%"]["met"] == "yes"
+    assert by_goal["speedup over dense at 90%"]["auto"] == 5.5 and by_goal["speedup over dense at 90%"]["met"] == "yes"
+    assert by_goal["speedup over dense at 90%"]["scope"] == "768->3072, B=2048, fp32, avx2"  # the ISA that ran
     assert by_goal["speedup over dense at 95%"]["met"] == "NO"
     assert by_goal["speedup over dense at 98%"]["met"] == "not run"
     floor = by_goal[f"auto never below {linear.AUTO_FLOOR}x dense"]
@@ -379,7 +409,8 @@ def test_goals_read_at_b2048_fp32():
     assert csr["sparse"] == 1.5 and csr["met"] == "yes"  # the 50% row is below the 80% scope
     assert by_goal["sparse path faster than SparseProp"]["met"] == "NO"
     section = linear.goals_section(goal_rows, notes)
-    assert len(section.rows) == len(goal_rows) and section.rows[0][3] == ">=2.00x"
+    assert len(section.rows) == len(goal_rows) and section.rows[0][3] == ">=5.00x"
+    assert linear.AUTO_FLOOR == 0.95  # DESIGN §6: never below 0.95x dense
 
 
 def test_failure_text_is_one_short_line():

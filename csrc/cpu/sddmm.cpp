@@ -85,11 +85,70 @@ constexpr int kPL = batch_tiles::kPortableLanes;
 SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_f32, float, )
 SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_bf16, c10::BFloat16, )
 SPARSEKERN_SDDMM_PORTABLE(sddmm_item_portable_f16, c10::Half, )
-#if defined(SPARSEKERN_X86)
-// Until the AVX2 kernel has its own tile shapes: the portable code compiled for AVX2 + FMA.
-SPARSEKERN_SDDMM_PORTABLE(sddmm_item_avx2_f32, float, SPARSEKERN_AVX2)
-SPARSEKERN_SDDMM_PORTABLE(sddmm_item_avx2_bf16, c10::BFloat16, SPARSEKERN_AVX2)
-SPARSEKERN_SDDMM_PORTABLE(sddmm_item_avx2_f16, c10::Half, SPARSEKERN_AVX2)
+
+#if defined(SPARSEKERN_BATCH_TILES_AVX2)
+// Lane k of the result = the sum of the 8 lanes of v[k]: a transposing add tree, 7 shuffle pairs and adds.
+SPARSEKERN_AVX2 inline __m256 reduce8(const __m256 v[8]) {
+  __m256 a[4], b[2];
+  for (int i = 0; i < 4; ++i) {  // per 128-bit half: v[2i] and v[2i+1] folded to pairs
+    a[i] = _mm256_add_ps(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 2; ++i) {  // per 128-bit half: the four sums of v[4i..4i+3]
+    b[i] = _mm256_add_ps(_mm256_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm256_shuffle_ps(a[2 * i], a[2 * i + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(b[0], b[1], 0x20), _mm256_permute2f128_ps(b[0], b[1], 0x31));
+}
+
+// sddmm_walk_avx512 with ymm vectors: nonzeros in groups of 8 across row boundaries, the row's g (NV <= 4
+// registers: tiles of at most 32 lanes) held while eight partial sums and their loads fill the other registers.
+template <int L, typename TileT>
+SPARSEKERN_AVX2 inline void sddmm_walk_avx2(const TileT* gblock, const TileT* xt, const int64_t* row_ptr,
+                                            const int32_t* col_idx, int64_t o0, int64_t o1, float* acc) {
+  using Lanes = batch_tiles::LanesAvx2<L, TileT>;
+  constexpr int NV = Lanes::NV;
+  static_assert(NV <= 4, "g's lanes and eight partial sums share the 16 ymm registers");
+  const int64_t js = row_ptr[o0], je = row_ptr[o1];
+  int64_t row = csr::advance_row(row_ptr, o0, js);
+  int64_t row_end = row_ptr[row + 1];
+  __m256 g[NV];
+  Lanes::load(gblock + (row - o0) * L, g);
+  for (int64_t j = js; j < je; j += 8) {
+    const int64_t n = std::min<int64_t>(8, je - j);
+    __m256 part[8];
+#pragma GCC unroll 8
+    for (int k = 0; k < 8; ++k) {
+      if (k < n) {
+        if (j + k == row_end) {
+          row = csr::advance_row(row_ptr, row, j + k);
+          row_end = row_ptr[row + 1];
+          Lanes::load(gblock + (row - o0) * L, g);
+        }
+        __m256 xv[NV];
+        Lanes::load(xt + int64_t(col_idx[j + k]) * L, xv);
+        __m256 s = _mm256_mul_ps(g[0], xv[0]);
+        for (int i = 1; i < NV; ++i) s = _mm256_fmadd_ps(g[i], xv[i], s);
+        part[k] = s;
+      } else {
+        part[k] = _mm256_setzero_ps();
+      }
+    }
+    const __m256 sums = reduce8(part);
+    if (n == 8) {
+      _mm256_storeu_ps(acc + j, _mm256_add_ps(_mm256_loadu_ps(acc + j), sums));
+    } else {
+      batch_tiles::store8(acc + j, _mm256_add_ps(batch_tiles::load8(acc + j, n), sums), n);
+    }
+  }
+}
+
+template <int L, typename T>
+SPARSEKERN_AVX2 void sddmm_item_avx2(const SddmmArgs& a, int64_t tile, int64_t r0, int64_t r1, float* xbuf,
+                                     bool new_tile, float* acc) {
+  using TileT = batch_tiles::tile_t<T>;
+  sddmm_item<L, T, TileT>(a, tile, r0, r1, xbuf, new_tile, acc, batch_tiles::pack_tile_avx2<L, T, TileT>,
+                          sddmm_walk_avx2<L, TileT>);
+}
 #endif
 
 #if defined(SPARSEKERN_BATCH_TILES_AVX512)
@@ -162,15 +221,17 @@ using ItemFn = void (*)(const SddmmArgs&, int64_t, int64_t, int64_t, float*, boo
 // The kernel for activations of type T, and its tile width.
 template <typename T>
 std::pair<ItemFn, int> sddmm_kernel(int64_t n_in, int64_t batch) {
+  using TileT = batch_tiles::tile_t<T>;
 #if defined(SPARSEKERN_BATCH_TILES_AVX512)
-  if (batch_tiles::use_avx512()) {
-    return batch_tiles::avx512_kernel<T, ItemFn>(n_in, batch,
-                                                 [](auto l) -> ItemFn { return sddmm_item_avx512<l.value, T>; });
+  if (cpu_isa() == CpuIsa::kAvx512) {
+    return batch_tiles::kernel_for_lanes<TileT, ItemFn, 64>(
+        n_in, batch, [](auto l) -> ItemFn { return sddmm_item_avx512<l.value, T>; });
   }
 #endif
-#if defined(SPARSEKERN_X86)
+#if defined(SPARSEKERN_BATCH_TILES_AVX2)
   if (cpu_isa() == CpuIsa::kAvx2) {
-    return {batch_tiles::by_dtype<T>(sddmm_item_avx2_f32, sddmm_item_avx2_bf16, sddmm_item_avx2_f16), kPL};
+    return batch_tiles::kernel_for_lanes<TileT, ItemFn, 32>(
+        n_in, batch, [](auto l) -> ItemFn { return sddmm_item_avx2<l.value, T>; });
   }
 #endif
   return {batch_tiles::by_dtype<T>(sddmm_item_portable_f32, sddmm_item_portable_bf16, sddmm_item_portable_f16), kPL};

@@ -2,8 +2,9 @@
 //
 // Per batch tile of L rows (see batch_tiles.h): x is packed to [n_in][L] and stays in L2; one row of W is L batch
 // lanes held in registers while its nonzeros stream by, each an FMA of a broadcast value with the run tile[col].
-// Sixteen W rows are staged as [16][L] and written back through 16x16 register transposes, so y is written in
-// whole 64-byte lines, never at stride n_out.
+// Sixteen W rows are staged as [16][L] and written back through register transposes (16x16 zmm, 8x8 ymm), so y is
+// written in whole runs of a row, never at stride n_out. Three paths (cpu_features.h): AVX-512 (tiles of up to 64
+// lanes), AVX2 + FMA (up to 32 lanes, sized for 16 ymm registers) and portable (16 lanes, 4-wide vectors).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -114,11 +115,79 @@ constexpr int kPL = batch_tiles::kPortableLanes;
 SPARSEKERN_SPMM_PORTABLE(spmm_item_portable_f32, float, )
 SPARSEKERN_SPMM_PORTABLE(spmm_item_portable_bf16, c10::BFloat16, )
 SPARSEKERN_SPMM_PORTABLE(spmm_item_portable_f16, c10::Half, )
-#if defined(SPARSEKERN_X86)
-// Until the AVX2 kernel has its own tile shapes: the portable code compiled for AVX2 + FMA.
-SPARSEKERN_SPMM_PORTABLE(spmm_item_avx2_f32, float, SPARSEKERN_AVX2)
-SPARSEKERN_SPMM_PORTABLE(spmm_item_avx2_bf16, c10::BFloat16, SPARSEKERN_AVX2)
-SPARSEKERN_SPMM_PORTABLE(spmm_item_avx2_f16, c10::Half, SPARSEKERN_AVX2)
+
+#if defined(SPARSEKERN_BATCH_TILES_AVX2)
+// The AVX-512 kernel's summation order with 16 ymm registers: U nonzeros per step into U sets of NV = L/8
+// accumulators, always 8 FMA chains (FMA latency 4 x 2 per cycle), which leaves room for the chunk sum (NV) and
+// the broadcasts; the row total lives in the staging block and is touched once per kChunks chunks. Tiles are at
+// most 32 lanes: at 64, 8 accumulators and an 8-register chunk sum do not fit and GCC spills accumulators.
+template <int L, typename TileT>
+SPARSEKERN_AVX2 inline void spmm_rows_avx2(const TileT* tile, const int64_t* row_ptr, const int32_t* col_idx,
+                                           const float* values, int64_t o0, int64_t cols, float* stage) {
+  using Lanes = batch_tiles::LanesAvx2<L, TileT>;
+  constexpr int NV = Lanes::NV, U = 8 / NV;
+  static_assert(NV <= 4 && kChunk % U == 0, "chunks hold whole unrolled steps; at most 4 + 8 + U registers");
+  for (int64_t c = 0; c < cols; ++c) {
+    float* total = stage + c * L;
+    const int64_t end = row_ptr[o0 + c + 1];
+    __m256 block[NV], acc[U][NV];
+    for (int i = 0; i < NV; ++i) block[i] = _mm256_setzero_ps();
+    bool first = true;
+    for (int64_t j = row_ptr[o0 + c]; j < end;) {
+      for (int64_t k = 0; k < kChunks && j < end; ++k) {
+        const int64_t stop = std::min(end, j + kChunk);
+        for (int u = 0; u < U; ++u) {
+          for (int i = 0; i < NV; ++i) acc[u][i] = _mm256_setzero_ps();
+        }
+        for (; j + U <= stop; j += U) {
+#pragma GCC unroll 8
+          for (int u = 0; u < U; ++u) {
+            __m256 xv[NV];
+            Lanes::load(tile + int64_t(col_idx[j + u]) * L, xv);
+            const __m256 v = _mm256_broadcast_ss(values + j + u);
+            for (int i = 0; i < NV; ++i) acc[u][i] = _mm256_fmadd_ps(v, xv[i], acc[u][i]);
+          }
+        }
+        for (; j < stop; ++j) {
+          __m256 xv[NV];
+          Lanes::load(tile + int64_t(col_idx[j]) * L, xv);
+          const __m256 v = _mm256_broadcast_ss(values + j);
+          for (int i = 0; i < NV; ++i) acc[0][i] = _mm256_fmadd_ps(v, xv[i], acc[0][i]);
+        }
+        for (int w = U / 2; w >= 1; w /= 2) {  // the chains pairwise, then one add onto the block
+          for (int u = 0; u < w; ++u) {
+            for (int i = 0; i < NV; ++i) acc[u][i] = _mm256_add_ps(acc[u][i], acc[u + w][i]);
+          }
+        }
+        for (int i = 0; i < NV; ++i) block[i] = _mm256_add_ps(block[i], acc[0][i]);
+      }
+      // the block onto the row total: the first block is the total (0 + b == b, bit for bit, also for -0.0
+      // since the chains start from +0.0)
+      for (int i = 0; i < NV; ++i) {
+        const __m256 t = first ? block[i] : _mm256_add_ps(_mm256_load_ps(total + 8 * i), block[i]);
+        _mm256_store_ps(total + 8 * i, t);
+        block[i] = _mm256_setzero_ps();
+      }
+      first = false;
+    }
+    if (first) {
+      for (int i = 0; i < NV; ++i) _mm256_store_ps(total + 8 * i, _mm256_setzero_ps());
+    } else if constexpr (!std::is_same_v<TileT, float>) {
+      __m256 t[NV];
+      for (int i = 0; i < NV; ++i) t[i] = _mm256_load_ps(total + 8 * i);
+      Lanes::to_lane_order(t);
+      for (int i = 0; i < NV; ++i) _mm256_store_ps(total + 8 * i, t[i]);
+    }
+  }
+}
+
+template <int L, typename T>
+SPARSEKERN_AVX2 void spmm_item_avx2(const SpmmArgs& a, int64_t tile, int64_t r0, int64_t r1, void* buf,
+                                    bool pack) {
+  using TileT = batch_tiles::tile_t<T>;
+  spmm_item<L, T, TileT>(a, tile, r0, r1, buf, pack, batch_tiles::pack_tile_avx2<L, T, TileT>,
+                         spmm_rows_avx2<L, TileT>, batch_tiles::store_block_avx2<L, T>);
+}
 #endif
 
 #if defined(SPARSEKERN_BATCH_TILES_AVX512)
@@ -177,6 +246,7 @@ SPARSEKERN_AVX512 void spmm_item_avx512(const SpmmArgs& a, int64_t tile, int64_t
   using TileT = batch_tiles::tile_t<T>;
   spmm_item<L, T, TileT>(a, tile, r0, r1, buf, pack, batch_tiles::pack_tile_avx512<L, T, TileT>,
                          spmm_rows_avx512<L, TileT>, batch_tiles::store_block_avx512<L, T>);
+  _mm_sfence();  // the streamed write-back is visible before the worker reports done
 }
 SPARSEKERN_AVX512_DIAGNOSTICS_END
 #endif
@@ -186,15 +256,17 @@ using ItemFn = void (*)(const SpmmArgs&, int64_t, int64_t, int64_t, void*, bool)
 // The kernel for activations of type T, and its tile width.
 template <typename T>
 std::pair<ItemFn, int> spmm_kernel(int64_t n_in, int64_t batch) {
+  using TileT = batch_tiles::tile_t<T>;
 #if defined(SPARSEKERN_BATCH_TILES_AVX512)
-  if (batch_tiles::use_avx512()) {
-    return batch_tiles::avx512_kernel<T, ItemFn>(n_in, batch,
-                                                 [](auto l) -> ItemFn { return spmm_item_avx512<l.value, T>; });
+  if (cpu_isa() == CpuIsa::kAvx512) {
+    return batch_tiles::kernel_for_lanes<TileT, ItemFn, 64>(
+        n_in, batch, [](auto l) -> ItemFn { return spmm_item_avx512<l.value, T>; });
   }
 #endif
-#if defined(SPARSEKERN_X86)
+#if defined(SPARSEKERN_BATCH_TILES_AVX2)
   if (cpu_isa() == CpuIsa::kAvx2) {
-    return {batch_tiles::by_dtype<T>(spmm_item_avx2_f32, spmm_item_avx2_bf16, spmm_item_avx2_f16), kPL};
+    return batch_tiles::kernel_for_lanes<TileT, ItemFn, 32>(
+        n_in, batch, [](auto l) -> ItemFn { return spmm_item_avx2<l.value, T>; });
   }
 #endif
   return {batch_tiles::by_dtype<T>(spmm_item_portable_f32, spmm_item_portable_bf16, spmm_item_portable_f16), kPL};
@@ -216,6 +288,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
   const int64_t batch = x.size(0), n_in = x.size(1);
   at::Tensor y = at::empty({batch, n_out}, x.options());
   if (batch == 0 || n_out == 0) return y;
+  batch_tiles::advise_huge_pages(y.data_ptr(), y.nbytes());
 
   const at::Tensor values_f32 = values.to(at::kFloat);
   SpmmArgs a{x.data_ptr(), y.data_ptr(), row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(),

@@ -138,6 +138,13 @@ def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
         "run on a CUDA GPU; reference is the plain-PyTorch fallback)",
     )
     parser.add_argument(
+        "--isa",
+        choices=("avx512", "avx2", "baseline"),
+        default=None,
+        help="run the C++ CPU kernels on this instruction set (default: the widest this CPU has; a lower one "
+        "measures what a CPU without the wider one runs)",
+    )
+    parser.add_argument(
         "--max-time",
         type=positive_float,
         default=None,

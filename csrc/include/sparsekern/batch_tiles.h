@@ -2,8 +2,8 @@
 // work split.
 //
 // A row-major (B, n) activation is repacked per block of L batch rows into a tile [n][L]: the L values one
-// nonzero multiplies (one column, L batch rows) are one contiguous run of L/16 zmm registers. L is chosen so the
-// tile stays in a core's L2 (1 MiB on Zen 4) while every nonzero of W reads it from there at random columns.
+// nonzero multiplies (one column, L batch rows) are one contiguous run of L/16 zmm (L/8 ymm) registers. L is chosen
+// so the tile stays in a core's L2 (tile_budget) while every nonzero of W reads it from there at random columns.
 // Tiles hold fp32, except that bf16 stays bf16: exact, and half the L2 footprint and traffic per nonzero (the
 // kernels widen it in registers with one shift or mask). Batch rows past B are zero-filled.
 #pragma once
@@ -20,10 +20,14 @@
 #include <utility>
 #include <vector>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "sparsekern/cpu_features.h"
 
 #if defined(SPARSEKERN_X86)
 #define SPARSEKERN_BATCH_TILES_AVX512 1
+#define SPARSEKERN_BATCH_TILES_AVX2 1
 #endif
 
 namespace sparsekern {
@@ -31,24 +35,49 @@ namespace batch_tiles {
 
 constexpr int64_t kBlock = 16;          // W rows staged per transposed write-back: one 64-byte fp32 line of y
 constexpr int kPortableLanes = 16;      // the portable tile width: 4 xmm per accumulator
-constexpr int64_t kTileBudget = 512 << 10;  // bytes of a tile: half of L2, the rest for W's stream and y
+constexpr int64_t kTileBudget = 512 << 10;  // bytes of a tile when the L2 size is unknown
 
-// The AVX-512 kernels need F (fp32 FMA, fp16 conversion), BW/VL (16-bit masked moves) and DQ (cpu_features.h).
-inline bool use_avx512() { return cpu_isa() == CpuIsa::kAvx512; }
+// Bytes of a tile: half of one core's L2 as the OS reports it (1 MiB on Zen 4 and Skylake-X, 512 KiB on Zen 2/3,
+// 256 KiB on Intel client cores), the rest for W's stream and y; kTileBudget where it is not reported.
+inline int64_t tile_budget() {
+  static const int64_t budget = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (l2 >= (128 << 10)) return int64_t(l2) / 2;
+#endif
+    return kTileBudget;
+  }();
+  return budget;
+}
 
 // The element type of an AVX-512 tile for activations of type T.
 template <typename T>
 using tile_t = std::conditional_t<std::is_same_v<T, c10::BFloat16>, c10::BFloat16, float>;
 
-// The tile width (64, 32 or 16 lanes; bf16 at least 32): the widest whose n columns fit the L2 budget, but no
-// wider than a small batch needs (padding lanes cost as much as real ones).
-inline int tile_lanes(int64_t n, int64_t elem_bytes, int64_t batch) {
+// The tile width (up to `widest`: 64, 32 or 16 lanes; bf16 at least 32): the widest whose n columns fit the L2
+// budget, but no wider than a small batch needs (padding lanes cost as much as real ones).
+inline int tile_lanes(int64_t n, int64_t elem_bytes, int64_t batch, int widest = 64) {
   const int narrowest = elem_bytes == 2 ? 32 : 16;
   for (int lanes : {64, 32}) {
-    if (lanes > narrowest && (lanes / 2 >= batch || n * lanes * elem_bytes > kTileBudget)) continue;
+    if (lanes > widest && lanes > narrowest) continue;
+    if (lanes > narrowest && (lanes / 2 >= batch || n * lanes * elem_bytes > tile_budget())) continue;
     return lanes;
   }
   return narrowest;
+}
+
+// {make(std::integral_constant<int, L>{}), L} for the tile width L of tile_lanes, at most Widest (bf16 tiles: at
+// least 32); only those widths are instantiated.
+template <typename TileT, typename Fn, int Widest, typename Make>
+std::pair<Fn, int> kernel_for_lanes(int64_t n, int64_t batch, Make make) {
+  const int lanes = tile_lanes(n, sizeof(TileT), batch, Widest);
+  if constexpr (Widest >= 64) {
+    if (lanes == 64) return {make(std::integral_constant<int, 64>{}), 64};
+  }
+  if (lanes == 32) return {make(std::integral_constant<int, 32>{}), 32};
+  if constexpr (std::is_same_v<TileT, float>) return {make(std::integral_constant<int, 16>{}), 16};
+  TORCH_INTERNAL_ASSERT(false, "bf16 tiles are at least 32 lanes wide");
+  return {};
 }
 
 // Calls f(T{}) for the element type T of a float32, bfloat16 or float16 tensor (checked before).
@@ -135,7 +164,8 @@ inline Split split_work(int64_t batch, int64_t lanes, const int64_t* row_ptr, in
       const int64_t mid = lo + (hi - lo) / 2;
       if (cost(mid) < target) lo = mid + 1; else hi = mid;
     }
-    s.row_bounds[k] = lo;
+    // whole staging blocks, so every block of an output row starts 16-aligned (streaming write-back)
+    s.row_bounds[k] = std::max(s.row_bounds[k - 1], std::min(n_rows, (lo + kBlock / 2) / kBlock * kBlock));
   }
   return s;
 }
@@ -152,6 +182,23 @@ void for_each_item(const Split& s, F&& fn) {
       }
     }
   });
+}
+
+// Asks the kernel to back a fresh output with 2 MiB pages (its 2 MiB-aligned interior; advisory, a no-op where
+// transparent huge pages are off). The first touch of fresh 4 KiB pages costs about 0.6 ms of CPU per MiB on the
+// Zen 4 machine (19 ms for a 32 MiB (2048, 4096) fp32 output, which glibc maps afresh on every call: a quarter of
+// the whole forward at 98% sparsity); with 2 MiB pages about a fifth of that. Call before anything touches it.
+inline void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < int64_t(4 * kHuge)) return;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
 }
 
 // Scratch of `floats` fp32 per worker, each worker's part 64-byte aligned.
@@ -271,6 +318,18 @@ SPARSEKERN_AVX512 inline void store16(T* p, __m512 v, __mmask16 mask) {
   }
 }
 
+// store16 of all 16 lanes as a non-temporal store; p is aligned to 16 elements.
+template <typename T>
+SPARSEKERN_AVX512 inline void stream16(T* p, __m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    _mm512_stream_ps(p, v);
+  } else {
+    alignas(32) T h[16];
+    store16(h, v, __mmask16(0xffff));
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm256_load_si256(reinterpret_cast<const __m256i*>(h)));
+  }
+}
+
 // tile[c][l] = src[l][c] as in pack_tile_portable, for an fp32 or (from bf16, exactly) bf16 tile. Sixteen batch
 // rows at a time, so the reads are sixteen sequential streams the prefetchers can follow.
 template <int L, typename T, typename TileT>
@@ -332,33 +391,190 @@ struct Lanes {
 };
 
 // dst[l][c] = T(stage[c][l]) for l < rows, c < cols <= 16: a staged [cols][L] fp32 block written back row-major.
+// Whole aligned runs of 16 (every block of a row-aligned output whose row length is a multiple of 16) are streamed
+// past the caches: the output is written once and is far larger than L2, so a normal store would first read each
+// line from memory and evict the tile for it. The caller ends its writes with _mm_sfence().
 template <int L, typename T>
 SPARSEKERN_AVX512 inline void store_block_avx512(const float* stage, int64_t cols, T* dst, int64_t ld,
                                                  int64_t rows) {
   __m512 r[16];
   const __mmask16 cmask = first_n(cols);
+  constexpr int64_t kRun = 16 * sizeof(T);  // bytes of 16 outputs, the alignment a streaming store needs
+  const bool stream = cols == 16 && reinterpret_cast<uintptr_t>(dst) % kRun == 0 && (ld * sizeof(T)) % kRun == 0;
   for (int64_t q = 0; q < std::min<int64_t>(rows, L); q += 16) {
     for (int64_t c = 0; c < 16; ++c) r[c] = c < cols ? _mm512_load_ps(stage + c * L + q) : _mm512_setzero_ps();
     transpose16(r);
     const int64_t nl = std::min<int64_t>(16, rows - q);
-    for (int64_t i = 0; i < nl; ++i) store16(dst + (q + i) * ld, r[i], cmask);
-  }
-}
-
-// {make(std::integral_constant<int, L>{}), L} for the tile width L of tile_lanes.
-template <typename T, typename Fn, typename Make>
-std::pair<Fn, int> avx512_kernel(int64_t n, int64_t batch, Make make) {
-  switch (tile_lanes(n, sizeof(tile_t<T>), batch)) {
-    case 64: return {make(std::integral_constant<int, 64>{}), 64};
-    case 32: return {make(std::integral_constant<int, 32>{}), 32};
-    default:
-      if constexpr (std::is_same_v<tile_t<T>, float>) return {make(std::integral_constant<int, 16>{}), 16};
-      TORCH_INTERNAL_ASSERT(false, "bf16 tiles are at least 32 lanes wide");
+    if (stream) {
+      for (int64_t i = 0; i < nl; ++i) stream16(dst + (q + i) * ld, r[i]);
+    } else {
+      for (int64_t i = 0; i < nl; ++i) store16(dst + (q + i) * ld, r[i], cmask);
+    }
   }
 }
 
 SPARSEKERN_AVX512_DIAGNOSTICS_END
 #endif  // SPARSEKERN_BATCH_TILES_AVX512
+
+// ---------------------------------------------------------------------------------------------------------------
+// AVX2 packing, lane loads and write-back: the AVX-512 section's layout with 8-lane ymm vectors and 8x8 register
+// transposes (AVX2 has no masked 16-bit moves, so partial rows of 16-bit data go through a small buffer).
+#if defined(SPARSEKERN_BATCH_TILES_AVX2)
+
+// r[i][j] -> r[j][i] for an 8x8 fp32 block.
+SPARSEKERN_AVX2 inline void transpose8(__m256 r[8]) {
+  __m256 t[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // r[4i + k] now holds rows 4i..4i+3 of column k (low 128 bits) and of column 4 + k (high); pair the halves.
+  for (int k = 0; k < 4; ++k) {
+    t[k] = _mm256_permute2f128_ps(r[k], r[4 + k], 0x20);
+    t[4 + k] = _mm256_permute2f128_ps(r[k], r[4 + k], 0x31);
+  }
+  for (int i = 0; i < 8; ++i) r[i] = t[i];
+}
+
+// The first n (<= 8) elements at p widened to fp32, the rest zero.
+template <typename T>
+SPARSEKERN_AVX2 inline __m256 load8(const T* p, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= 8) return _mm256_loadu_ps(p);
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), idx));
+  } else {
+    __m128i h;
+    if (n >= 8) {
+      h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    } else {
+      alignas(16) uint16_t part[8] = {};
+      std::memcpy(part, p, n * sizeof(T));
+      h = _mm_load_si128(reinterpret_cast<const __m128i*>(part));
+    }
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    } else {
+      return _mm256_cvtph_ps(h);
+    }
+  }
+}
+
+// Rounds v to T (nearest-even like c10's conversions; NaN stays NaN) and stores the first n (<= 8) lanes.
+template <typename T>
+SPARSEKERN_AVX2 inline void store8(T* p, __m256 v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= 8) return _mm256_storeu_ps(p, v);
+    const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    _mm256_maskstore_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(int(n)), idx), v);
+  } else {
+    __m128i h;
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      const __m256i u = _mm256_castps_si256(v);
+      const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+      __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+      const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+      r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc0)),
+                                               nan));
+      h = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));  // values fit 16 bits
+    } else {
+      h = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    if (n >= 8) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), h);
+    } else {
+      alignas(16) uint16_t part[8];
+      _mm_store_si128(reinterpret_cast<__m128i*>(part), h);
+      std::memcpy(p, part, n * sizeof(T));
+    }
+  }
+}
+
+// tile[c][l] = src[l][c] as in pack_tile_portable, for an fp32 or (from bf16, exactly) bf16 tile: 8x8 blocks, so
+// the reads are eight sequential streams; a bf16 tile joins two blocks' 8 lanes into one 32-byte run.
+template <int L, typename T, typename TileT>
+SPARSEKERN_AVX2 inline void pack_tile_avx2(const T* src, int64_t ld, int64_t rows, int64_t n, TileT* tile) {
+  static_assert(std::is_same_v<TileT, float> || std::is_same_v<T, TileT>, "bf16 tiles hold bf16 activations");
+  constexpr int64_t kStep = std::is_same_v<TileT, float> ? 8 : 16;  // lanes per store
+  __m256 r[8], s[8];
+  for (int64_t q = 0; q < L; q += kStep) {
+    for (int64_t c0 = 0; c0 < n; c0 += 8) {
+      const int64_t nc = std::min<int64_t>(8, n - c0);
+      for (int64_t i = 0; i < 8; ++i) r[i] = q + i < rows ? load8(src + (q + i) * ld + c0, nc) : _mm256_setzero_ps();
+      transpose8(r);
+      if constexpr (std::is_same_v<TileT, float>) {
+        for (int64_t i = 0; i < nc; ++i) _mm256_store_ps(tile + (c0 + i) * L + q, r[i]);
+      } else {
+        for (int64_t i = 0; i < 8; ++i) {
+          s[i] = q + 8 + i < rows ? load8(src + (q + 8 + i) * ld + c0, nc) : _mm256_setzero_ps();
+        }
+        transpose8(s);
+        for (int64_t i = 0; i < nc; ++i) {
+          // the upper halves of the fp32 words are the bf16 bits; pack them in lane order
+          const __m256i lo = _mm256_srli_epi32(_mm256_castps_si256(r[i]), 16);
+          const __m256i hi = _mm256_srli_epi32(_mm256_castps_si256(s[i]), 16);
+          const __m256i h = _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), _MM_SHUFFLE(3, 1, 2, 0));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(tile + (c0 + i) * L + q), h);
+        }
+      }
+    }
+  }
+}
+
+// The L lanes of one tile column as NV = L/8 fp32 vectors, as Lanes does with zmm: a bf16 tile widens 16 lanes
+// per ymm load in place (shift: even lanes, mask: odd ones), and to_lane_order restores the order of a result.
+template <int L, typename TileT>
+struct LanesAvx2 {
+  static constexpr int NV = L / 8;
+
+  SPARSEKERN_AVX2 static inline void load(const TileT* p, __m256 v[NV]) {
+    if constexpr (std::is_same_v<TileT, float>) {
+      for (int i = 0; i < NV; ++i) v[i] = _mm256_load_ps(p + 8 * i);
+    } else {
+      static_assert(L % 16 == 0, "bf16 tiles hold whole ymm registers of 16 lanes");
+      for (int i = 0; i < NV / 2; ++i) {
+        const __m256i w = _mm256_load_si256(reinterpret_cast<const __m256i*>(p + 16 * i));
+        v[2 * i] = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+        v[2 * i + 1] = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int32_t(0xffff0000u))));
+      }
+    }
+  }
+
+  SPARSEKERN_AVX2 static inline void to_lane_order(__m256 v[NV]) {
+    if constexpr (!std::is_same_v<TileT, float>) {
+      for (int i = 0; i < NV / 2; ++i) {
+        // unpack interleaves within 128-bit halves: lanes 0-3 | 8-11 and 4-7 | 12-15; then pair the halves
+        const __m256 a = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+        const __m256 b = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+        v[2 * i] = _mm256_permute2f128_ps(a, b, 0x20);
+        v[2 * i + 1] = _mm256_permute2f128_ps(a, b, 0x31);
+      }
+    }
+  }
+};
+
+// dst[l][c] = T(stage[c][l]) for l < rows, c < cols <= 16: a staged [cols][L] fp32 block written back row-major.
+template <int L, typename T>
+SPARSEKERN_AVX2 inline void store_block_avx2(const float* stage, int64_t cols, T* dst, int64_t ld, int64_t rows) {
+  __m256 r[8];
+  for (int64_t h = 0; h < cols; h += 8) {
+    const int64_t nc = std::min<int64_t>(8, cols - h);
+    for (int64_t q = 0; q < std::min<int64_t>(rows, L); q += 8) {
+      for (int64_t c = 0; c < 8; ++c) r[c] = c < nc ? _mm256_load_ps(stage + (h + c) * L + q) : _mm256_setzero_ps();
+      transpose8(r);
+      const int64_t nl = std::min<int64_t>(8, rows - q);
+      for (int64_t i = 0; i < nl; ++i) store8(dst + (q + i) * ld + h, r[i], nc);
+    }
+  }
+}
+
+#endif  // SPARSEKERN_BATCH_TILES_AVX2
 
 }  // namespace batch_tiles
 }  // namespace sparsekern
