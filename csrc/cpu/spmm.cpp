@@ -14,6 +14,7 @@
 #include <cstring>
 
 #include "sparsekern/batch_tiles.h"
+#include "sparsekern/cpu_alloc.h"
 
 namespace sparsekern {
 namespace {
@@ -286,9 +287,9 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
                     "spmm: values must be a contiguous 1-D tensor of nnz=", nnz, " elements (one per col_idx), got ",
                     values.sizes());
   const int64_t batch = x.size(0), n_in = x.size(1);
-  at::Tensor y = at::empty({batch, n_out}, x.options());
+  // A fresh (2048, 4096) fp32 y took 19 ms of page faults in 4 KiB pages, a quarter of the forward at 98%.
+  at::Tensor y = empty_cpu_output({batch, n_out}, x.options());
   if (batch == 0 || n_out == 0) return y;
-  batch_tiles::advise_huge_pages(y.data_ptr(), y.nbytes());
 
   const at::Tensor values_f32 = values.to(at::kFloat);
   SpmmArgs a{x.data_ptr(), y.data_ptr(), row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(),

@@ -137,13 +137,7 @@ def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
         help="sparsekern kernels to time (default: %(default)s, the C++ kernels on CPU tensors; cuda and triton "
         "run on a CUDA GPU; reference is the plain-PyTorch fallback)",
     )
-    parser.add_argument(
-        "--isa",
-        choices=("avx512", "avx2", "baseline"),
-        default=None,
-        help="run the C++ CPU kernels on this instruction set (default: the widest this CPU has; a lower one "
-        "measures what a CPU without the wider one runs)",
-    )
+    add_isa_argument(parser)
     parser.add_argument(
         "--max-time",
         type=positive_float,
@@ -220,12 +214,7 @@ _BENCHES: dict[str, _Bench] = {
                 default="cpu",
                 help="sparsekern kernel to time (default: %(default)s; cuda and triton need a CUDA GPU)",
             ),
-            p.add_argument(
-                "--isa",
-                choices=("avx512", "avx2", "baseline"),
-                default=None,
-                help="force the C++ CPU kernels' instruction set (default: the widest this CPU runs)",
-            ),
+            add_isa_argument(p),
         ),
     ),
     "micro": _Bench(

@@ -20,7 +20,6 @@
 #include <utility>
 #include <vector>
 
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include "sparsekern/cpu_features.h"
@@ -182,23 +181,6 @@ void for_each_item(const Split& s, F&& fn) {
       }
     }
   });
-}
-
-// Asks the kernel to back a fresh output with 2 MiB pages (its 2 MiB-aligned interior; advisory, a no-op where
-// transparent huge pages are off). The first touch of fresh 4 KiB pages costs about 0.6 ms of CPU per MiB on the
-// Zen 4 machine (19 ms for a 32 MiB (2048, 4096) fp32 output, which glibc maps afresh on every call: a quarter of
-// the whole forward at 98% sparsity); with 2 MiB pages about a fifth of that. Call before anything touches it.
-inline void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  if (bytes < int64_t(4 * kHuge)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)bytes;
-#endif
 }
 
 // Scratch of `floats` fp32 per worker, each worker's part 64-byte aligned.

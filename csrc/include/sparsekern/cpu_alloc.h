@@ -1,4 +1,4 @@
-// Output tensors of the CPU kernels that write large results once (2:4 compress/decompress, csr_dense_gather).
+// Output tensors of the CPU kernels that write large results once (spmm, 2:4 compress/decompress, csr_dense_gather).
 //
 // A fresh multi-megabyte output is page-faulted in 4 KiB at a time by the kernel's first writes: on the 2-core
 // VMs this project is measured on a fault costs ~8 us, so the 4576 faults of a 4096x4096 fp16 compress's
