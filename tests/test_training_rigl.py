@@ -434,3 +434,19 @@ def test_rank_mismatch_raises_before_any_change(monkeypatch):
         rigl.step()
     assert_same_snapshot(before, snapshot(model, opt))
     assert all(torch.equal(masks[k], v) for k, v in rigl.masks().items()) and rigl.steps == 0
+
+
+@pytest.mark.parametrize("numel,n", [(1, 0), (1, 1), (97, 13), (4096, 1000), (5000, 4900)])
+def test_grow_from_scores_is_the_stable_sort_rule(numel, n):
+    """The masked layers' grow (a kthvalue selection, no sort of every score) returns what a stable descending
+    sort returns: the n largest |score| outside ``kept``, ties to the lower flat index, with many ties."""
+    from sparsekern.training.drop_grow import grow_from_scores
+
+    scores = torch.randint(-4, 5, (numel,)).float()  # few distinct values: ties everywhere, -0.0 and 0.0 too
+    scores[torch.rand(numel) < 0.1] = -0.0
+    kept = torch.randperm(numel)[: (numel - n) // 2].sort().values
+    flat = scores.abs()
+    flat[kept] = -1.0
+    expected = torch.sort(flat, descending=True, stable=True).indices[:n].sort().values
+    got = grow_from_scores(scores.clone(), kept, n)
+    assert torch.equal(got, expected)

@@ -69,20 +69,25 @@ class DropGrowPlan:
         return self.dropped.numel()
 
 
+def smallest(keys: torch.Tensor, n: int) -> torch.Tensor:
+    """bool aligned with the 1-D ``keys``: True at the n smallest, ties to the lower index. O(numel), no sort:
+    everything below the n-th smallest key, then the lowest-index ties at it."""
+    if n == 0:
+        return torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+    threshold = torch.kthvalue(keys, n).values
+    chosen = keys < threshold
+    ties = (keys == threshold).nonzero().reshape(-1)[: n - int(chosen.sum())]
+    chosen[ties] = True
+    return chosen
+
+
 def select_drop(values: torch.Tensor, n: int) -> torch.Tensor:
     """bool aligned with ``values`` (the active connections in ascending flat order): True at the n smallest
     |values|, ties to the lower index."""
     magnitude = values.detach().abs()
     if magnitude.element_size() < 4:
         magnitude = magnitude.float()  # exact, and kthvalue covers it everywhere
-    if n == 0:
-        return torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
-    # O(nnz) instead of a sort: everything below the n-th smallest |w|, then the lowest-index ties at it
-    threshold = torch.kthvalue(magnitude, n).values
-    drop = magnitude < threshold
-    ties = (magnitude == threshold).nonzero().reshape(-1)[: n - int(drop.sum())]
-    drop[ties] = True
-    return drop
+    return smallest(magnitude, n)
 
 
 def grow_from_scores(scores: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
@@ -91,8 +96,8 @@ def grow_from_scores(scores: torch.Tensor, kept: torch.Tensor, n: int) -> torch.
     if not bool(torch.isfinite(flat).all()):
         raise ValueError("drop_and_grow: the gradient holds inf or NaN; no connection was changed")
     flat[kept] = -1.0  # below every |score|
-    # stable descending sort: equal scores keep ascending flat order
-    return torch.sort(flat, descending=True, stable=True).indices[:n].sort().values
+    # the n smallest of -|score| (ties to the lower index) without sorting all n_out * n_in scores
+    return smallest(flat.neg_(), n).nonzero().reshape(-1)
 
 
 def grow_random(kept: torch.Tensor, numel: int, n: int, generator: torch.Generator) -> torch.Tensor:
