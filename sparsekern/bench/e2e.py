@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def sections(results: list[demo.WideResult]) -> list[harness.Section]:
     headers = ["method", "layers", "s/epoch (median over seeds)", "speedup vs dense (median, range)",
                "test acc % (mean ± sd)", "per-seed acc %", "sparsity of hidden layer", "masks moved",
-               "mask updates"]  # fmt: skip
+               "mask updates", "ISA"]  # fmt: skip
     rows = []
     for r in results:
         first = r.runs[0]
@@ -65,10 +66,13 @@ def sections(results: list[demo.WideResult]) -> list[harness.Section]:
             f"{layer['sparsity']:.4f} ({layer['nnz']} nnz)" if layer else "dense",
             "-" if first.mask_moved is None else f"{sum(x.mask_moved for x in r.runs) / len(r.runs):.1%}",
             "-" if first.report is None else str(first.mask_updates),
+            r.isa or "- (torch's GEMM)",  # the harness would stamp the process's ISA on every row
         ])  # fmt: skip
-    goals = [[line] for line in demo.wide_goal(results)]
+    # each goal line names the ISA of the sparse run it judges: "goal (avx2): ..."
+    goals = [[line, re.match(r"goal \((\w+)\)", line)[1] if line.startswith("goal (") else "-"]
+             for line in demo.wide_goal(results)]  # fmt: skip
     return [
-        harness.Section("Goals (DESIGN §6)", ["goal, judged on this run"], goals, []),
+        harness.Section("Goals (DESIGN §6)", ["goal, judged on this run", "ISA"], goals, []),
         harness.Section("Runs", headers, rows, []),
     ]
 

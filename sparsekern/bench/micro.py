@@ -24,21 +24,19 @@ both. A case's ratio is the median over the turns of baseline time / op time (ab
 
 Floors: a ratio below the floor of its (case, ISA) in ``FLOORS`` fails the run (exit code 1, a line naming the
 case, the ISA, the ratio and the floor); so does a case that raises. How they were set: ``sparsekern bench micro
---calibrate 5``, twice (2026-12-03, 777 s and 779 s; the first with a one-call warm-up estimate of the block size,
-the second with today's), ran the whole set ten times in all on the 2-core development machine (AMD EPYC Zen 4,
-AVX-512, 2 torch threads, shared with other jobs: load average 8-12, each calibration got 36% of the two cores);
-per (case, ISA), the floor is FLOOR_FACTOR (0.55) times the lowest of the ten median ratios, rounded down to 2
-significant digits (``calibration_table`` of both calibrations' runs), and the range of the ten is kept next to it.
-Load inflates the slow baselines more than the quick ops (a quick op's turn has many calls to pick the fastest
-from), so the highs are loose; the lows are what the floors rest on. So a floor fails a kernel that lost about half
-its speed, not a noisy run. The avx2 and baseline figures come from forcing those ISAs on that AVX-512 machine; on a
-real AVX2-only CPU the dense baselines run AVX2 too, so its ratios differ: re-calibrate when CI runs on one. When a
-kernel gets faster (the AVX2 paths, outer_topk's fast precision) run the calibration again and paste the table it
-prints over ``FLOORS``. A (case, ISA) without a floor is reported as such and never fails.
+--calibrate 5`` (2026-12-03 08:56, git c47e64c, 127 s) ran the whole set five times on the idle 2-core machine CI
+runs on (AMD EPYC Zen 4, AVX-512, 2 torch threads, nothing else running); per (case, ISA), the floor is FLOOR_FACTOR
+(0.55) times the lowest of the five median ratios, rounded down to 2 significant digits (``calibration_table``),
+and the range of the five is kept next to it. An earlier calibration on the same machine shared with other jobs
+(load 8-12) saw lows down to half of these (load slows a turn's calls unevenly), and that was before the AVX2 paths
+and the fast outer_topk landed. So a floor fails a kernel that lost about half its speed, not a noisy run. The avx2
+and baseline figures come from forcing those ISAs on that AVX-512 machine; on a real AVX2-only CPU the dense
+baselines run AVX2 too, so its ratios differ: re-calibrate when CI runs on one. When a kernel gets faster, run the
+calibration again and paste the table it prints over ``FLOORS``. A (case, ISA) without a floor is reported as such
+and never fails.
 
-Runtime: one run of the set (3 ISAs) used about 57 s of CPU time in those calibrations (155 s of wall time on the
-loaded machine; 210 s for a lone run under load 10-12), so about 30-40 s on 2 idle cores; ``--quick`` (tiny shapes,
-no floors) takes seconds.
+Runtime: one run of the set (3 ISAs) takes about 25 s on the 2 idle cores (the calibration above: 127 s for
+five); ``--quick`` (tiny shapes, no floors) takes seconds.
 """
 
 from __future__ import annotations
@@ -186,49 +184,49 @@ QUICK: tuple[Case, ...] = (
 # Written by `sparsekern bench micro --calibrate 5` (twice, see the module docstring); paste a new table over this one.
 FLOORS: dict[str, dict[str, Floor]] = {
     "spmm fwd 1024->2048 B=256 90%": {
-        "avx512": Floor(2.1, observed=(4.00, 36.45)),
-        "avx2": Floor(1.8, observed=(3.32, 23.00)),
-        "baseline": Floor(1.2, observed=(2.22, 4.77)),
+        "avx512": Floor(3.0, observed=(5.59, 5.92)),
+        "avx2": Floor(2.7, observed=(5.05, 5.77)),
+        "baseline": Floor(1.0, observed=(1.91, 2.64)),
     },
     "spmm fwd 2048->2048 B=256 95%": {
-        "avx512": Floor(2.8, observed=(5.14, 70.42)),
-        "avx2": Floor(2.8, observed=(5.17, 6.54)),
-        "baseline": Floor(2.7, observed=(4.93, 8.98)),
+        "avx512": Floor(5.6, observed=(10.33, 11.76)),
+        "avx2": Floor(4.8, observed=(8.85, 10.62)),
+        "baseline": Floor(1.9, observed=(3.48, 5.05)),
     },
     "linear fwd+bwd 1024->2048 B=256 90%": {
-        "avx512": Floor(0.71, observed=(1.29, 2.81)),
-        "avx2": Floor(0.65, observed=(1.19, 1.69)),
-        "baseline": Floor(0.63, observed=(1.15, 1.56)),
+        "avx512": Floor(2.1, observed=(3.92, 4.21)),
+        "avx2": Floor(1.9, observed=(3.56, 4.05)),
+        "baseline": Floor(0.82, observed=(1.50, 1.97)),
     },
     "linear fwd+bwd 2048->2048 B=256 95%": {
-        "avx512": Floor(1.2, observed=(2.20, 3.61)),
-        "avx2": Floor(1.1, observed=(2.06, 2.64)),
-        "baseline": Floor(1.0, observed=(1.83, 2.24)),
+        "avx512": Floor(3.9, observed=(7.15, 8.63)),
+        "avx2": Floor(3.7, observed=(6.91, 7.87)),
+        "baseline": Floor(1.6, observed=(2.95, 3.72)),
     },
     "dense path fwd+bwd 1024->2048 B=256 50%": {
-        "avx512": Floor(0.4, observed=(0.74, 0.93)),
-        "avx2": Floor(0.37, observed=(0.68, 0.97)),
-        "baseline": Floor(0.37, observed=(0.68, 0.90)),
+        "avx512": Floor(0.5, observed=(0.92, 0.95)),
+        "avx2": Floor(0.5, observed=(0.91, 0.95)),
+        "baseline": Floor(0.5, observed=(0.92, 0.95)),
     },
     "outer_topk fast 2048x1024 B=256 90% α=0.3": {
-        "avx512": Floor(0.19, observed=(0.36, 1.44)),
-        "avx2": Floor(0.082, observed=(0.15, 0.31)),
-        "baseline": Floor(0.089, observed=(0.16, 0.33)),
+        "avx512": Floor(1.7, observed=(3.22, 5.56)),
+        "avx2": Floor(1.7, observed=(3.22, 4.85)),
+        "baseline": Floor(0.71, observed=(1.29, 2.29)),
     },
     "outer_topk exact 2048x1024 B=256 90% α=0.3": {
-        "avx512": Floor(0.19, observed=(0.35, 1.12)),
-        "avx2": Floor(0.083, observed=(0.15, 0.32)),
-        "baseline": Floor(0.087, observed=(0.16, 0.33)),
+        "avx512": Floor(1.5, observed=(2.79, 4.65)),
+        "avx2": Floor(1.4, observed=(2.70, 4.54)),
+        "baseline": Floor(0.75, observed=(1.36, 2.31)),
     },
     "csr_dense scatter+gather 2048->2048 90%": {
-        "avx512": Floor(1.6, observed=(2.99, 151.00)),
-        "avx2": Floor(1.6, observed=(3.03, 17.68)),
-        "baseline": Floor(2.1, observed=(3.95, 248.07)),
+        "avx512": Floor(4.7, observed=(8.71, 10.33)),
+        "avx2": Floor(4.6, observed=(8.50, 10.54)),
+        "baseline": Floor(4.6, observed=(8.50, 10.96)),
     },
     "semi24_compress fp16 1024x1024": {
-        "avx512": Floor(40.0, observed=(73.24, 704.29)),
-        "avx2": Floor(41.0, observed=(75.00, 1090.04)),
-        "baseline": Floor(54.0, observed=(98.96, 708.67)),
+        "avx512": Floor(22.0, observed=(40.06, 50.37)),
+        "avx2": Floor(21.0, observed=(39.43, 42.04)),
+        "baseline": Floor(5.9, observed=(10.89, 14.07)),
     },
 }
 
