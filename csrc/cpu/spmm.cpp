@@ -287,8 +287,10 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
                     "spmm: values must be a contiguous 1-D tensor of nnz=", nnz, " elements (one per col_idx), got ",
                     values.sizes());
   const int64_t batch = x.size(0), n_in = x.size(1);
-  // A fresh (2048, 4096) fp32 y took 19 ms of page faults in 4 KiB pages, a quarter of the forward at 98%.
-  at::Tensor y = empty_cpu_output({batch, n_out}, x.options());
+  // A (2048, 4096) fp32 y (above glibc's mmap threshold, so mapped afresh every call) took 19 ms of faults in 4 KiB
+  // pages, a quarter of the forward at 98%: huge pages there. Below the threshold glibc recycles freed memory
+  // without faults, which beat fresh huge pages (768->3072, B=2048, 98%: 2.9-3.2 ms against 4.6-37 ms per call).
+  at::Tensor y = empty_cpu_output({batch, n_out}, x.options(), kGlibcMmapMax);
   if (batch == 0 || n_out == 0) return y;
 
   const at::Tensor values_f32 = values.to(at::kFloat);

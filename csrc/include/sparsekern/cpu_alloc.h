@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
@@ -22,13 +23,18 @@ namespace sparsekern {
 
 constexpr int64_t kHugePage = int64_t{1} << 21;
 
-// at::empty(sizes, options) for a CPU tensor, with huge pages when it is at least kHugePage bytes.
-inline at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+// glibc's largest dynamic mmap threshold (64-bit): a freed block below it is recycled by the next malloc of its size
+// without faults, one above it is unmapped, so every call of that size faults its pages in afresh.
+constexpr int64_t kGlibcMmapMax = int64_t{32} << 20;
+
+// at::empty(sizes, options) for a CPU tensor, with huge pages when it is at least min_bytes (>= kHugePage).
+inline at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options,
+                                   int64_t min_bytes = kHugePage) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const int64_t nbytes = numel * static_cast<int64_t>(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
-  if (nbytes >= kHugePage) {
+  if (nbytes >= std::max(min_bytes, kHugePage)) {
     void* ptr = nullptr;
     const size_t rounded = static_cast<size_t>((nbytes + kHugePage - 1) / kHugePage * kHugePage);
     if (posix_memalign(&ptr, kHugePage, rounded) == 0) {
