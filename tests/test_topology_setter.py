@@ -234,3 +234,18 @@ def test_bad_precision_is_refused_before_anything_changes(precision):
     assert all(torch.equal(before[k], v) for k, v in layer.state_dict().items())
     with pytest.raises(TypeError, match="unexpected keyword argument 'precision'"):
         SET(model, opt, total_steps=10, precision="exact")  # a random grow has no scores
+
+
+def test_rigl_state_saved_before_precision_resumes_as_exact():
+    """A RigL state saved before ``precision`` existed (no such config key) grew by exact scores: it loads into
+    RigL(precision="exact") and is refused, naming the configuration, by the default "fast"."""
+    model, rigl = train_rigl("exact")
+    state = rigl.state_dict()
+    del state["config"]["precision"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    exact = RigL(model, optimizer, total_steps=6, delta_t=2, t_end=6, precision="exact")  # as train_rigl's
+    exact.load_state_dict(state)
+    assert exact.state_dict()["config"]["precision"] == "exact"
+    fast = RigL(model, optimizer, total_steps=6, delta_t=2, t_end=6)
+    with pytest.raises(ValueError, match="configuration .*'precision': 'exact'.* differs"):
+        fast.load_state_dict(state)

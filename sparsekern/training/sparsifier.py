@@ -66,6 +66,9 @@ class Sparsifier:
         ...     optimizer.zero_grad()
     """
 
+    # config entries that states saved before they existed lack, with the behaviour those states had
+    _saved_before: dict = {}
+
     keep_optimizer_step = False  # RigL/SET: also step the optimizer on update steps
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None):
@@ -162,8 +165,9 @@ class Sparsifier:
         if not isinstance(state, dict) or state.get("kind") != type(self).__name__:
             got = state.get("kind") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{fn}: expected the state of a {type(self).__name__}, got {got!r}")
-        if state["config"] != self._config():
-            raise ValueError(f"{fn}: configuration {state['config']} differs from this sparsifier's {self._config()}")
+        saved = {**self._saved_before, **state["config"]}
+        if saved != self._config():
+            raise ValueError(f"{fn}: configuration {saved} differs from this sparsifier's {self._config()}")
         if set(state["active"]) != set(self.layers):
             raise ValueError(f"{fn}: state has layers {sorted(state['active'])}, the model has {sorted(self.layers)}")
         for name, layer in self.layers.items():
@@ -348,6 +352,9 @@ class RigL(_DropGrow):
         ...     rigl.step()                                   # instead of optimizer.step()
         ...     optimizer.zero_grad()
     """
+
+    # a state saved before RigL took `precision` grew by exact scores: it resumes on RigL(precision="exact")
+    _saved_before = {"precision": "exact"}
 
     def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
                  keep_optimizer_step=False, precision: str = "fast", group=None):  # fmt: skip
