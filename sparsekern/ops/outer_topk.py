@@ -16,6 +16,13 @@ MAX_POSITIONS = 1 << 33
 PRECISIONS = ("fast", "exact")
 
 
+def check_precision(fn: str, precision, role: str = "") -> str:
+    """``precision`` if it is one of PRECISIONS, else ValueError naming ``fn`` (and ``role``, what it sets)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"{fn}: precision must be one of {', '.join(map(repr, PRECISIONS))}{role}, got {precision!r}")
+    return precision
+
+
 @torch.library.register_fake("sparsekern::outer_topk")
 def _fake(x, g, k, row_ptr, col_idx, fast=False):
     return x.new_empty(k, dtype=torch.int64), x.new_empty(k, dtype=torch.float32)
@@ -231,8 +238,7 @@ def outer_topk(
     fn = "outer_topk"
     try:
         backend, row_ptr, col_idx = _checked(fn, x, g, k, exclude, backend)
-        if precision not in PRECISIONS:
-            raise ValueError(f"{fn}: precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+        check_precision(fn, precision)
     except Exception as exc:
         if group is None:
             raise

@@ -28,7 +28,8 @@ from torch import nn
 
 from .._csr import CSRIndex, random_positions, sorted_contains
 from ..nn.sparse_linear import SparseLinear, TopologyUpdate
-from ..ops.outer_topk import PRECISIONS, outer_topk
+from ..ops.outer_topk import check_precision as check_outer_topk_precision
+from ..ops.outer_topk import outer_topk
 from ._optim_state import carry_state, check_state
 
 GROW_MODES = ("gradient", "random")
@@ -47,12 +48,7 @@ def is_masked(module: nn.Module) -> bool:
 
 
 def check_precision(fn: str, precision) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(
-            f"{fn}: precision must be one of {', '.join(map(repr, PRECISIONS))} (outer_topk's grow scores), "
-            f"got {precision!r}"
-        )
-    return precision
+    return check_outer_topk_precision(fn, precision, " (outer_topk's grow scores)")
 
 
 @dataclass(frozen=True)
