@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_python
+from helpers import requires_gpu, run_python
 from torch import nn
 
 import sparsekern
@@ -231,3 +231,27 @@ print("loaded", len(expected))
     # without sparsekern's registration torch refuses it: the test above is not vacuous
     result = run_python(f"import torch\ntorch.load({str(path)!r}, weights_only=True)")
     assert result.returncode != 0 and "SparseSemiStructuredTensorCUTLASS" in result.stderr
+
+
+@requires_gpu
+@pytest.mark.gpu
+def test_cuda_attention_model_runs_after_conversion(tmp_path):
+    """On CUDA the converted layers run on the 2:4 kernels, the skipped ones keep torch's fused attention and
+    encoder paths working, and the state_dict round trip gives a model computing the same."""
+    model = _attention_model(torch.float16).cuda().eval()
+    report = sparsify_semi24(model, prune=True)
+    assert [r.name for r in report.converted] == ["fc"] and report.converted[0].layout == "semi-structured"
+    x = torch.randn(2, 8, 64, dtype=torch.float16, device="cuda")
+    with torch.no_grad():  # eval + no_grad: the fused fast paths
+        model.enc(x)
+        model.mha(x, x, x)
+        y = model.fc(x)
+    dense = sparsekern.semi24_decompress(model.fc.weight.packed, model.fc.weight.meta)
+    expected = F.linear(x.double(), dense.double(), model.fc.bias.double())
+    torch_error = (F.linear(x, dense, model.fc.bias).double() - expected).abs().max()
+    assert (y.double() - expected).abs().max() <= 2 * torch_error + 1e-3
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    loaded = _attention_model(torch.float16).cuda().eval()
+    loaded.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True), assign=True)
+    with torch.no_grad():
+        assert torch.equal(loaded.fc(x), y)
