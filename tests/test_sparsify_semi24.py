@@ -134,6 +134,19 @@ def test_cpu_dense_keeps_the_decompressed_weight(dtype, with_transpose):
         assert torch.equal(model["encoder"](x), expected)
 
 
+def test_cpu_dense_keeps_a_nan_of_an_already_sparse_weight():
+    layer = nn.Linear(64, 32)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.weight[:, ::2] = torch.randn(32, 32)  # fp32 is 1:2: one nonzero per pair
+        layer.weight[5, 6] = float("nan")
+    expected = layer.weight.detach().clone()
+    (entry,) = sparsify_semi24(layer, on_cpu="dense").layers
+    assert entry.converted and entry.layout == "dense"
+    assert torch.equal(layer.weight.isnan(), expected.isnan())
+    assert torch.equal(layer.weight.nan_to_num(), expected.nan_to_num())
+
+
 def _attention_model(dtype):
     torch.manual_seed(int(torch.randint(0, 2**31, ()).item()))
     return nn.ModuleDict(

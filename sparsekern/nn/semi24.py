@@ -138,10 +138,14 @@ def _checked_dense(sparse: torch.sparse.SparseSemiStructuredTensor, pruned: torc
     """The dense weight a CPU model runs with on_cpu="dense": the 2:4 tensor decompressed, so the CPU computes
     with exactly the values the GPU model holds. (sparsekern's decompress, not torch's to_dense, which rounds
     some fp32 values in torch 2.14.)"""
+
+    def same(a, b):  # equal values (-0.0 comes back as +0.0), NaN where NaN was (a weight given unpruned)
+        return bool(((a == b) | (a.isnan() & b.isnan())).all())
+
     dense = semi24_decompress(sparse.packed, sparse.meta)
-    if not torch.equal(dense, pruned):
+    if not same(dense, pruned):
         raise RuntimeError("sparsify_semi24: the compressed weight does not decompress to the pruned weight")
-    if sparse.packed_t is not None and not torch.equal(semi24_decompress(sparse.packed_t, sparse.meta_t), dense.t()):
+    if sparse.packed_t is not None and not same(semi24_decompress(sparse.packed_t, sparse.meta_t), dense.t()):
         raise RuntimeError("sparsify_semi24: the compressed transpose does not decompress to the pruned weight")
     return dense
 
