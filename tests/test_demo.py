@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from sparsekern import cli
 from sparsekern.data import load_digits
+from sparsekern.training import demo
 from sparsekern.training.demo import METHODS, WIDE_METHODS
 
 
@@ -95,3 +98,88 @@ def test_demo_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match=r"^sparsekern demo: --threads must be >= 1, got 0$"):
         cli.main(["demo", "--quick", "--threads", "0", "--out", str(tmp_path)])
     assert not (tmp_path / "results.json").exists()  # refused before anything ran
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Any run that gets past the checks fails the test at once instead of training."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(demo, "run_seeds", refuse)
+    monkeypatch.setattr(demo, "run_wide", refuse)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be a positive int, got 0"),
+        (["--epochs", "-1"], "--epochs must be a positive int, got -1"),
+        (["--seeds", "0"], "--seeds must be a positive int, got 0"),
+        (["--hidden", "0"], "--hidden must be a positive int, got 0"),
+        (["--hidden", "-3"], "--hidden must be a positive int, got -3"),
+        (["--sparsity", "0"], "--sparsity must lie in (0, 1), got 0.0"),
+        (["--sparsity", "nan"], "--sparsity must lie in (0, 1), got nan"),
+        (["--seed", "-1"], "--seed must be an int in [0, 2**32), got -1"),
+        (["--seed", str(2**64)], f"--seed must be an int in [0, 2**32), got {2**64}"),
+        (["--methods", ","], "--methods must name some of dense,static,snip,set,rigl,imp, got ','"),
+        (["--wide-epochs", "0"], "--wide-epochs must be a positive int, got 0"),
+        (["--wide-seeds", "-2"], "--wide-seeds must be a positive int, got -2"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+@pytest.mark.parametrize("quick", [True, False], ids=["quick", "full"])
+def test_demo_refuses_bad_values_before_training(tmp_path, capsys, no_training, argv, message, quick):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["demo", *(["--quick"] if quick else []), *argv, "--out", str(out)])
+    assert str(exc.value) == f"sparsekern demo: {message}"
+    assert capsys.readouterr().out == ""  # nothing printed, nothing run
+    assert not out.exists()  # checked before the output folder is even made
+
+
+def _bad_folders(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    taken = tmp_path / "taken"
+    (taken / "results.json").mkdir(parents=True)
+    return [
+        (a_file, "is not a writable folder (File exists)"),
+        (a_file / "sub", "is not a writable folder (Not a directory)"),
+        (taken, "holds 'results.json', which cannot be overwritten"),
+        # /proc refuses new files even to root (a chmod would not stop root)
+        (Path("/proc"), "is not a writable folder ("),
+    ]
+
+
+def test_demo_refuses_an_unwritable_out_before_training(tmp_path, capsys, no_training):
+    for out, message in _bad_folders(tmp_path):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["demo", "--quick", "--out", str(out)])
+        assert str(exc.value).startswith(f"sparsekern demo: --out {str(out)!r} {message}"), exc.value
+        with pytest.raises(ValueError, match="^sparsekern demo: out ") as exc:  # the library entry point too
+            demo.run_demo(demo.Config.quick(), out)
+        assert message in str(exc.value)
+    assert capsys.readouterr().out == ""
+
+
+def test_demo_checks_for_matplotlib_before_training(tmp_path, monkeypatch, no_training):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    with pytest.raises(SystemExit, match=r"^sparsekern demo: the plot needs matplotlib .*--no-plot skips it$"):
+        cli.main(["demo", "--quick", "--out", str(tmp_path)])
+    with pytest.raises(AssertionError, match="training started"):  # --no-plot: past every check
+        cli.main(["demo", "--quick", "--no-plot", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # the write probe leaves nothing behind
+
+
+def test_config_check_names_fields():
+    with pytest.raises(ValueError, match=r"^run: imp_prune_fraction must lie in \(0, 1\), got 1$"):
+        demo.Config(imp_prune_fraction=1).check("run")
+    with pytest.raises(ValueError, match=r"^run: lr must be a positive number, got -0.1$"):
+        demo.Config(lr=-0.1).check("run")
+    with pytest.raises(ValueError, match=r"^run: methods must name some of .*, got \('dense', 'magic'\)$"):
+        demo.Config(methods=("dense", "magic")).check("run")
+    with pytest.raises(ValueError, match=r"^run: batch must be a positive int, got True$"):
+        demo.WideConfig(batch=True).check("run")
+    assert demo.Config().check("run") == demo.Config()

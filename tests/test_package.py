@@ -1,8 +1,10 @@
 """Packaging facts: the build finds the CUDA toolkit itself, the pure-Python switch, no CUDA init on import,
-and `sparsekern info` tells which backend runs where and why."""
+`sparsekern info` tells which backend runs where and why, and every example in a public docstring runs."""
 
 from __future__ import annotations
 
+import doctest
+import importlib
 import importlib.util
 import os
 import shutil
@@ -11,9 +13,20 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import run_python
+from torch import nn
+
+import sparsekern
 
 ROOT = Path(__file__).resolve().parents[1]
+# The public modules (ops, layers, training, data): every file there holding a docstring example.
+DOCTEST_MODULES = sorted(
+    ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+    for folder in ("ops", "nn", "training", "data")
+    for path in (ROOT / "sparsekern" / folder).glob("*.py")
+    if ">>> " in path.read_text()
+)
 
 
 def _setup_module():
@@ -86,3 +99,24 @@ def test_cli_help():
         [sys.executable, "-m", "sparsekern", "nonsense"], capture_output=True, text=True, timeout=300
     )
     assert result.returncode != 0 and "invalid choice" in result.stderr
+
+
+def test_doctest_modules_found():
+    assert {"sparsekern.ops.spmm", "sparsekern.nn.sparse_linear", "sparsekern.training.sparsify"} <= set(
+        DOCTEST_MODULES
+    )
+
+
+@pytest.mark.parametrize("name", DOCTEST_MODULES)
+def test_docstring_examples(name):
+    """The examples run as written, assuming only ``import torch, sparsekern`` and ``from torch import nn``."""
+    module = importlib.import_module(name)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    report = []
+    extraglobs = {"torch": torch, "nn": nn, "sparsekern": sparsekern}
+    torch.manual_seed(0)
+    for test in doctest.DocTestFinder().find(module, name, extraglobs=extraglobs):
+        runner.run(test, out=report.append)
+    results = runner.summarize(verbose=False)
+    assert results.failed == 0, "".join(report)
+    assert results.attempted > 0, f"{name} holds '>>> ' but no example ran"

@@ -97,7 +97,7 @@ class SparseLinear(nn.Module):
         >>> layer = sparsekern.nn.SparseLinear(768, 3072, sparsity=0.9)
         >>> y = layer(torch.randn(32, 768))
         >>> layer.values.shape, layer.sparsity
-        (torch.Size([235930]), 0.8999989827473959)
+        (torch.Size([235930]), 0.8999998304578993)
     """
 
     def __init__(

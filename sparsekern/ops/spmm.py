@@ -74,10 +74,15 @@ def spmm(
 
     Example::
 
+        >>> from sparsekern.ops.spmm import spmm
         >>> mask = torch.rand(8, 16) < 0.2
         >>> row_ptr, col_idx = sparsekern._csr.csr_from_mask(mask)
         >>> values = torch.randn(int(mask.sum()))
-        >>> y = sparsekern.ops.spmm(torch.randn(4, 16), row_ptr, col_idx, values, 8)
+        >>> x = torch.randn(4, 16)
+        >>> y = spmm(x, row_ptr, col_idx, values, 8)
+        >>> w = torch.zeros(8, 16).masked_scatter_(mask, values)  # the dense weight: CSR order is row-major
+        >>> torch.allclose(y, x @ w.t(), atol=1e-6)
+        True
     """
     fn = "spmm"
     check_tensor(fn, "x", x, dtypes=VALUE_DTYPES, ndim=2, contiguous=True)

@@ -14,7 +14,8 @@ from .semi24_mask import group_topk_mask, semi24_mask, transposable_mask
 _FORMATS = ("cutlass", "cusparselt")
 
 
-def _prune(w: torch.Tensor, with_transpose: bool) -> torch.Tensor:
+def prune_semi24(w: torch.Tensor, with_transpose: bool) -> torch.Tensor:
+    """``w`` with all but the largest magnitudes of every group zeroed, as ``to_semi_structured(prune=True)`` does."""
     fmt = _semi24.FORMATS[w.dtype]
     if fmt.group == 4:
         mask = semi24_mask(w, transposable=with_transpose)
@@ -69,7 +70,7 @@ def to_semi_structured(
         raise ValueError(error)
     dense = w.detach()
     if prune:
-        dense = _prune(dense, with_transpose)
+        dense = prune_semi24(dense, with_transpose)
     dense = dense.contiguous()
     dense_t = dense.t().contiguous() if with_transpose else None
     if with_transpose:

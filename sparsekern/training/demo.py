@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 METHODS = ("dense", "static", "snip", "set", "rigl", "imp")
+OUT_FILES = ("results.json", "accuracy.png")  # what the demo writes into --out
 
 
 @dataclass
@@ -45,6 +49,59 @@ class Config:
         base = dict(hidden=64, epochs=3, delta_t=10, imp_prune_fraction=0.6, seeds=1)
         base.update(overrides)
         return cls(**base)
+
+    def check(self, fn: str, names: Callable[[str], str] = str) -> Config:
+        """Raise ValueError for any value the run cannot use, naming the field as ``names(field)`` (the command
+        line passes its option names); returns self."""
+        _check_run_fields(self, fn, names, fractions=("sparsity", "imp_prune_fraction"))
+        methods = self.methods
+        if not methods or isinstance(methods, str) or any(m not in METHODS for m in methods):
+            raise ValueError(f"{fn}: {names('methods')} must name some of {','.join(METHODS)}, got {methods!r}")
+        return self
+
+
+SEED_LIMIT = 2**32  # seeds feed torch.Generator.manual_seed (64-bit); one bound for every run's seed + offsets
+
+
+def _check_run_fields(cfg, fn: str, names: Callable[[str], str], fractions: tuple[str, ...] = ("sparsity",)) -> None:
+    """The checks :class:`Config` and :class:`WideConfig` share: positive int sizes and counts, fractions in
+    (0, 1), a positive learning rate and a seed range; raises ValueError naming the field as ``names(field)``."""
+    for name in ("hidden", "epochs", "batch", "delta_t", "seeds"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{fn}: {names(name)} must be a positive int, got {value!r}")
+    for name in fractions:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ValueError(f"{fn}: {names(name)} must lie in (0, 1), got {value!r}")
+    if isinstance(cfg.lr, bool) or not isinstance(cfg.lr, (int, float)) or not 0 < cfg.lr < math.inf:
+        raise ValueError(f"{fn}: {names('lr')} must be a positive number, got {cfg.lr!r}")
+    seed = cfg.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{fn}: {names('seed')} must be an int in [0, 2**32), got {seed!r}")
+
+
+def check_plot(fn: str) -> None:
+    """Refuse to start a run whose plot would fail at its end for want of matplotlib."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ValueError(f"{fn}: the plot needs matplotlib (pip install matplotlib); --no-plot skips it")
+
+
+def check_out_dir(fn: str, out: Path, files: Sequence[str], name: str = "out") -> None:
+    """Create the output folder ``out`` and prove it writable (a probe file) before any training, so a bad
+    ``--out`` fails in a second, not after minutes of training; the ``files`` to be written there must not
+    exist as anything but writable files. Raises ValueError naming ``name``."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".sparsekern-probe-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ValueError(f"{fn}: {name} {str(out)!r} is not a writable folder ({reason})") from None
+    for file in files:
+        path = out / file
+        if path.exists() and not (path.is_file() and os.access(path, os.W_OK)):
+            raise ValueError(f"{fn}: {name} {str(out)!r} holds {file!r}, which cannot be overwritten")
 
 
 @dataclass
@@ -284,16 +341,10 @@ class WideConfig:
     def check(self, fn: str, names: Callable[[str], str] = str) -> WideConfig:
         """Raise ValueError for any value the run cannot use, naming the field as ``names(field)`` (the command
         line passes its option names); returns self."""
-        for name in ("hidden", "epochs", "batch", "delta_t", "seeds"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{fn}: {names(name)} must be a positive int, got {value!r}")
-        sparsity = self.sparsity
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
-            raise ValueError(f"{fn}: {names('sparsity')} must lie in (0, 1), got {sparsity!r}")
-        if round((1 - sparsity) * self.hidden * self.hidden) < 1:
+        _check_run_fields(self, fn, names)
+        if round((1 - self.sparsity) * self.hidden * self.hidden) < 1:
             raise ValueError(
-                f"{fn}: {names('sparsity')} {sparsity} leaves no nonzero in a {self.hidden}x{self.hidden} layer"
+                f"{fn}: {names('sparsity')} {self.sparsity} leaves no nonzero in a {self.hidden}x{self.hidden} layer"
             )
         return self
 
@@ -637,9 +688,13 @@ def run_demo(
 ) -> tuple[list[Result], list[WideResult] | None]:
     """The demo: every method on the small MLP (``cfg``), then, unless ``wide`` is None, the wide-MLP comparison.
     Prints the tables, writes ``out/results.json`` (and ``out/accuracy.png``); returns both results."""
+    cfg.check("sparsekern demo")
     if wide is not None:
         wide.check("sparsekern demo")
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    check_out_dir("sparsekern demo", out, OUT_FILES)
+    if make_plot:
+        check_plot("sparsekern demo")
     data = load_split(cfg.seed)
     seeds = f"seed {cfg.seed}" if cfg.seeds == 1 else f"seeds {cfg.seed}..{cfg.seed + cfg.seeds - 1}, mean ± sd"
     isa = _isa()
@@ -740,19 +795,29 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def demo_main(args: argparse.Namespace) -> int:
+    """Check every option and the output folder, then run; a bad value exits at once with a message naming
+    its option, before any training."""
     fn = "sparsekern demo"
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise SystemExit(f"{fn}: --methods must name some of {','.join(METHODS)}, got {args.methods!r}")
-    if not 0 < args.sparsity < 1:
-        raise SystemExit(f"{fn}: --sparsity must lie in (0, 1), got {args.sparsity}")
-    wide = None if args.no_wide else wide_config(args, fn, prefix="wide-")
-    set_threads(fn, args.threads)
     overrides = {"sparsity": args.sparsity, "seed": args.seed, "methods": methods}
     for name in ("epochs", "hidden", "seeds"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     cfg = Config.quick(**overrides) if args.quick else Config(**overrides)
+    try:
+        cfg.check(fn, lambda name: f"--{name.replace('_', '-')}")
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    wide = None if args.no_wide else wide_config(args, fn, prefix="wide-")
+    set_threads(fn, args.threads)
+    try:
+        check_out_dir(fn, args.out, OUT_FILES, name="--out")
+        if not args.no_plot:
+            check_plot(fn)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     run_demo(cfg, args.out, make_plot=not args.no_plot, wide=wide)
     return 0

@@ -57,12 +57,14 @@ class Sparsifier:
 
     Example::
 
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
         >>> report = sparsekern.sparsify(model, 0.9)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> sparsifier = sparsekern.Static(model, optimizer)
+        >>> batches = [(torch.randn(32, 64), torch.randint(0, 10, (32,))) for _ in range(3)]
         >>> for x, y in batches:
         ...     nn.functional.cross_entropy(model(x), y).backward()
-        ...     sparsifier.step()                      # instead of optimizer.step()
+        ...     moved = sparsifier.step()              # instead of optimizer.step(); True if the masks moved
         ...     optimizer.zero_grad()
     """
 
@@ -200,8 +202,10 @@ class SNIP(Sparsifier):
 
     Example::
 
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        >>> x0, y0 = torch.randn(128, 64), torch.randint(0, 10, (128,))
         >>> scores = sparsekern.snip_scores(model, lambda m: nn.functional.cross_entropy(m(x0), y0))
-        >>> sparsekern.sparsify(model, 0.9, distribution="global", scores=scores)
+        >>> report = sparsekern.sparsify(model, 0.9, distribution="global", scores=scores)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> sparsifier = sparsekern.SNIP(model, optimizer)         # then step() as with Static
     """
@@ -274,6 +278,10 @@ class SET(_DropGrow):
 
     Example::
 
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        >>> report = sparsekern.sparsify(model, 0.9)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        >>> loader, epochs = [(torch.randn(32, 64), torch.randint(0, 10, (32,)))] * 4, 5
         >>> sparsifier = sparsekern.SET(model, optimizer, total_steps=len(loader) * epochs, seed=0)
         >>> # train as with Static: backward, sparsifier.step(), optimizer.zero_grad()
     """
@@ -343,14 +351,18 @@ class RigL(_DropGrow):
     Example::
 
         >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
-        >>> sparsekern.sparsify(model, 0.9)
+        >>> report = sparsekern.sparsify(model, 0.9)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        >>> rigl = sparsekern.RigL(model, optimizer, total_steps=1000)
-        >>> for step in range(1000):
+        >>> rigl = sparsekern.RigL(model, optimizer, total_steps=40, delta_t=10)
+        >>> def micro_batches():                              # two of 16 per optimizer step
+        ...     return [(torch.randn(16, 64), torch.randint(0, 10, (16,))) for _ in range(2)]
+        >>> for step in range(40):
         ...     for x, y in micro_batches():                  # gradient accumulation is fine
         ...         nn.functional.cross_entropy(model(x), y).backward()
-        ...     rigl.step()                                   # instead of optimizer.step()
+        ...     moved = rigl.step()                           # instead of optimizer.step()
         ...     optimizer.zero_grad()
+        >>> round(sparsekern.sparsity_report(model).sparsity, 4)  # the masks moved, the sparsity did not
+        0.9
     """
 
     # a state saved before RigL took `precision` grew by exact scores: it resumes on RigL(precision="exact")

@@ -320,8 +320,9 @@ def snip_scores(
 
     Example::
 
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
         >>> x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
-        >>> scores = snip_scores(model, lambda m: nn.functional.cross_entropy(m(x), y))
+        >>> scores = sparsekern.snip_scores(model, lambda m: nn.functional.cross_entropy(m(x), y))
         >>> report = sparsekern.sparsify(model, 0.9, distribution="global", scores=scores)
     """
     fn = "snip_scores"
@@ -347,9 +348,12 @@ def compress(model: nn.Module) -> SparsityReport:
 
     Example::
 
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
         >>> imp = sparsekern.IMP(model, 0.9)          # trains masked dense weights
-        >>> ...                                       # the rounds
-        >>> sparsekern.training.compress(model)       # the winning ticket on SparseLinear layers
+        >>> # ... the rounds (see IMP), then:
+        >>> report = sparsekern.training.compress(model)  # the winning ticket on SparseLinear layers
+        >>> [type(layer).__name__ for layer in model]
+        ['SparseLinear', 'ReLU', 'SparseLinear']
     """
     model = _unwrap(model)
     names = []
