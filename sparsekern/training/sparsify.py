@@ -193,10 +193,10 @@ class SparsityReport:
                 "with a sparsifier (Static, RigL, ...) or call keep_masks(model, optimizer)"
             )
         if self.skipped:
-            dense = sum(s.numel for s in self.skipped)
+            dense, count = sum(s.numel for s in self.skipped), len(self.skipped)
             lines.append(
-                f"left dense: {len(self.skipped)} weight matrices, {dense} elements ({1 - self.coverage:.1%} of all "
-                "weight-matrix elements):"
+                f"left dense: {count} weight {'matrix' if count == 1 else 'matrices'}, {dense} elements "
+                f"({1 - self.coverage:.1%} of all weight-matrix elements):"
             )
             table = [("weight", "kind", "shape", "reason")]
             table += [(s.name, s.kind, "x".join(map(str, s.shape)), s.reason) for s in self.skipped]
@@ -539,10 +539,17 @@ def keep_masks(model: nn.Module, optimizer: torch.optim.Optimizer) -> MaskHooks:
 
     Example::
 
-        >>> sparsekern.sparsify(model, 0.9, layout="masked")
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        >>> report = sparsekern.sparsify(model, 0.9, layout="masked")
         >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        >>> handle = sparsekern.training.keep_masks(model, optimizer)
-        >>> trainer = transformers.Trainer(model=model, optimizers=(optimizer, None), ...)
+        >>> handle = sparsekern.training.keep_masks(model, optimizer)  # HF: Trainer(..., optimizers=(optimizer, None))
+        >>> for _ in range(3):                                          # a plain loop
+        ...     model(torch.randn(8, 64)).square().mean().backward()
+        ...     optimizer.step()
+        ...     optimizer.zero_grad()
+        >>> report = sparsekern.sparsity_report(model)
+        >>> round(report.measured_sparsity, 4), sum(layer.off_mask for layer in report.layers)
+        (0.9, 0)
     """
     fn = "keep_masks"
     if not isinstance(model, nn.Module):
@@ -601,8 +608,9 @@ def snip_scores(
 
     Example::
 
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
         >>> x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
-        >>> scores = snip_scores(model, lambda m: nn.functional.cross_entropy(m(x), y))
+        >>> scores = sparsekern.snip_scores(model, lambda m: nn.functional.cross_entropy(m(x), y))
         >>> report = sparsekern.sparsify(model, 0.9, distribution="global", scores=scores)
     """
     fn = "snip_scores"
@@ -629,9 +637,12 @@ def compress(model: nn.Module) -> SparsityReport:
 
     Example::
 
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
         >>> imp = sparsekern.IMP(model, 0.9)          # trains masked dense weights
-        >>> ...                                       # the rounds
-        >>> sparsekern.training.compress(model)       # the winning ticket on SparseLinear layers
+        >>> # ... the rounds (see IMP), then:
+        >>> report = sparsekern.training.compress(model)  # the winning ticket on SparseLinear layers
+        >>> [type(layer).__name__ for layer in model]
+        ['SparseLinear', 'ReLU', 'SparseLinear']
     """
     model = _unwrap(model)
     linears = [m for m in sparse_layers(model).values() if type(m) is nn.Linear]
