@@ -395,6 +395,27 @@ def test_module_used_twice_is_converted_once_and_installed_everywhere(layout):
         assert isinstance(net.a, SparseLinear) and net.a is net.b
 
 
+def test_rigl_grows_a_module_used_twice_from_both_uses():
+    """The compressed layer records x and g at both positions; their concatenation scores the summed gradient,
+    which is what the masked layer's dense gradient holds: both layouts move the same connections."""
+    masks = []
+    for layout in ("compressed", "masked"):
+        torch.manual_seed(0)
+        net = Twice()
+        sparsify(net, 0.5, layout=layout, generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        rigl = sparsekern.RigL(net, opt, total_steps=10, delta_t=2)
+        before = rigl.masks()
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(2):
+            net(torch.randn(4, 6, generator=gen)).square().mean().backward()
+            rigl.step()
+            opt.zero_grad()
+        masks.append(rigl.masks())
+        assert not torch.equal(masks[-1]["a.weight"], before["a.weight"]) and net.a is net.b
+    assert all(torch.equal(masks[0][name], masks[1][name]) for name in masks[0])
+
+
 class Tied(nn.Module):
     def __init__(self):
         super().__init__()
