@@ -17,6 +17,11 @@ from sparsekern.training.sparsify import is_conv1d, sparse_layers
 LAYOUTS = ["compressed", "masked"]
 
 
+def need(name: str):
+    """The library, or a skip that says why (a missing dependency of it skips the same way)."""
+    return pytest.importorskip(name, reason=f"{name} is not installed (or one of its dependencies is missing)")
+
+
 def masks_of(model) -> dict[str, torch.Tensor]:
     return {n: m.mask if isinstance(m, SparseLinear) else m.weight_mask for n, m in sparse_layers(model).items()}
 
@@ -186,7 +191,7 @@ def test_transformer_encoder_layer_compressed_trains():
 
 
 def test_torchvision_resnet18():
-    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+    torchvision = need("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
     report = sparsify(model, 0.9, generator=torch.Generator().manual_seed(0))
@@ -201,7 +206,7 @@ def test_torchvision_resnet18():
 
 
 def test_timm_vit_tiny():
-    timm = pytest.importorskip("timm", reason="timm is not installed")
+    timm = need("timm")
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=10)
     report = sparsify(model, 0.9, generator=torch.Generator().manual_seed(0))
@@ -228,7 +233,7 @@ def _gpt2(transformers):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_transformers_gpt2(layout):
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    transformers = need("transformers")
     torch.manual_seed(0)
     model = _gpt2(transformers)
     embedding = model.transformer.wte.weight.detach().clone()
@@ -258,7 +263,7 @@ def test_transformers_gpt2(layout):
 
 
 def test_transformers_bert():
-    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    transformers = need("transformers")
     torch.manual_seed(0)
     config = transformers.BertConfig(
         num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=64,
