@@ -635,3 +635,36 @@ def test_generator_decides_the_masks_and_leaves_the_global_rng_alone(layout):
     first, again, other = masks(0, 5), masks(1, 5), masks(0, 6)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))  # same generator seed, same masks
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_imp_state_keeps_the_dense_weights_of_its_reports(tmp_path):
+    """A resumed IMP reports what the run that did not stop reports, the weights left dense included."""
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(10, 8), nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True))
+        return model, IMP(model, 0.5, prune_fraction=0.5)
+
+    model, imp = build()
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = imp.start_round(opt)
+    for _ in range(2):
+        model(torch.randint(0, 10, (4, 5), generator=gen)).square().mean().backward()
+        sparsifier.step()
+        opt.zero_grad()
+    imp.end_round()
+    assert [s.name for s in imp.history[0].report.skipped] == ["0.weight"]
+    assert imp.history[0].report.layers[0].name == "1.self_attn.in_proj_weight"
+    torch.save({"model": model.state_dict(), "imp": imp.state_dict()}, tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt")  # weights_only: plain data
+    again, resumed = build()
+    again.load_state_dict(state["model"])
+    resumed.load_state_dict(state["imp"])
+    assert resumed.report() == imp.report() and resumed.history == imp.history
+    old = {
+        **state["imp"],
+        "history": [{k: v for k, v in row.items() if k != "skipped"} for row in state["imp"]["history"]],
+    }
+    resumed.load_state_dict(old)  # a state saved before reports listed dense weights still loads
+    assert resumed.history[0].report.skipped == () and resumed.history[0].report.layers == imp.history[0].report.layers

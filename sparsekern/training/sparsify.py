@@ -143,6 +143,11 @@ class SparsityReport:
         total = self.numel + sum(s.numel for s in self.skipped)
         return self.numel / total if total else 0.0
 
+    @classmethod
+    def from_rows(cls, layers, skipped=()) -> SparsityReport:
+        """Rebuild a report from ``dataclasses.astuple`` rows of its layers and skipped weights (a saved state)."""
+        return cls(tuple(LayerReport(*r) for r in layers), tuple(SkippedWeight(*s) for s in skipped))
+
     def to_dict(self) -> dict:
         return {
             "overall": {
@@ -251,9 +256,9 @@ def _dense_weights(model: nn.Module, sparse: set[int], holders: dict[int, list[s
             if param is None or param.dim() < 2 or id(param) in seen:
                 continue
             seen.add(id(param))
-            kind, names = type(module).__name__, holders[id(param)]
+            name, kind, names = _join(module_name, attr), type(module).__name__, holders[id(param)]
             if len(names) > 1:
-                others = ", ".join(n for n in names if n != names[0])
+                others = ", ".join(n for n in names if n != name)
                 reason = f"tied: the same Parameter as {others}; left dense and tied"
             elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
                 reason = "embedding: never sparsified"
@@ -263,7 +268,7 @@ def _dense_weights(model: nn.Module, sparse: set[int], holders: dict[int, list[s
                 reason = f"{kind} weights: recurrent layers are not supported"
             else:
                 reason = f"{kind}.{attr} is not the weight of a supported layer ({SUPPORTED})"
-            skipped.append(SkippedWeight(_join(module_name, attr), kind, tuple(param.shape), reason))
+            skipped.append(SkippedWeight(name, kind, tuple(param.shape), reason))
     return tuple(skipped)
 
 
