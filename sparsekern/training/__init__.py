@@ -5,7 +5,7 @@ from .drop_grow import DropGrowPlan, drop_and_grow
 from .imp import IMP, IMPRound
 from .schedule import UpdateSchedule
 from .sparsifier import SET, SNIP, RigL, Sparsifier, Static
-from .sparsify import LAYOUTS, SparsityReport, compress, snip_scores, sparsify, sparsity_report
+from .sparsify import LAYOUTS, SparsityReport, compress, keep_masks, snip_scores, sparsify, sparsity_report
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -22,6 +22,7 @@ __all__ = [
     "UpdateSchedule",
     "compress",
     "drop_and_grow",
+    "keep_masks",
     "layer_nnz",
     "snip_scores",
     "sparsify",

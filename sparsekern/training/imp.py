@@ -14,7 +14,7 @@ from .._csr import sorted_contains
 from ..nn.sparse_linear import SparseLinear, TopologyUpdate
 from .drop_grow import CompressedLayer, as_layer
 from .sparsifier import Sparsifier, _verify_across_ranks
-from .sparsify import LAYOUTS, LayerReport, SparsityReport, _unwrap, sparse_layers, sparsify, sparsity_report
+from .sparsify import LAYOUTS, SparsityReport, _unwrap, sparse_layers, sparsify, sparsity_report
 
 SCOPES = ("global", "layer")
 CONTROLS = (None, "reinit", "random_mask")
@@ -279,6 +279,7 @@ class IMP:
                 {
                     "round": row.round,
                     "layers": [dataclasses.astuple(r) for r in row.report.layers],
+                    "skipped": [dataclasses.astuple(s) for s in row.report.skipped],
                     "metrics": row.metrics,
                 }
                 for row in self.history
@@ -345,7 +346,9 @@ class IMP:
                 f"{fn}: the generator state must be a {current.dtype} tensor of shape {tuple(current.shape)}"
             )
         history = [
-            IMPRound(row["round"], SparsityReport(tuple(LayerReport(*r) for r in row["layers"])), dict(row["metrics"]))
+            IMPRound(
+                row["round"], SparsityReport.from_rows(row["layers"], row.get("skipped", ())), dict(row["metrics"])
+            )
             for row in state["history"]
         ]
         # everything is checked: now change the IMP

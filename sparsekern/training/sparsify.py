@@ -12,11 +12,59 @@ from torch import nn
 
 from ..nn.sparse_linear import SparseLinear
 from .distribution import DISTRIBUTIONS, _check_sparsity, layer_nnz
-from .drop_grow import as_layer, is_masked
+from .drop_grow import MaskedLayer, as_layer, is_masked
 
 LAYOUTS = ("compressed", "masked")
 # Layers whose weights are sparsified. Norms, embeddings and biases are never touched.
 ELIGIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+# nn.MultiheadAttention's input projections (in_proj_weight, or q/k/v_proj_weight when kdim/vdim differ). Its fused
+# kernels read these Parameters directly, so they are masked in place (a bool ``<name>_mask`` buffer) in either layout.
+MHA_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+SUPPORTED = "Linear, Conv1d, Conv2d, transformers' Conv1D, MultiheadAttention's projections"
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """HF transformers' ``Conv1D`` (GPT-2's transposed linear, y = x @ W + b), recognised without importing
+    transformers: class name "Conv1D", a 2-D ``weight`` Parameter of shape (n_in, n_out) and ``nf == n_out``."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, nn.Parameter)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+def _weight_names(module: nn.Module) -> tuple[str, ...]:
+    """The module's own Parameters that sparsify() can sparsify."""
+    if isinstance(module, SparseLinear):
+        return ()
+    if isinstance(module, ELIGIBLE) or is_conv1d(module):
+        return ("weight",)
+    if isinstance(module, nn.MultiheadAttention):
+        return tuple(name for name in MHA_WEIGHTS if isinstance(getattr(module, name, None), nn.Parameter))
+    return ()
+
+
+class MaskedParameter:
+    """A masked Parameter other than a module's ``weight`` (MultiheadAttention's ``in_proj_weight``), seen the way
+    the training methods see a masked layer: ``weight`` is the Parameter, ``weight_mask`` its ``<name>_mask``
+    buffer. What :func:`sparse_layers` returns for such a weight."""
+
+    def __init__(self, module: nn.Module, name: str):
+        self.module, self.name = module, name
+
+    @property
+    def weight(self):
+        return getattr(self.module, self.name)
+
+    @property
+    def weight_mask(self):
+        return getattr(self.module, f"{self.name}_mask", None)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
 @dataclass(frozen=True)
@@ -24,8 +72,10 @@ class LayerReport:
     name: str  # the weight's name, e.g. "fc1.weight"
     kind: str  # "Linear", "Conv2d", ...
     shape: tuple[int, ...]
-    nnz: int
+    nnz: int  # entries the mask keeps
     layout: str  # "compressed" (SparseLinear) or "masked"
+    zeros: int | None = None  # entries of the weight that are 0 now (measured; None in reports saved before it)
+    off_mask: int | None = None  # nonzeros off the mask: > 0 when something stepped the weight without the mask
 
     @property
     def numel(self) -> int:
@@ -35,12 +85,35 @@ class LayerReport:
     def sparsity(self) -> float:
         return 1.0 - self.nnz / self.numel
 
+    @property
+    def measured_sparsity(self) -> float | None:
+        return None if self.zeros is None else self.zeros / self.numel
+
+
+@dataclass(frozen=True)
+class SkippedWeight:
+    """A weight matrix (a Parameter of 2 or more dims) that stays dense, and why."""
+
+    name: str
+    kind: str  # the class of the module holding it
+    shape: tuple[int, ...]
+    reason: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
 
 @dataclass(frozen=True)
 class SparsityReport:
-    """Per-layer and overall sparsity of the sparsified weights (``str()`` gives a table)."""
+    """Per-layer and overall sparsity of the sparsified weights, the zeros measured in them, and every weight
+    matrix left dense with the reason (``str()`` gives the tables).
+
+    ``sparsity`` counts the masks; ``measured_sparsity`` counts the zeros in the weights as they are. They differ
+    when masked weights were stepped by an optimizer without the mask (see :func:`keep_masks`)."""
 
     layers: tuple[LayerReport, ...]
+    skipped: tuple[SkippedWeight, ...] = ()
 
     @property
     def nnz(self) -> int:
@@ -54,9 +127,36 @@ class SparsityReport:
     def sparsity(self) -> float:
         return 1.0 - self.nnz / self.numel if self.numel else 0.0
 
+    @property
+    def zeros(self) -> int | None:
+        counts = [layer.zeros for layer in self.layers]
+        return None if None in counts else sum(counts)
+
+    @property
+    def measured_sparsity(self) -> float | None:
+        zeros = self.zeros
+        return None if zeros is None else (zeros / self.numel if self.numel else 0.0)
+
+    @property
+    def coverage(self) -> float:
+        """The share of all weight-matrix elements (sparse layers + :attr:`skipped`) that the sparse layers hold."""
+        total = self.numel + sum(s.numel for s in self.skipped)
+        return self.numel / total if total else 0.0
+
+    @classmethod
+    def from_rows(cls, layers, skipped=()) -> SparsityReport:
+        """Rebuild a report from ``dataclasses.astuple`` rows of its layers and skipped weights (a saved state)."""
+        return cls(tuple(LayerReport(*r) for r in layers), tuple(SkippedWeight(*s) for s in skipped))
+
     def to_dict(self) -> dict:
         return {
-            "overall": {"nnz": self.nnz, "numel": self.numel, "sparsity": self.sparsity},
+            "overall": {
+                "nnz": self.nnz,
+                "numel": self.numel,
+                "sparsity": self.sparsity,
+                "zeros": self.zeros,
+                "measured_sparsity": self.measured_sparsity,
+            },
             "layers": [
                 {
                     "name": r.name,
@@ -66,18 +166,52 @@ class SparsityReport:
                     "numel": r.numel,
                     "sparsity": r.sparsity,
                     "layout": r.layout,
+                    "zeros": r.zeros,
+                    "measured_sparsity": r.measured_sparsity,
+                    "off_mask": r.off_mask,
                 }
                 for r in self.layers
+            ],
+            "skipped": [
+                {"name": s.name, "kind": s.kind, "shape": list(s.shape), "numel": s.numel, "reason": s.reason}
+                for s in self.skipped
             ],
         }
 
     def __str__(self) -> str:
-        rows = [("weight", "kind", "shape", "nnz", "sparsity", "layout")]
+        def measured(value):
+            return "?" if value is None else f"{value:.4f}"
+
+        rows = [("weight", "kind", "shape", "nnz", "sparsity", "measured", "layout")]
         for r in self.layers:
-            rows.append((r.name, r.kind, "x".join(map(str, r.shape)), str(r.nnz), f"{r.sparsity:.4f}", r.layout))
-        rows.append(("overall", "", "", str(self.nnz), f"{self.sparsity:.4f}", ""))
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+            shape = "x".join(map(str, r.shape))
+            rows.append(
+                (r.name, r.kind, shape, str(r.nnz), f"{r.sparsity:.4f}", measured(r.measured_sparsity), r.layout)
+            )
+        rows.append(("overall", "", "", str(self.nnz), f"{self.sparsity:.4f}", measured(self.measured_sparsity), ""))
+        lines = _table(rows)
+        stray = [r for r in self.layers if r.off_mask]
+        if stray:
+            lines.append(
+                f"warning: {sum(r.off_mask for r in stray)} weights off the mask are nonzero (in "
+                f"{', '.join(r.name for r in stray)}): the optimizer stepped masked weights without the mask; step "
+                "with a sparsifier (Static, RigL, ...) or call keep_masks(model, optimizer)"
+            )
+        if self.skipped:
+            dense, count = sum(s.numel for s in self.skipped), len(self.skipped)
+            lines.append(
+                f"left dense: {count} weight {'matrix' if count == 1 else 'matrices'}, {dense} elements "
+                f"({1 - self.coverage:.1%} of all weight-matrix elements):"
+            )
+            table = [("weight", "kind", "shape", "reason")]
+            table += [(s.name, s.kind, "x".join(map(str, s.shape)), s.reason) for s in self.skipped]
+            lines += ["  " + line for line in _table(table)]
+        return "\n".join(lines)
+
+
+def _table(rows: list[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -87,25 +221,79 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def sparse_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """{weight name: module} of every sparse layer: SparseLinear and masked (``weight_mask``) modules."""
+def sparse_layers(model: nn.Module) -> dict[str, nn.Module | MaskedParameter]:
+    """{weight name: layer} of every sparse layer: SparseLinear, masked (``weight_mask``) modules, and a
+    :class:`MaskedParameter` for each masked MultiheadAttention projection. A module used at several positions is
+    listed once, under its first name."""
     model = _unwrap(model)
-    return {
-        f"{name}.weight" if name else "weight": m
-        for name, m in model.named_modules()
-        if isinstance(m, SparseLinear) or is_masked(m)
-    }
+    layers: dict[str, nn.Module | MaskedParameter] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SparseLinear) or is_masked(module):
+            layers[_join(name, "weight")] = module
+        for param in _weight_names(module):
+            view = MaskedParameter(module, param)
+            if param != "weight" and is_masked(view):
+                layers[_join(name, param)] = view
+    return layers
+
+
+def _holders(model: nn.Module) -> dict[int, list[str]]:
+    """id(Parameter) -> its names, one per (module object, attribute) holding it. A module reused at several
+    positions holds its Parameters once; a Parameter with two names is tied (two modules share it)."""
+    holders: dict[int, dict[tuple[int, str], str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), {}).setdefault((id(module), attr), _join(name, attr))
+    return {key: list(names.values()) for key, names in holders.items()}
+
+
+def _dense_weights(model: nn.Module, sparse: set[int], holders: dict[int, list[str]], unchosen: str):
+    """A :class:`SkippedWeight` for every weight matrix not in ``sparse`` (ids of Parameters), once each."""
+    seen, skipped = set(sparse), []
+    for module_name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            if param is None or param.dim() < 2 or id(param) in seen:
+                continue
+            seen.add(id(param))
+            name, kind, names = _join(module_name, attr), type(module).__name__, holders[id(param)]
+            if len(names) > 1:
+                others = ", ".join(n for n in names if n != name)
+                reason = f"tied: the same Parameter as {others}; left dense and tied"
+            elif isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+                reason = "embedding: never sparsified"
+            elif attr in _weight_names(module):
+                reason = unchosen
+            elif isinstance(module, nn.RNNBase):
+                reason = f"{kind} weights: recurrent layers are not supported"
+            else:
+                reason = f"{kind}.{attr} is not the weight of a supported layer ({SUPPORTED})"
+            skipped.append(SkippedWeight(name, kind, tuple(param.shape), reason))
+    return tuple(skipped)
+
+
+def _layer_report(name: str, layer) -> LayerReport:
+    module = layer.module.module if isinstance(layer.module, MaskedParameter) else layer.module
+    kind = "Linear" if isinstance(module, SparseLinear) else type(module).__name__
+    if isinstance(layer, MaskedLayer):
+        weight, mask = layer.param.detach(), layer.module.weight_mask
+        zeros, off_mask = int((weight == 0).sum()), int(((weight != 0) & ~mask).sum())
+        return LayerReport(name, kind, tuple(layer.shape), layer.count(), "masked", zeros, off_mask)
+    zeros = layer.numel - layer.count() + int((layer.param.detach() == 0).sum())
+    return LayerReport(name, kind, tuple(layer.shape), layer.count(), "compressed", zeros, 0)
 
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
-    """The :class:`SparsityReport` of a model's sparse layers as they are now."""
-    layers = []
-    for name, module in sparse_layers(model).items():
-        layer = as_layer(module)
-        kind = "Linear" if isinstance(module, SparseLinear) else type(module).__name__
-        layout = "compressed" if isinstance(module, SparseLinear) else "masked"
-        layers.append(LayerReport(name, kind, tuple(layer.shape), layer.count(), layout))
-    return SparsityReport(tuple(layers))
+    """The :class:`SparsityReport` of a model as it is now: its sparse layers (mask counts and measured zeros) and
+    every weight matrix left dense, with the reason (embeddings, tied weights, unsupported layers, ...)."""
+    return _report(_unwrap(model), "supported, not sparsified")
+
+
+def _report(model: nn.Module, unchosen: str) -> SparsityReport:
+    layers = {name: as_layer(module) for name, module in sparse_layers(model).items()}
+    sparse = {id(layer.param) for layer in layers.values()}
+    skipped = _dense_weights(model, sparse, _holders(model), unchosen)
+    return SparsityReport(tuple(_layer_report(name, layer) for name, layer in layers.items()), skipped)
 
 
 def _patterns(fn: str, name: str, value) -> tuple[str, ...] | None:
@@ -119,21 +307,27 @@ def _patterns(fn: str, name: str, value) -> tuple[str, ...] | None:
     return value
 
 
-def _select(model: nn.Module, include, exclude) -> dict[str, nn.Module]:
-    fn = "sparsify"
+def _select(fn: str, model: nn.Module, include, exclude) -> dict[str, tuple[nn.Module, str]]:
+    """{weight name: (module, Parameter name)} of the dense weights to sparsify, in model order. Tied Parameters
+    (held by two modules, e.g. a language model's head and its embedding) are left out: they stay dense and tied."""
     include, exclude = _patterns(fn, "include", include), _patterns(fn, "exclude", exclude)
-    chosen = {}
+    holders = _holders(model)
+    matched, chosen = [], {}
     for name, module in model.named_modules():
-        if not isinstance(module, ELIGIBLE) or isinstance(module, SparseLinear) or is_masked(module):
+        params = [p for p in _weight_names(module) if not is_masked(MaskedParameter(module, p))]
+        if not params:
             continue
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
         if exclude is not None and any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
-        chosen[name] = module
+        matched.append(name)
+        for param in params:
+            if len(holders[id(getattr(module, param))]) == 1:
+                chosen[_join(name, param)] = (module, param)
     for pattern in include or ():
-        if not any(fnmatch.fnmatchcase(name, pattern) for name in chosen):
-            raise ValueError(f"{fn}: include pattern {pattern!r} matches no Linear/Conv1d/Conv2d module")
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in matched):
+            raise ValueError(f"{fn}: include pattern {pattern!r} matches no layer it can sparsify ({SUPPORTED})")
     return chosen
 
 
@@ -152,42 +346,52 @@ def _random_mask(shape, count: int, generator: torch.Generator, device) -> torch
     return mask.view(shape).to(device)
 
 
-def _check_scores(fn: str, scores, modules: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+def _check_scores(fn: str, scores, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not isinstance(scores, dict):
         raise TypeError(f"{fn}: scores must be a dict {{weight name: tensor}}, got {type(scores).__name__}")
     out = {}
-    for name, module in modules.items():
-        key = f"{name}.weight"
+    for key, weight in weights.items():
         if key not in scores:
             raise ValueError(f"{fn}: scores has no entry for {key!r} (it has {sorted(scores)})")
         s = scores[key]
-        if not isinstance(s, torch.Tensor) or s.shape != module.weight.shape:
+        if not isinstance(s, torch.Tensor) or s.shape != weight.shape:
             got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-            raise ValueError(
-                f"{fn}: scores[{key!r}] must have the weight's shape {tuple(module.weight.shape)}, got {got}"
-            )
+            raise ValueError(f"{fn}: scores[{key!r}] must have the weight's shape {tuple(weight.shape)}, got {got}")
         if not bool(torch.isfinite(s).all()):
             raise ValueError(f"{fn}: scores[{key!r}] holds inf or NaN")
-        out[name] = s.detach().to(torch.float64)
+        out[key] = s.detach().to(torch.float64)
     return out
 
 
-def make_masked(module: nn.Module, mask: torch.Tensor) -> None:
-    """Mask a module's dense ``weight`` in place: zero it off ``mask`` and keep ``mask`` as the bool buffer
-    ``weight_mask`` (saved in the state_dict). A sparsifier's ``step()`` keeps the zeros: it zeros the gradient
-    off the mask before the optimizer step and re-applies the mask after it."""
-    mask = mask.to(device=module.weight.device, dtype=torch.bool)
+def make_masked(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
+    """Mask a module's dense Parameter ``name`` in place: zero it off ``mask`` and keep ``mask`` as the bool buffer
+    ``<name>_mask`` (``weight_mask``; saved in the state_dict). A sparsifier's ``step()`` (or :func:`keep_masks`)
+    keeps the zeros: it zeros the gradient off the mask before the optimizer step and re-applies the mask after."""
+    weight = getattr(module, name)
+    mask = mask.to(device=weight.device, dtype=torch.bool)
     with torch.no_grad():
-        module.weight.mul_(mask)
-    if "weight_mask" in module._buffers:
-        module.weight_mask.copy_(mask)
+        weight.mul_(mask)
+    buffer = f"{name}_mask"
+    if buffer in module._buffers:
+        module._buffers[buffer].copy_(mask)
     else:
-        module.register_buffer("weight_mask", mask.clone())
+        module.register_buffer(buffer, mask.clone())
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+def _replace(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Install ``new`` at every position of ``old`` (a module reused in several places gets one new module)."""
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if module is old and name:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+
+
+def _to_sparse_linear(linear: nn.Linear, mask: torch.Tensor) -> SparseLinear:
+    # SparseLinear's constructor draws an initialisation that from_dense overwrites: keep the caller's RNG as it was.
+    device = linear.weight.device
+    gpu = [device] if device.type != "cpu" else []
+    with torch.random.fork_rng(devices=gpu, device_type=device.type if gpu else "cuda"):
+        return SparseLinear.from_dense(linear, mask=mask)
 
 
 def sparsify(
@@ -203,19 +407,28 @@ def sparsify(
     generator: torch.Generator | None = None,
     rescale: bool = False,
 ) -> SparsityReport:
-    """Make a model's Linear/Conv1d/Conv2d weights sparse with exact per-layer nonzero counts.
+    """Make a model's weight matrices sparse with exact per-layer nonzero counts.
+
+    Sparsified: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, HF transformers' ``Conv1D`` (GPT-2's transposed
+    linear; recognised by :func:`is_conv1d`: class name "Conv1D", weight (n_in, n_out), ``nf == n_out``) and the
+    input projections of ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``; its
+    ``out_proj`` is a Linear). Never: norms, biases, embeddings, and tied weights: a Parameter held by two
+    modules (``b.weight = a.weight``, a language model's head tied to its embedding) stays dense and tied. A
+    module used at several positions is sparsified once and the same new module is installed at all of them.
+    The report lists every weight matrix left dense with the reason (``report.skipped``).
 
     Counts come from the layer-wise distribution (:func:`layer_nnz`): "uniform", "er" or "erk" (the default,
     RigL's; with the capacity loop), or "global" with ``scores`` (one top-k over all layers, as SNIP does). Which
     positions are kept: uniformly at random (``generator``), or with ``scores`` the largest scores per layer
-    (ties: lower flat index). Norm layers, biases and embeddings are never sparsified.
+    (ties: lower flat index).
 
     Layouts:
         "compressed": each ``nn.Linear`` is replaced by a :class:`~sparsekern.nn.SparseLinear` holding the
-            kept weights (only the nonzeros are stored and trained; create the optimizer afterwards). Conv layers,
-            which SparseLinear does not cover, are masked.
-        "masked": the dense weights stay; each is zeroed off its mask and gets a bool ``weight_mask`` buffer. Any
-            sparsifier's ``step()`` (``Static`` for a fixed mask) keeps the masked entries at zero.
+            kept weights (only the nonzeros are stored and trained; create the optimizer afterwards). The other
+            layers (conv, Conv1D, MultiheadAttention, whose code reads the dense weight) are masked.
+        "masked": the dense weights stay; each is zeroed off its mask and gets a bool ``<name>_mask`` buffer
+            (``weight_mask``). A sparsifier's ``step()`` (``Static`` for a fixed mask) keeps the masked entries at
+            zero; with a plain ``optimizer.step()`` loop (HF Trainer) call :func:`keep_masks` once.
 
     Args:
         model: the model, changed in place (a DDP/DataParallel wrapper is looked through).
@@ -223,14 +436,17 @@ def sparsify(
         include, exclude: fnmatch patterns of module names (``"encoder.*"``) to restrict the choice.
         dense_first: keep the first chosen layer dense (its nonzeros come out of the others' budget under
             ER/ERK, as in google-research/rigl).
-        scores: {weight name ("fc1.weight"): tensor of the weight's shape}: keep the highest-scoring positions.
-        generator: for the random positions (default: torch's global generator).
+        scores: {weight name ("fc1.weight", "attn.in_proj_weight"): tensor of the weight's shape}: keep the
+            highest-scoring positions.
+        generator: for the random positions (default: torch's global generator). When given, torch's global RNG
+            is left untouched.
         rescale: multiply each layer's kept weights by sqrt(numel / nnz), so its outputs start with the variance
             the dense initialisation gives (a sparsity-aware initialisation; without it, deep very sparse
             networks start with vanishing signals).
 
     Returns:
-        the :class:`SparsityReport` (per layer and overall; ``print`` it for a table).
+        the :class:`SparsityReport` of the weights sparsified now, and every weight matrix left dense
+        (``print`` it for the tables).
 
     Raises:
         ValueError: bad sparsity, distribution, layout, patterns that match nothing, no eligible layer, scores
@@ -258,46 +474,122 @@ def sparsify(
         raise ValueError(f"{fn}: dense_first applies to uniform, er and erk, not to distribution='global'")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"{fn}: generator must be a torch.Generator, got {type(generator).__name__}")
+    if not isinstance(rescale, bool):
+        raise TypeError(f"{fn}: rescale must be a bool, got {rescale!r}")
     model = _unwrap(model)
-    modules = _select(model, include, exclude)
-    if not modules:
-        raise ValueError(f"{fn}: no Linear/Conv1d/Conv2d layer to sparsify (include={include!r}, exclude={exclude!r})")
-    shapes = [tuple(m.weight.shape) for m in modules.values()]
-    dense = [dense_first and i == 0 for i in range(len(modules))]
-    scored = _check_scores(fn, scores, modules) if scores is not None else None
+    targets = _select(fn, model, include, exclude)
+    if not targets:
+        left = "; ".join(f"{s.name}: {s.reason}" for s in _report(model, "not selected").skipped)
+        raise ValueError(
+            f"{fn}: no layer to sparsify ({SUPPORTED}; include={include!r}, exclude={exclude!r}); left dense: "
+            f"{left or 'nothing'}"
+        )
+    weights = {key: getattr(module, param) for key, (module, param) in targets.items()}
+    shapes = [tuple(w.shape) for w in weights.values()]
+    dense = [dense_first and i == 0 for i in range(len(targets))]
+    scored = _check_scores(fn, scores, weights) if scores is not None else None
 
     if distribution == "global":
         total = int(round((1.0 - sparsity) * sum(math.prod(s) for s in shapes)))
-        flat = torch.cat([scored[name].reshape(-1).cpu() for name in modules])
+        flat = torch.cat([scored[key].reshape(-1).cpu() for key in targets])
         keep = _top_mask(flat, total)
         masks, start = {}, 0
-        for name, shape in zip(modules, shapes, strict=True):
+        for key, shape in zip(targets, shapes, strict=True):
             size = math.prod(shape)
-            masks[name] = keep[start : start + size].view(shape)
+            masks[key] = keep[start : start + size].view(shape)
             start += size
     else:
         counts = layer_nnz(shapes, sparsity, distribution, dense=dense)
         gen = generator if generator is not None else torch.default_generator
         masks = {
-            name: _top_mask(scored[name].cpu(), count) if scored is not None else _random_mask(shape, count, gen, "cpu")
-            for (name, shape), count in zip(zip(modules, shapes, strict=True), counts, strict=True)
+            key: _top_mask(scored[key].cpu(), count) if scored is not None else _random_mask(shape, count, gen, "cpu")
+            for (key, shape), count in zip(zip(targets, shapes, strict=True), counts, strict=True)
         }
 
-    if not isinstance(rescale, bool):
-        raise TypeError(f"{fn}: rescale must be a bool, got {rescale!r}")
-    for name, module in modules.items():
-        mask = masks[name].to(module.weight.device)
+    for key, (module, param) in targets.items():
+        weight = weights[key]
+        mask = masks[key].to(weight.device)
         nnz = int(mask.sum())
         if rescale and nnz:
             with torch.no_grad():
-                module.weight.mul_(math.sqrt(mask.numel() / nnz))
+                weight.mul_(math.sqrt(mask.numel() / nnz))
         if layout == "compressed" and type(module) is nn.Linear:
-            _set_submodule(model, name, SparseLinear.from_dense(module, mask=mask))
+            _replace(model, module, _to_sparse_linear(module, mask))
         else:
-            make_masked(module, mask)
-    chosen = {f"{name}.weight" for name in modules}
-    report = sparsity_report(model)
-    return SparsityReport(tuple(r for r in report.layers if r.name in chosen))
+            make_masked(module, mask, param)
+    report = _report(model, "not selected by include/exclude")
+    return SparsityReport(tuple(r for r in report.layers if r.name in targets), report.skipped)
+
+
+def keep_masks(model: nn.Module, optimizer: torch.optim.Optimizer) -> MaskHooks:
+    """Keep the masks of a model's masked layers under a plain ``optimizer.step()`` loop (HF ``Trainer``, Lightning,
+    your own loop) instead of stepping through a sparsifier.
+
+    Registers two hooks on ``optimizer``: before each step the gradients off the masks are zeroed (so momentum and
+    Adam moments stay 0 there), after it the masks are re-applied to the weights: the same as ``Static.step()``.
+    Masks that a sparsifier or IMP changes later are followed. SparseLinear layers need no hook: they store only
+    their nonzeros.
+
+    Args:
+        model: the model with masked layers (``sparsify(..., layout="masked")``, conv and Conv1D layers, masked
+            MultiheadAttention projections).
+        optimizer: the optimizer that trains them.
+
+    Returns:
+        a handle; ``handle.remove()`` takes the hooks off.
+
+    Raises:
+        ValueError: no masked layer of the model is trained by ``optimizer``.
+        TypeError: arguments of the wrong type.
+
+    Example::
+
+        >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+        >>> report = sparsekern.sparsify(model, 0.9, layout="masked")
+        >>> optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        >>> handle = sparsekern.training.keep_masks(model, optimizer)  # HF: Trainer(..., optimizers=(optimizer, None))
+        >>> for _ in range(3):                                          # a plain loop
+        ...     model(torch.randn(8, 64)).square().mean().backward()
+        ...     optimizer.step()
+        ...     optimizer.zero_grad()
+        >>> report = sparsekern.sparsity_report(model)
+        >>> round(report.measured_sparsity, 4), sum(layer.off_mask for layer in report.layers)
+        (0.9, 0)
+    """
+    fn = "keep_masks"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"{fn}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    layers = [as_layer(m) for m in sparse_layers(model).values()]
+    layers = [layer for layer in layers if isinstance(layer, MaskedLayer) and id(layer.param) in trained]
+    if not layers:
+        raise ValueError(
+            f"{fn}: no masked layer of the model is trained by this optimizer (sparsify(model, ..., "
+            "layout='masked') first, and create the optimizer from its parameters; SparseLinear layers need no hook)"
+        )
+
+    def before(optimizer, args, kwargs):
+        for layer in layers:
+            layer.mask_gradient()
+
+    def after(optimizer, args, kwargs):
+        for layer in layers:
+            layer.apply_mask()
+
+    return MaskHooks((optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)))
+
+
+class MaskHooks:
+    """The handle :func:`keep_masks` returns: ``remove()`` takes its optimizer hooks off."""
+
+    def __init__(self, handles):
+        self._handles = tuple(handles)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def snip_scores(
@@ -307,14 +599,15 @@ def snip_scores(
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """SNIP's connection saliency |dL/dw ⊙ w| of every eligible dense weight, from one loss evaluation.
+    """SNIP's connection saliency |dL/dw ⊙ w| of every weight :func:`sparsify` would sparsify, from one loss
+    evaluation.
 
     Call it on the dense model at initialisation, then keep the top (1 - s) globally with
     ``sparsify(model, s, distribution="global", scores=...)`` and train with :class:`SNIP` (fixed masks).
     The model's gradients are left as they were.
 
     Args:
-        model: a dense model (Linear/Conv1d/Conv2d weights).
+        model: a dense model.
         loss_fn: called as ``loss_fn(model)``; returns the scalar loss on one batch.
         include, exclude: as in :func:`sparsify`.
 
@@ -328,20 +621,21 @@ def snip_scores(
     fn = "snip_scores"
     if not callable(loss_fn):
         raise TypeError(f"{fn}: loss_fn must be callable as loss_fn(model) -> scalar loss, got {loss_fn!r}")
-    modules = _select(_unwrap(model), include, exclude)
-    if not modules:
-        raise ValueError(f"{fn}: no Linear/Conv1d/Conv2d layer found")
-    weights = [m.weight for m in modules.values()]
+    targets = _select(fn, _unwrap(model), include, exclude)
+    if not targets:
+        raise ValueError(f"{fn}: no weight to score ({SUPPORTED})")
+    weights = [getattr(module, param) for module, param in targets.values()]
     loss = loss_fn(model)
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ValueError(f"{fn}: loss_fn must return a scalar tensor, got {loss!r}")
     grads = torch.autograd.grad(loss, weights)
-    return {f"{name}.weight": (g * w).detach().abs() for name, g, w in zip(modules, grads, weights, strict=True)}
+    return {key: (g * w).detach().abs() for key, g, w in zip(targets, grads, weights, strict=True)}
 
 
 def compress(model: nn.Module) -> SparsityReport:
     """Replace every masked ``nn.Linear`` (``sparsify(layout="masked")``, IMP's default) by a
-    :class:`~sparsekern.nn.SparseLinear` holding its weights at the mask, in place; masked conv layers stay.
+    :class:`~sparsekern.nn.SparseLinear` holding its weights at the mask, in place (at every position of a module
+    used in several places); the other masked layers stay.
 
     For a model trained with masked dense weights that should now run (or keep training) on the sparse kernels.
     Create a new optimizer afterwards: the Linear weights become new ``values`` parameters.
@@ -356,11 +650,9 @@ def compress(model: nn.Module) -> SparsityReport:
         ['SparseLinear', 'ReLU', 'SparseLinear']
     """
     model = _unwrap(model)
-    names = []
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and is_masked(module):
-            _set_submodule(model, name, SparseLinear.from_dense(module, mask=module.weight_mask))
-            names.append(f"{name}.weight")
-    if not names:
+    linears = [m for m in sparse_layers(model).values() if type(m) is nn.Linear]
+    if not linears:
         raise ValueError("compress: the model has no masked nn.Linear (sparsify(model, ..., layout='masked') first)")
+    for module in linears:
+        _replace(model, module, _to_sparse_linear(module, module.weight_mask))
     return sparsity_report(model)
