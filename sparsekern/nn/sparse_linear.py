@@ -233,9 +233,11 @@ class SparseLinear(nn.Module):
         no memory with the layer: writing into it changes nothing, and assigning ``layer.weight`` raises. Train
         and edit ``values`` instead; :meth:`dense_weight` is the differentiable version.
 
-        torch's ``nn.TransformerEncoderLayer`` in eval mode under ``torch.no_grad()`` takes its fused fast path,
-        which reads this copy and runs dense kernels: correct, but not sparse (and a copy per call). Call
-        ``torch.backends.mha.set_fastpath_enabled(False)`` to run this layer's own sparse forward there.
+        torch's ``nn.TransformerEncoderLayer`` reads ``linear1.weight`` and ``linear2.weight`` on every call in
+        eval mode (a copy each time) to decide on its fused fast path. With grad enabled it then runs this
+        layer's own forward; under ``torch.no_grad()`` it takes the fast path, which multiplies by these copies
+        with dense kernels: correct, but not sparse. ``torch.backends.mha.set_fastpath_enabled(False)`` skips
+        both the fast path and the copies.
         """
         return self.index.to_dense(self.values.detach())
 
