@@ -87,26 +87,50 @@ def random_positions(numel: int, n: int, generator: torch.Generator, exclude: to
     return torch.cat(taken).sort().values if taken else exclude.new_zeros(0)
 
 
-def random_flat(numel: int, count: int, *, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+def random_flat(
+    numel: int, count: int, *, generator: torch.Generator | None = None, device=None, block: int = 1 << 20
+) -> torch.Tensor:
     """``count`` distinct positions of ``range(numel)``, uniformly at random, ascending (int64), in O(count) memory.
 
-    Below numel / 8 positions: :func:`random_positions` (rejection, which then accepts at least 7 draws in 8);
-    from there ``randperm(numel)``, whose 8 bytes per position are then at most 64 bytes per drawn one and which
-    is faster where rejection would retry often."""
+    Below numel / 8 positions: :func:`random_positions` (rejection, which then accepts at least 7 draws in 8).
+    From there, in blocks of ``block`` positions: how many positions each block gets is drawn as if every
+    position were kept with probability count / numel (a binomial per block), then the surplus is taken from
+    (or the shortfall added to) uniformly chosen kept (or not kept) positions, and each block draws its share by
+    ``randperm(block)``. Every step treats all positions alike, so every subset of ``count`` positions is equally
+    likely (as with one ``randperm(numel)``), with O(block) scratch beside the result."""
     generator = generator if generator is not None else torch.default_generator
     if count * 8 < numel:
         return random_positions(numel, count, generator, torch.zeros(0, dtype=torch.int64)).to(device)
-    chosen = torch.zeros(numel, dtype=torch.bool)
-    chosen[torch.randperm(numel, generator=generator)[:count]] = True
-    return chosen.nonzero().flatten().to(device)  # ascending without sorting count values
+    sizes = torch.full((-(-numel // block),), block, dtype=torch.int64)
+    sizes[-1] = numel - block * (sizes.numel() - 1)
+    kept = torch.binomial(sizes.double(), torch.full(sizes.shape, count / numel, dtype=torch.float64), generator)
+    kept = kept.long()
+    surplus = int(kept.sum()) - count
+    if surplus:  # |surplus| is about sqrt(numel): which kept (or free) positions go (or come) in, by block
+        pool = kept if surplus > 0 else sizes - kept
+        chosen = random_positions(int(pool.sum()), abs(surplus), generator, torch.zeros(0, dtype=torch.int64))
+        moved = torch.bincount(torch.searchsorted(pool.cumsum(0), chosen, right=True), minlength=sizes.numel())
+        kept -= moved if surplus > 0 else -moved
+    out = torch.empty(count, dtype=torch.int64)
+    done = 0
+    for i, (size, k) in enumerate(zip(sizes.tolist(), kept.tolist(), strict=True)):
+        part = out[done : done + k]
+        torch.sort(torch.randperm(size, generator=generator)[:k], out=(part, torch.empty_like(part)))
+        part += i * block
+        done += k
+    return out.to(device)
 
 
 def csr_from_flat(flat: torch.Tensor, n_rows: int, n_cols: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row_ptr int64, col_idx int32) of the positions ``flat`` (row * n_cols + col, ascending, unique)."""
-    rows = flat // n_cols
-    row_ptr = torch.zeros(n_rows + 1, dtype=torch.int64, device=flat.device)
-    torch.cumsum(torch.bincount(rows, minlength=n_rows), 0, out=row_ptr[1:])
-    return row_ptr, (flat - rows * n_cols).to(torch.int32)
+    """(row_ptr int64, col_idx int32) of the positions ``flat`` (row * n_cols + col, ascending, unique).
+
+    Row starts by binary search and columns in chunks: no int64 temporary of nnz entries beside ``flat``."""
+    bounds = torch.arange(n_rows + 1, dtype=torch.int64, device=flat.device) * n_cols
+    row_ptr = torch.searchsorted(flat, bounds)
+    col_idx = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
+    for src, dst in zip(flat.split(1 << 20), col_idx.split(1 << 20), strict=True):
+        dst.copy_(src % n_cols)
+    return row_ptr, col_idx
 
 
 def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

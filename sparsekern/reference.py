@@ -136,11 +136,20 @@ def csr_dense_gather_reference(dense: torch.Tensor, row_ptr, col_idx) -> torch.T
 def spmm_reference(
     x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, n_out: int
 ) -> torch.Tensor:
-    """y = x @ W.T for the CSR matrix W (n_out, x.shape[1]); fp32 accumulation (float64 for float64 input)."""
+    """y = x @ W.T for the CSR matrix W (n_out, x.shape[1]); fp32 accumulation (float64 for float64 input).
+
+    Sums over the stored positions only (as torch.sparse does): a row of x holding inf or NaN, where the dense
+    product would add 0 * inf = NaN at W's structural zeros, is summed over the nonzeros instead."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    dtype, rows, cols, x = x.dtype, csr_rows(row_ptr), col_idx.long(), x.to(acc)
     dense = torch.zeros(n_out, x.shape[1], dtype=acc, device=x.device)
-    dense[csr_rows(row_ptr), col_idx.long()] = values.to(acc)
-    return (x.to(acc) @ dense.T).to(x.dtype)
+    dense[rows, cols] = values.to(acc)
+    y = x @ dense.T
+    bad = (~torch.isfinite(x).all(1)).nonzero().reshape(-1)
+    if bad.numel():
+        products = x[bad][:, cols] * values.to(acc)  # (bad rows, nnz)
+        y[bad] = torch.zeros_like(y[bad]).index_add_(1, rows, products)
+    return y.to(dtype)
 
 
 def sddmm_reference(g: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._csr import CSRIndex, merge_sorted, random_flat, sorted_contains
+from .._csr import CSRIndex, csr_from_flat, merge_sorted, random_flat, sorted_contains
 from .._validate import check_tensor
+from ..ops.semi24_mask import check_finite_weight
 from ..ops.sparse_linear import DenseWorkspace, sparse_linear
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -90,7 +91,10 @@ class SparseLinear(nn.Module):
         device, dtype: as ``nn.Linear`` (float32, bfloat16, float16; float64 runs the reference kernels).
 
     Inputs of any leading shape ``(..., in_features)``. Values are initialised like ``nn.Linear``'s weight
-    (uniform in ±1/sqrt(in_features)).
+    (uniform in ±1/sqrt(in_features)). Like :func:`sparsekern.ops.sparse_linear.sparse_linear`: differentiable
+    to any order, follows ``torch.autocast``, skips structural zeros for inf/NaN inputs on both paths, and may be
+    called from many threads at once. ``weight`` is a dense copy for code that reads it (see there); copies and
+    pickles carry the parameters and the index, not the dense path's cached weight.
 
     Example::
 
@@ -125,7 +129,9 @@ class SparseLinear(nn.Module):
         if mask is None:  # uniform random positions, without anything of n_out * n_in entries
             numel = in_features * out_features
             flat = random_flat(numel, _nnz(_check_sparsity(fn, sparsity), numel), device=device)
-            index = CSRIndex.from_flat(flat, out_features, in_features)
+            row_ptr, col_idx = csr_from_flat(flat, out_features, in_features)
+            del flat  # 8 bytes per nonzero, not needed by the transposed index built next
+            index = CSRIndex.from_csr(row_ptr, col_idx, in_features)
         else:
             index = CSRIndex.from_mask(_check_mask(fn, mask, (out_features, in_features)).to(device))
         self._set_index(index)
@@ -180,7 +186,11 @@ class SparseLinear(nn.Module):
     @classmethod
     def from_dense(cls, linear: nn.Linear, *, mask: torch.Tensor | None = None, sparsity: float | None = None):
         """A SparseLinear holding ``linear``'s weights at ``mask`` (or, with ``sparsity``, at its largest |w|;
-        ties: lower flat index)."""
+        ties: lower flat index).
+
+        Raises:
+            ValueError: with ``sparsity``, a weight is inf or NaN (no magnitude order; ``semi24_mask`` has the
+                same rule). With ``mask`` the weights are copied as they are."""
         fn = "SparseLinear.from_dense"
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{fn}: linear must be an nn.Linear, got {type(linear).__name__}")
@@ -188,6 +198,7 @@ class SparseLinear(nn.Module):
             raise ValueError(f"{fn}: give exactly one of sparsity= or mask=")
         weight = linear.weight.detach()
         if mask is None:
+            check_finite_weight(fn, "linear.weight", weight)
             keep = _nnz(_check_sparsity(fn, sparsity), weight.numel())
             order = weight.double().abs().flatten().argsort(descending=True, stable=True)[:keep]
             mask = torch.zeros(weight.numel(), dtype=torch.bool, device=weight.device)
@@ -212,6 +223,31 @@ class SparseLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """The (out_features, in_features) weight with zeros off the mask (differentiable in ``values``)."""
         return self.index.to_dense(self.values)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense (out_features, in_features) copy of the weight, zeros off the mask, built on every access.
+
+        For code that reads ``.weight`` of a linear layer (shape, dtype, or the numbers: torch's
+        TransformerEncoderLayer fast path, Hugging Face helpers). It is a plain tensor without grad and shares
+        no memory with the layer: writing into it changes nothing, and assigning ``layer.weight`` raises. Train
+        and edit ``values`` instead; :meth:`dense_weight` is the differentiable version.
+
+        torch's ``nn.TransformerEncoderLayer`` reads ``linear1.weight`` and ``linear2.weight`` on every call in
+        eval mode (a copy each time) to decide on its fused fast path. With grad enabled it then runs this
+        layer's own forward; under ``torch.no_grad()`` it takes the fast path, which multiplies by these copies
+        with dense kernels: correct, but not sparse. ``torch.backends.mha.set_fastpath_enabled(False)`` skips
+        both the fast path and the copies.
+        """
+        return self.index.to_dense(self.values.detach())
+
+    def __setattr__(self, name, value):
+        if name == "weight":  # nn.Module would register a Parameter nobody reads, or report a missing setter
+            raise AttributeError(
+                "SparseLinear.weight is a read-only dense copy of the weight; set SparseLinear.values (the "
+                "nonzeros, in CSR order), or build a new layer with SparseLinear.from_dense"
+            )
+        super().__setattr__(name, value)
 
     def to_dense(self) -> nn.Linear:
         """An ``nn.Linear`` with the same function."""

@@ -12,12 +12,19 @@ from .._validate import check_tensor
 _MASK_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8)
 
 
+def check_finite_weight(fn: str, name: str, w: torch.Tensor) -> None:
+    """A selection by magnitude has no order for NaN and none among infs: refuse both (semi24_mask and
+    SparseLinear.from_dense share this rule)."""
+    if w.dtype.is_floating_point and not bool(torch.isfinite(w).all()):
+        what = "NaN" if bool(torch.isnan(w).any()) else "inf"
+        raise ValueError(f"{fn}: {name} contains {what}; a mask by magnitude needs finite weights")
+
+
 def _check_weight(fn: str, w) -> torch.Tensor:
     check_tensor(fn, "w", w, dtypes=_MASK_DTYPES)
     if w.dim() < 1:
         raise ValueError(f"{fn}: w must have at least 1 dimension, got a scalar")
-    if w.dtype.is_floating_point and bool(torch.isnan(w).any()):
-        raise ValueError(f"{fn}: w contains NaN; its 2:4 mask is undefined")
+    check_finite_weight(fn, "w", w)
     return w
 
 
@@ -78,7 +85,7 @@ def semi24_mask(w: torch.Tensor, *, transposable: bool = False) -> torch.Tensor:
 
     Raises:
         TypeError: ``w`` is not a tensor of a supported dtype.
-        ValueError: bad shape, or ``w`` contains NaN.
+        ValueError: bad shape, or ``w`` contains NaN or inf.
 
     Example::
 

@@ -3,6 +3,7 @@ dW only at the nonzeros) and a per-call choice between the sparse kernels and a 
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,7 @@ from .._csr import VALUE_DTYPES, CSRIndex
 from .._validate import check_same_device, check_tensor
 from . import sddmm as _sddmm
 from . import spmm as _spmm
+from ._backend import warn_once
 from .csr_dense import csr_dense_gather, csr_dense_scatter_
 
 PATHS = ("auto", "sparse", "dense")
@@ -79,13 +81,19 @@ class DenseWorkspace:
     without bumping their version counter. A training call (a backward follows) rewrites every row and drops
     the shadow: the optimizer step will change every value anyway.
 
-    The writes go through ``.data``, which does not bump the version counter that autograd checks: a layer
-    called twice before its backward writes the same values twice (values only change in an optimizer step,
-    after the backward).
+    The writes go through ``.data``, which does not bump the version counter that autograd checks; the values
+    themselves are saved for the backward, so an in-place change of them between a forward and its backward
+    is still reported by autograd.
 
     The backward's full (n_out, n_in) weight gradient, of which only the nonzeros are kept, goes to a second
     buffer kept here too (2 x n_out x n_in elements in all, as nn.Linear's weight and its gradient): a fresh one
     per backward costs the page faults of a new allocation, 18 ms of a 195 ms step at 4096x4096 fp32 on this VM.
+
+    Threads: one call at a time holds the workspace (a non-blocking lock, :meth:`acquire`): an inference call
+    for its forward, a training call from its forward to the end of its backward (or until its graph is freed,
+    if no backward comes). A call that finds it held uses a weight (and gradient buffer) of its own, so calls
+    from many threads, or a layer called twice before one backward, are correct and only pay the allocation.
+    Pickling or deep-copying a workspace gives an empty one: the buffers are a cache, rebuilt on the next call.
 
     What the dense path costs beyond its GEMMs (forward+backward, 4096x4096 at density 0.5, B=256, fp32, Zen 4,
     torch.profiler on one thread): the GEMMs 93.4%, the gather of dW 3.2%, the scatter 2.3%. Both copies are bound
@@ -98,10 +106,19 @@ class DenseWorkspace:
         self._weight: torch.Tensor | None = None
         self._shadow: torch.Tensor | None = None  # the values the weight holds at the nonzeros
         self._grad: torch.Tensor | None = None  # scratch for the backward's dense weight gradient
+        self._lock = threading.Lock()
+
+    def __reduce__(self):  # a cache: copies and pickles start empty (and a lock cannot be pickled)
+        return (type(self), ())
+
+    def acquire(self) -> _Lease | None:
+        """The workspace for one call, or None if another call holds it (then use a weight of your own)."""
+        return _Lease(self) if self._lock.acquire(blocking=False) else None
 
     def weight(self, index: CSRIndex, values: torch.Tensor, training: bool = False) -> torch.Tensor:
-        """The dense weight holding ``values``. ``training``: an optimizer step will change every value before
-        the next call, so keeping the shadow up to date would be wasted (the next inference call rebuilds it)."""
+        """The dense weight holding ``values`` (the caller holds the workspace). ``training``: an optimizer step
+        will change every value before the next call, so keeping the shadow up to date would be wasted (the next
+        inference call rebuilds it)."""
         w, values = self._weight, values.detach()
         if w is None or w.dtype != values.dtype or w.device != values.device:
             w = self._weight = values.new_zeros(index.n_out, index.n_in)
@@ -125,40 +142,132 @@ class DenseWorkspace:
         return g
 
 
+class _Lease:
+    """One call's hold on a :class:`DenseWorkspace`; released once, by :meth:`release` or when it is freed (a
+    training forward whose graph is dropped without a backward)."""
+
+    def __init__(self, workspace: DenseWorkspace) -> None:
+        self.workspace = workspace
+
+    def release(self) -> None:
+        workspace, self.workspace = self.workspace, None
+        if workspace is not None:
+            workspace._lock.release()
+
+    __del__ = release
+
+
+def _transposed(index: CSRIndex) -> CSRIndex:
+    """The index of W.T, whose values in CSR order are ``values[index.csc_perm]``."""
+    inverse = torch.empty_like(index.csc_perm)
+    inverse[index.csc_perm] = torch.arange(index.nnz, device=inverse.device)
+    return CSRIndex(index.csc_ptr, index.csc_row, index.row_ptr, index.col_idx, inverse, index.n_in, index.n_out)
+
+
+class _Sddmm(torch.autograd.Function):
+    """dvalues[j] = sum_b g[b, row_j] * x[b, col_j] with autograd, for a double backward through sparse_linear:
+    its gradients are sparse_linear calls again (so any order of derivative works)."""
+
+    @staticmethod
+    def forward(ctx, g, x, index, backend):
+        ctx.save_for_backward(g, x)
+        ctx.index, ctx.backend = index, backend
+        return _sddmm.run(backend, g.contiguous(), x.contiguous(), index.row_ptr, index.col_idx)
+
+    @staticmethod
+    def backward(ctx, u):
+        g, x = ctx.saved_tensors
+        index, backend = ctx.index, ctx.backend
+        grad_g = grad_x = None
+        if ctx.needs_input_grad[0]:  # d/dg[b, i] = sum over row i of u_j x[b, col_j]: x @ W_u.T
+            grad_g = sparse_linear(x, u, index, backend=backend, path="sparse")
+        if ctx.needs_input_grad[1]:  # d/dx[b, c] = sum over column c of u_j g[b, row_j]: g @ W_u
+            grad_x = sparse_linear(g, u[index.csc_perm], _transposed(index), backend=backend, path="sparse")
+        return grad_g, grad_x, None, None
+
+
+def _differentiable_backward(grad, x, values, index: CSRIndex, backend: str, path: str, needs: tuple[bool, bool]):
+    """(dx, dvalues) built from differentiable ops, for a backward with create_graph=True (a double backward
+    follows). Slower than the kernels' backward (a transposed index per call), so only taken then."""
+    grad_x = grad_values = None
+    if needs[0]:
+        grad_x = sparse_linear(grad, values[index.csc_perm], _transposed(index), backend=backend, path=path)
+    if needs[1]:
+        grad_values = _Sddmm.apply(grad, x, index, backend)
+    return grad_x, grad_values
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # Traced code cannot branch on data: torch.compile keeps the dense product (documented in sparse_linear).
+    return torch.compiler.is_compiling() or bool(torch.isfinite(t).all())
+
+
 class _DenseMaskedLinear(torch.autograd.Function):
     """y = x @ W.T + bias on a scattered dense W; dvalues = (G^T X) at the nonzeros. Dense GEMMs throughout."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, weight, row_ptr, col_idx, workspace):
-        ctx.save_for_backward(x)
-        ctx.weight, ctx.has_bias = weight, bias is not None
-        ctx.index, ctx.workspace = (row_ptr, col_idx), workspace
+    def forward(ctx, x, values, bias, weight, row_ptr, col_idx, csc_ptr, csc_row, csc_perm, backend, lease):
+        # values too: autograd then reports an in-place change of them before this backward, as for nn.Linear
+        ctx.save_for_backward(x, values)
+        ctx.index = CSRIndex(row_ptr, col_idx, csc_ptr, csc_row, csc_perm, weight.shape[0], weight.shape[1])
+        ctx.weight, ctx.lease, ctx.backend, ctx.has_bias = weight, lease, backend, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        grad_x = grad @ ctx.weight if ctx.needs_input_grad[0] else None
-        grad_values = None
-        if ctx.needs_input_grad[1]:
-            if ctx.workspace is None:
-                grad_w = (grad.T @ x).contiguous()
+        x, values = ctx.saved_tensors
+        index, lease = ctx.index, ctx.lease
+        needs = ctx.needs_input_grad
+        try:
+            if torch.is_grad_enabled():  # create_graph=True
+                grad_x, grad_values = _differentiable_backward(grad, x, values, index, ctx.backend, "dense", needs[:2])
             else:
-                grad_w = torch.mm(grad.T, x, out=ctx.workspace.grad_buffer(ctx.weight))
-            grad_values = csr_dense_gather(grad_w, *ctx.index)
-        grad_bias = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return grad_x, grad_values, grad_bias, None, None, None, None
+                # a second backward (retain_graph) after the lease went back: the workspace may hold other values
+                weight = ctx.weight if ctx.weight is not None else index.to_dense(values)
+                grad_x = grad_values = None
+                if needs[0] and _all_finite(grad):
+                    grad_x = grad @ weight
+                elif needs[0]:  # the product over the nonzeros only: 0 * inf at a structural zero is no product
+                    g = grad.contiguous()
+                    grad_x = _spmm.run(ctx.backend, g, index.csc_ptr, index.csc_row, values[index.csc_perm], index.n_in)
+                if needs[1]:
+                    if lease is None:
+                        grad_w = (grad.T @ x).contiguous()
+                    else:
+                        grad_w = torch.mm(grad.T, x, out=lease.workspace.grad_buffer(weight))
+                    grad_values = csr_dense_gather(grad_w, index.row_ptr, index.col_idx)
+        finally:
+            if lease is not None:
+                lease.release()
+                ctx.lease = ctx.weight = None
+        grad_bias = grad.sum(0) if ctx.has_bias and needs[2] else None
+        return grad_x, grad_values, grad_bias, *([None] * 8)
 
 
-def _dense_path(x, values, index: CSRIndex, bias, workspace: DenseWorkspace | None, training: bool) -> torch.Tensor:
+def _dense_path(x, values, index: CSRIndex, bias, workspace, backend: str, training: bool) -> torch.Tensor:
+    tensors = (index.row_ptr, index.col_idx, index.csc_ptr, index.csc_row, index.csc_perm)
     if torch.compiler.is_compiling():  # traced: a fresh weight, no writes behind autograd's back
         weight = index.to_dense(values.detach())
-        return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx, None)
-    if workspace is None:  # a one-off call: a fresh weight, and a fresh gradient in the backward
-        weight = DenseWorkspace().weight(index, values, training=True)
-    else:
-        weight = workspace.weight(index, values, training)
-    return _DenseMaskedLinear.apply(x, values, bias, weight, index.row_ptr, index.col_idx, workspace)
+        return _DenseMaskedLinear.apply(x, values, bias, weight, *tensors, backend, None)
+    lease = workspace.acquire() if workspace is not None else None
+    try:
+        if lease is None:  # a one-off call, or the workspace is busy: a weight (and gradient buffer) of its own
+            if workspace is not None:
+                warn_once(
+                    "sparsekern.sparse_linear: the layer's dense workspace is busy (another thread, or an earlier "
+                    "call whose backward has not run yet); such calls build a dense weight of their own (slower)"
+                )
+            weight = DenseWorkspace().weight(index, values, training=True)
+        else:
+            weight = lease.workspace.weight(index, values, training)
+        y = _DenseMaskedLinear.apply(x, values, bias, weight, *tensors, backend, lease if training else None)
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
+    if lease is not None and not training:  # a training call's backward gives it back
+        lease.release()
+    return y
 
 
 @torch.library.register_fake("sparsekern::sparse_linear")
@@ -184,9 +293,14 @@ def _backward(ctx, grad):
     x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm = ctx.saved_tensors
     grad = grad.contiguous()
     grad_x = grad_values = grad_bias = None
-    if ctx.needs_input_grad[0]:
+    if torch.is_grad_enabled():  # create_graph=True
+        index = CSRIndex(row_ptr, col_idx, csc_ptr, csc_row, csc_perm, ctx.n_out, x.shape[1])
+        grad_x, grad_values = _differentiable_backward(
+            grad, x, values, index, ctx.backend, "sparse", ctx.needs_input_grad[:2]
+        )
+    if ctx.needs_input_grad[0] and grad_x is None:
         grad_x = _spmm.run(ctx.backend, grad, csc_ptr, csc_row, values[csc_perm], x.shape[1])
-    if ctx.needs_input_grad[1]:
+    if ctx.needs_input_grad[1] and grad_values is None:
         grad_values = _sddmm.run(ctx.backend, grad, x, row_ptr, col_idx)
     if ctx.has_bias and ctx.needs_input_grad[7]:
         grad_bias = grad.sum(0)
@@ -224,8 +338,19 @@ def sparse_linear(
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for a sparse ``W`` given by its nonzero ``values`` and a :class:`CSRIndex`.
 
-    Differentiable in x, values and bias; dX runs through the transposed index and dvalues only at the
+    Differentiable in x, values and bias, to any order (a backward with ``create_graph=True`` builds its
+    gradients from differentiable sparse ops); dX runs through the transposed index and dvalues only at the
     nonzeros (never the dense weight gradient) on the sparse path.
+
+    Non-finite numbers: the product runs over the stored positions only, as ``torch.sparse`` does. A stored
+    value is a real product even when it is zero (0 * inf = NaN there); an unstored position contributes
+    nothing, whatever x holds. Both paths follow this rule: the dense path checks x (and, in the backward, the
+    output gradient) for inf/NaN with one ``isfinite().all()`` (a device sync on a GPU) and takes the sparse
+    kernels for a call that has any. Under ``torch.compile`` that check is not traced: the dense path there
+    gives the dense product's NaN (0 * inf) at structural zeros.
+
+    Autocast: under ``torch.autocast`` on x's device, x, values and bias are cast to the autocast dtype as
+    ``F.linear`` casts them (float64 is left alone), and gradients flow back to the original (fp32) values.
 
     Args:
         x: (..., n_in) float32, bfloat16 or float16 (float64 runs the reference); any leading shape.
@@ -238,11 +363,18 @@ def sparse_linear(
             ``sparsekern info``), "sparse" or "dense" (scatter W, dense GEMM).
         workspace: a :class:`DenseWorkspace` the caller keeps for this index (``SparseLinear`` does), so the
             dense path rewrites only the nonzeros of one dense weight instead of building a new one per call.
+            Safe to share between threads (a busy workspace is not waited for: the call uses its own weight).
 
     Returns:
         (..., n_out) in x's dtype.
     """
     fn = "sparse_linear"
+    device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, values, bias = (_autocast(t, dtype) for t in (x, values, bias))
+        with torch.autocast(device_type, enabled=False):
+            return sparse_linear(x, values, index, bias, backend=backend, path=path, workspace=workspace)
     check_tensor(fn, "x", x, dtypes=VALUE_DTYPES)
     if x.dim() < 1 or x.shape[-1] != index.n_in:
         raise ValueError(f"{fn}: x must have shape (..., {index.n_in}), got {tuple(x.shape)}")
@@ -261,8 +393,11 @@ def sparse_linear(
     x2 = x.reshape(-1, index.n_in).contiguous()
     training = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)
     chosen_path = choose_path(path, index, x2, chosen, training)
+    if chosen_path == "dense" and not _all_finite(x2):  # the dense GEMM would add 0 * inf at structural zeros
+        warn_once(f"sparsekern.{fn}: x holds inf or NaN, so such calls take the sparse kernels, not the dense path")
+        chosen_path = "sparse"
     if chosen_path == "dense":
-        return _dense_path(x2, values, index, bias, workspace, training).reshape(*lead, index.n_out)
+        return _dense_path(x2, values, index, bias, workspace, chosen, training).reshape(*lead, index.n_out)
     op = torch.ops.sparsekern.sparse_linear if torch.compiler.is_compiling() else _SparseLinearEager.apply
     y = op(
         x2,
@@ -277,3 +412,10 @@ def sparse_linear(
         chosen,
     )
     return y.reshape(*lead, index.n_out)
+
+
+def _autocast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """t in the autocast dtype, as autocast casts an op's inputs: floating tensors other than float64."""
+    if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
