@@ -1,8 +1,8 @@
 """Triton spmm / sddmm launchers (sparsekern/kernels/spmm.py, sddmm.py) against float64 references.
 
 Runs under the Triton interpreter on CPU tensors (TRITON_INTERPRET=1, set before Triton kernels are defined)
-or on a GPU. Tolerance (flash-attention's rule): the kernel's error against the float64 reference is at most
-twice the error torch itself makes in the same dtype, plus a small absolute slack.
+or on a GPU. Tolerance: helpers.assert_within_torch_error (the kernel's error against the float64 reference is at
+most twice the error torch itself makes in the same dtype, plus a rounding slack of the result's scale).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import HAS_GPU
+from helpers import HAS_GPU, assert_within_torch_error
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = [
@@ -23,8 +23,6 @@ DEVICE = "cuda" if HAS_GPU and not INTERPRET else "cpu"
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DTYPE_IDS = ["fp32", "bf16", "fp16"]
-# Absolute slack on top of 2x torch's own error: well below one wrong term (values and x are ~N(0, 1)).
-ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 # (B, n_out, n_in): odd sizes, several row blocks with a partial last one, rows longer than one nonzero step.
 SHAPES = [(1, 13, 37), (7, 70, 13), (33, 37, 70)]
 SHAPE_IDS = [f"B{b}-{o}x{i}" for b, o, i in SHAPES]
@@ -55,19 +53,6 @@ def random_csr(n_out: int, n_in: int, density: float, dtype: torch.dtype, *, emp
 
 def to_device(*tensors):
     return [t.to(DEVICE) for t in tensors]
-
-
-def assert_within_torch_error(actual: torch.Tensor, expected64: torch.Tensor, torch_result: torch.Tensor) -> None:
-    """max |actual - expected| <= 2 * max |torch_result - expected| + ATOL[dtype] (expected in float64)."""
-    assert actual.dtype == torch_result.dtype, (actual.dtype, torch_result.dtype)
-    assert actual.shape == expected64.shape, (tuple(actual.shape), tuple(expected64.shape))
-    if expected64.numel() == 0:
-        return
-    expected64 = expected64.cpu()
-    err = (actual.cpu().double() - expected64).abs().max().item()
-    torch_err = (torch_result.cpu().double() - expected64).abs().max().item()
-    bound = 2 * torch_err + ATOL[actual.dtype]
-    assert err <= bound, f"error {err:.3g} > 2 x torch's {torch_err:.3g} + {ATOL[actual.dtype]:g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
