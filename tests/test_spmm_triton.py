@@ -58,42 +58,36 @@ def to_device(*tensors):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("density", DENSITIES, ids=lambda d: f"d{d}")
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("path", ["sparse", "dense"])
-def test_spmm_matches_reference(path, shape, density, dtype):
+def test_spmm_matches_reference(shape, density, dtype):
     spmm, _ = _kernels()
     batch, n_out, n_in = shape
     row_ptr, col_idx, values, dense, _ = random_csr(n_out, n_in, density, dtype)
     x = torch.randn(batch, n_in, dtype=torch.float64).to(dtype)
-    launcher = spmm._spmm_fwd if path == "sparse" else spmm._spmm_dense_fwd
-    y = launcher(*to_device(x, row_ptr, col_idx, values), n_out)
+    y = spmm._spmm_fwd(*to_device(x, row_ptr, col_idx, values), n_out)
     assert y.device.type == DEVICE and y.is_contiguous()
     assert_within_torch_error(y, x.double() @ dense.double().T, F.linear(x, dense))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("path", ["sparse", "dense"])
-def test_spmm_empty_rows_and_batch_tiles(path, dtype):
+def test_spmm_empty_rows_and_batch_tiles(dtype):
     """Every third row and the last row empty; a batch of 130 spans two batch tiles (the last partial)."""
     spmm, _ = _kernels()
     batch, n_out, n_in = 130, 37, 70
     row_ptr, col_idx, values, dense, _ = random_csr(n_out, n_in, 0.5, dtype, empty_rows=True)
     x = torch.randn(batch, n_in, dtype=torch.float64).to(dtype)
-    launcher = spmm._spmm_fwd if path == "sparse" else spmm._spmm_dense_fwd
-    y = launcher(*to_device(x, row_ptr, col_idx, values), n_out)
+    y = spmm._spmm_fwd(*to_device(x, row_ptr, col_idx, values), n_out)
     assert bool((y[:, ::3] == 0).all()) and bool((y[:, -1] == 0).all())
     assert_within_torch_error(y, x.double() @ dense.double().T, F.linear(x, dense))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("path", ["sparse", "dense"])
-def test_spmm_long_rows(path, dtype):
+def test_spmm_long_rows(dtype):
     """Rows of 1500 nonzeros: rounding partial sums to a 16-bit dtype would show here, not on short rows."""
     spmm, _ = _kernels()
     batch, n_out, n_in = 7, 13, 1500
     row_ptr, col_idx, values, dense, _ = random_csr(n_out, n_in, 1.0, dtype)
     x = torch.randn(batch, n_in, dtype=torch.float64).to(dtype)
-    launcher = spmm._spmm_fwd if path == "sparse" else spmm._spmm_dense_fwd
-    y = launcher(*to_device(x, row_ptr, col_idx, values), n_out)
+    y = spmm._spmm_fwd(*to_device(x, row_ptr, col_idx, values), n_out)
     assert_within_torch_error(y, x.double() @ dense.double().T, F.linear(x, dense))
 
 
@@ -110,17 +104,6 @@ def test_spmm_transposed_index_gives_dx(dtype):
     g = torch.randn(batch, n_out, dtype=torch.float64).to(dtype)
     dx = spmm._spmm_fwd(*to_device(g, col_ptr, row_idx, values_t), n_in)
     assert_within_torch_error(dx, g.double() @ dense.double(), g @ dense)
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("density", [0.0, 0.3, 1.0], ids=lambda d: f"d{d}")
-def test_scatter_dense_is_exact(density, dtype):
-    spmm, _ = _kernels()
-    n_out, n_in = 37, 70
-    row_ptr, col_idx, values, dense, _ = random_csr(n_out, n_in, density, dtype, empty_rows=density < 1)
-    w = spmm._scatter_dense(*to_device(row_ptr, col_idx, values), n_out, n_in)
-    assert w.dtype == dtype and w.shape == (n_out, n_in)
-    assert torch.equal(w.cpu(), dense)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
