@@ -112,6 +112,23 @@ def backend_params(*names: str):
     return params
 
 
+def param_pairs(firsts, seconds, keep, ids=str) -> list:
+    """pytest params (a, b) for the pairs of two parametrisations that ``keep(a, b)`` accepts, with the marks and
+    ids of both (``ids`` names a plain value): a product without the combinations that can never run, instead of a
+    test that skips them on every machine."""
+
+    def parts(p):
+        if isinstance(p, type(pytest.param(None))):
+            return p.values[0], list(p.marks), p.id if p.id is not None else ids(p.values[0])
+        return p, [], ids(p)
+
+    pairs = []
+    for a, b in ((parts(a), parts(b)) for a in firsts for b in seconds):
+        if keep(a[0], b[0]):
+            pairs.append(pytest.param(a[0], b[0], marks=[*a[1], *b[1]], id=f"{a[2]}-{b[2]}"))
+    return pairs
+
+
 def device_for(backend: str) -> str:
     if backend == "cuda" or (backend == "triton" and HAS_GPU):
         return "cuda"

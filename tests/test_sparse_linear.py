@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_within_torch_error as _assert_close
-from helpers import backend_params, bits, device_for, peak_rss_rise, run_python
+from helpers import backend_params, bits, device_for, param_pairs, peak_rss_rise, run_python
 
 import sparsekern
 from sparsekern._csr import CSRIndex, random_flat
@@ -30,14 +30,13 @@ def _mask(n_out, n_in, density, device="cpu"):
     return mask
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("backend", "path"), param_pairs(BACKENDS, ["sparse", "dense"], lambda b, p: b != "reference" or p == "sparse")
+)
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
-@pytest.mark.parametrize("path", ["sparse", "dense"])
 def test_forward_and_gradients(backend, dtype, shape, density, path):
-    if backend == "reference" and path == "dense":
-        pytest.skip("the reference backend has one path")
     device = device_for(backend)
     batch, n_in, n_out = shape
     mask = _mask(n_out, n_in, density, device)
