@@ -1,8 +1,11 @@
 """The shared benchmark harness: timing stats, peak memory, an environment stamp, markdown and JSON writers, and
 forcing the instruction set of the C++ CPU kernels.
 
-Every benchmark (``sparsekern bench <name>``, ``benchmarks/sweep.py``) times through :func:`measure` and writes
-through :func:`write_report`, so every result file carries the same stamp and the same statistics.
+Every benchmark (``sparsekern bench <name>``, ``benchmarks/sweep.py``) times through :func:`measure` (or
+:func:`time_interleaved`, which times the functions of one case round after round) and writes through
+:func:`write_report`, so every result file carries the same stamp and the same statistics; a result row's timings
+are ``Stats.to_dict()`` and come back with :meth:`Stats.from_dict`. :func:`within_twice` is the accuracy rule and
+:func:`failure` the one-line cell of a failed call.
 
 Every row names the instruction set the C++ CPU kernels ran: each :class:`Stats` records it when it is made
 (``cpu_isa``, so every timing in a JSON report carries it), and :func:`render_markdown` gives every table an ISA

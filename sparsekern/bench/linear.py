@@ -428,9 +428,9 @@ def run_linear(
             if backend != "cpu":
                 raise IsaError(f"--isa {isa} picks the C++ CPU kernels' path, which --backend {backend} does not run")
             try:
-                forced.enter_context(_extension.use_cpu_isa(isa))
-            except (ValueError, RuntimeError) as exc:  # this CPU lacks it, or the extension is not built
-                raise IsaError(f"--isa {isa}: {exc}") from None
+                forced.enter_context(harness.isa_context(isa))
+            except ValueError as exc:  # unknown, this CPU lacks it, or the extension is not built
+                raise IsaError(str(exc)) from None
         return _run_linear(grid, settings, backend, out, name, title, progress)
 
 
