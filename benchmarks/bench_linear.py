@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 
-from sparsekern.bench import linear
+from sparsekern.bench import harness, linear
 
 QUICK = os.environ.get("SPARSEKERN_BENCH_QUICK", "") == "1"
 SHAPE, BATCH = ((64, 96), 70) if QUICK else ((768, 3072), 2048)
@@ -33,7 +33,7 @@ def sparsekern_backend() -> tuple[str, str]:
         fn, _ = linear.build_sparsekern(p, p.x, p.values, p.grad, "fwdbwd", "cpu", "sparse")
         fn()
     except Exception as exc:  # noqa: BLE001 -- falling back is the point
-        return "reference", f"cpu kernels unavailable ({linear.failure(exc, 200)[8:]})"
+        return "reference", f"cpu kernels unavailable ({harness.failure(exc, 200)[8:]})"
     return "cpu", "cpu kernels"
 
 

@@ -1,4 +1,5 @@
-"""Test helpers: fresh random inputs, backend parametrisation, bit-level comparison."""
+"""Test helpers: fresh random inputs, backend parametrisation, bit-level comparison, the error rule against
+float64 references."""
 
 from __future__ import annotations
 
@@ -36,6 +37,33 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     assert torch.equal(bits(actual), bits(expected)), "tensors differ bit-wise"
+
+
+# The slack on top of twice torch's error, relative to the result's scale (its largest |value|, at least 1). bf16 and
+# fp16: two roundings, as a kernel rounds its sum and then the sum with the bias, each up to half an ulp, where torch
+# rounds once and may land almost exactly (half an ulp was too tight: about 1 bf16 draw in 6 of test_sparse_linear's
+# 1x13x7 case failed by a legitimate double rounding). fp32: ~80 ulps, as torch's fp32 GEMM can be nearly exact
+# where another summation order is not. A wrong term is far larger than either.
+ROUNDING = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def max_abs_error(actual: torch.Tensor, expected64: torch.Tensor) -> float:
+    """max |actual - expected64| in float64, on the CPU (0 for empty tensors)."""
+    if expected64.numel() == 0:
+        return 0.0
+    return float((actual.detach().cpu().double() - expected64.detach().cpu()).abs().max())
+
+
+def assert_within_torch_error(actual: torch.Tensor, expected64: torch.Tensor, torch_result: torch.Tensor) -> None:
+    """The one error rule of every kernel test (flash-attention's): a kernel's max error against the float64
+    reference ``expected64`` is at most twice the error torch makes computing the same thing in the same dtype
+    (``torch_result``), plus ``ROUNDING[dtype]`` times the result's scale."""
+    assert actual.dtype == torch_result.dtype, (actual.dtype, torch_result.dtype)
+    assert actual.shape == expected64.shape, (tuple(actual.shape), tuple(expected64.shape))
+    scale = max(float(expected64.abs().max()) if expected64.numel() else 0.0, 1.0)
+    err, torch_err = max_abs_error(actual, expected64), max_abs_error(torch_result, expected64)
+    bound = 2 * torch_err + ROUNDING[actual.dtype] * scale
+    assert err <= bound, f"error {err:.3g} > 2 x torch's {torch_err:.3g} + {ROUNDING[actual.dtype]:g} x {scale:.3g}"
 
 
 def random_semi24(m: int, k: int, dtype: torch.dtype, *, seed: int | None = None, device="cpu") -> torch.Tensor:
@@ -82,6 +110,23 @@ def backend_params(*names: str):
             marks.append(requires_gpu)
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def param_pairs(firsts, seconds, keep, ids=str) -> list:
+    """pytest params (a, b) for the pairs of two parametrisations that ``keep(a, b)`` accepts, with the marks and
+    ids of both (``ids`` names a plain value): a product without the combinations that can never run, instead of a
+    test that skips them on every machine."""
+
+    def parts(p):
+        if isinstance(p, type(pytest.param(None))):
+            return p.values[0], list(p.marks), p.id if p.id is not None else ids(p.values[0])
+        return p, [], ids(p)
+
+    pairs = []
+    for a, b in ((parts(a), parts(b)) for a in firsts for b in seconds):
+        if keep(a[0], b[0]):
+            pairs.append(pytest.param(a[0], b[0], marks=[*a[1], *b[1]], id=f"{a[2]}-{b[2]}"))
+    return pairs
 
 
 def device_for(backend: str) -> str:

@@ -202,6 +202,26 @@ def test_measure_rejects_bad_counts():
         harness.measure(lambda: None, repeat=0)
 
 
+def test_stats_round_trip_through_a_result_row():
+    stats = harness.Stats.from_samples([0.3, 0.1, 0.2, 0.4], n=40, peak_bytes=123, memory_kind="k")
+    assert (stats.median, stats.min, stats.max, stats.n) == (0.25, 0.1, 0.4, 40)
+    row = json.loads(json.dumps(stats.to_dict()))  # as a report's JSON holds it, "iqr" included
+    assert harness.Stats.from_dict(row) == stats
+    assert harness.Stats.from_dict(None) is None
+    with pytest.raises(ValueError, match="no samples"):
+        harness.Stats.from_samples([])
+
+
+def test_within_twice_rule_and_formats():
+    eps = torch.finfo(torch.bfloat16).eps
+    assert harness.within_twice(2e-3, 1e-3, 1.0, torch.bfloat16)
+    assert not harness.within_twice(2.1e-3, 1e-3, 0.0, torch.float32)
+    assert harness.within_twice(4 * eps, 0.0, 4.0, torch.bfloat16)  # dense exact: one rounding of the scale
+    assert not harness.within_twice(5 * eps, 0.0, 4.0, torch.bfloat16)
+    assert not harness.within_twice(float("nan"), 1.0, 1.0, torch.float32)
+    assert [harness.fmt_pct(s) for s in (0.95, 0.5, 0.999)] == ["95%", "50%", "99.9%"]
+
+
 def test_measure_cpu_peak_memory():
     if harness._rss_reset() is None:
         pytest.skip("this system cannot reset the RSS high-water mark (/proc/self/clear_refs)")

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from sparsekern import _extension, cli
-from sparsekern.bench import harness, linear
+from sparsekern.bench import harness, linear, linear_report
 
 ROOT = Path(__file__).resolve().parents[1]
 STAMP_FIELDS = ("date", "cpu", "torch_threads", "gpu", "torch", "triton", "sparsekern", "git_sha")
@@ -281,15 +281,15 @@ def test_within_dense_rule():
 def test_time_interleaved_runs_rounds_in_turn():
     log = []
     fns = {name: (lambda name=name: log.append(name) or name) for name in ("dense", "a", "b")}
-    settings = linear.Settings(repeat=3, max_time=10.0, min_time=0.0)
-    results = linear.time_interleaved(fns, settings, "cpu")
+    settings = harness.RoundSettings(repeat=3, max_time=10.0, min_time=0.0)
+    results = harness.time_interleaved(fns, settings, "cpu")
     assert log == ["dense", "a", "b"] * 4  # first calls (warm-up, outputs), then 3 rounds
     for name, (stats, out) in results.items():
         assert out == name and stats.n == 3 and stats.q1 <= stats.median <= stats.q3
 
 
 def test_time_interleaved_caps_slow_calls():
-    settings = linear.Settings(repeat=5, max_time=0.01, min_time=0.0, slow_factor=2.0)
+    settings = harness.RoundSettings(repeat=5, max_time=0.01, min_time=0.0, slow_factor=2.0)
     calls = {"dense": 0, "lost": 0, "slow": 0, "fast": 0}
 
     def sleeper(name, seconds):
@@ -302,7 +302,7 @@ def test_time_interleaved_caps_slow_calls():
 
     fns = {"dense": sleeper("dense", 0.012), "lost": sleeper("lost", 0.05), "slow": sleeper("slow", 0.015)}
     fns["fast"] = sleeper("fast", 0)
-    results = linear.time_interleaved(fns, settings, "cpu")
+    results = harness.time_interleaved(fns, settings, "cpu")
     lost, _ = results["lost"]  # over max_time and 2x dense's first call: the first call is the only sample
     assert lost.n == 1 and calls["lost"] == 1 and lost.median >= 0.05 and lost.peak_bytes is None
     for name in ("dense", "slow"):  # over max_time only: the first call and one more
@@ -325,7 +325,7 @@ def test_time_interleaved_reports_exceptions():
         raise ValueError("first call")
 
     fns = {"dense": lambda: 0, "flaky": flaky, "broken": broken}
-    results = linear.time_interleaved(fns, linear.Settings(repeat=3, min_time=0.0), "cpu")
+    results = harness.time_interleaved(fns, harness.RoundSettings(repeat=3, min_time=0.0), "cpu")
     assert isinstance(results["broken"], ValueError) and isinstance(results["flaky"], RuntimeError)
     assert results["dense"][0].n == 3
 
@@ -356,6 +356,7 @@ def test_hopeless_baseline_is_not_timed_at_lower_sparsities(tmp_path, monkeypatc
 
 
 def _row(label, batch, dtype, mode, sparsity, sparse, auto=None, csr=None, sp=None, backend="cpu"):
+    training = mode == "fwdbwd"
     return {
         "label": label,
         "batch": batch,
@@ -366,6 +367,7 @@ def _row(label, batch, dtype, mode, sparsity, sparse, auto=None, csr=None, sp=No
         "device": "cpu",
         "cpu_isa": "avx2" if backend == "cpu" else None,
         "speedup": {"sparse": sparse, "auto": sparse if auto is None else auto},
+        "auto_sparse_from": linear_report.auto_sparse_from(backend, "cpu", linear.DTYPES[dtype], batch, training),
         "vs_torch_csr": csr,
         "vs_sparseprop": sp,
     }
@@ -377,14 +379,14 @@ def test_crossover_is_the_start_of_the_winning_run():
     rows += [_row("a", 256, "fp32", "fwdbwd", s, 0.5) for s in speeds]
     rows += [_row("a", 256, "bf16", "fwd", s, None) for s in speeds]
     rows += [_row("a", 8, "fp32", "fwd", s, v) for s, v in speeds.items()]
-    cross = {(c["batch"], c["dtype"], c["mode"]): c for c in linear.crossovers(rows)}
+    cross = {(c["batch"], c["dtype"], c["mode"]): c for c in linear_report.crossovers(rows)}
     assert cross[256, "fp32", "fwd"]["beats_dense_from"] == 0.9  # 70% wins, but 80% loses again
     assert cross[256, "fp32", "fwd"]["auto_sparse_from"] == ">= 65%"  # DENSITY_CROSSOVER inference 0.35
     assert cross[256, "fp32", "fwdbwd"]["auto_sparse_from"] == ">= 65%"  # training 0.35
     assert cross[8, "fp32", "fwd"]["auto_sparse_from"] == ">= 50%"  # small batch 0.5
     assert cross[256, "fp32", "fwdbwd"]["beats_dense_from"] is None and cross[256, "fp32", "fwdbwd"]["measured"]
     assert not cross[256, "bf16", "fwd"]["measured"]
-    table = linear.crossover_section(list(cross.values())).rows
+    table = linear_report.crossover_section(list(cross.values())).rows
     assert [row[4] for row in table] == ["90%", "never (in this sweep)", "not measured (sparse path failed)", "90%"]
 
 
@@ -396,36 +398,36 @@ def test_goals_read_at_b2048_fp32():
         _row("768->3072", 256, "fp32", "fwd", 0.9, 9.0, auto=0.85),
         _row("768->3072", 2048, "bf16", "fwd", 0.9, 0.1),
     ]
-    goal_rows, notes = linear.goals(rows)
+    goal_rows, notes = linear_report.goals(rows)
     assert notes == []
     by_goal = {g["goal"]: g for g in goal_rows}
     assert by_goal["speedup over dense at 90%"]["auto"] == 5.5 and by_goal["speedup over dense at 90%"]["met"] == "yes"
     assert by_goal["speedup over dense at 90%"]["scope"] == "768->3072, B=2048, fp32, avx2"  # the ISA that ran
     assert by_goal["speedup over dense at 95%"]["met"] == "NO"
     assert by_goal["speedup over dense at 98%"]["met"] == "not run"
-    floor = by_goal[f"auto never below {linear.AUTO_FLOOR}x dense"]
+    floor = by_goal[f"auto never below {linear_report.AUTO_FLOOR}x dense"]
     assert floor["auto"] == 0.1 and floor["met"] == "NO" and "bf16" in floor["scope"]
     csr = by_goal["sparse path faster than torch CSR"]
     assert csr["sparse"] == 1.5 and csr["met"] == "yes"  # the 50% row is below the 80% scope
     assert by_goal["sparse path faster than SparseProp"]["met"] == "NO"
-    section = linear.goals_section(goal_rows, notes)
+    section = linear_report.goals_section(goal_rows, notes)
     assert len(section.rows) == len(goal_rows) and section.rows[0][3] == ">=5.00x"
-    assert linear.AUTO_FLOOR == 0.95  # DESIGN §6: never below 0.95x dense
+    assert linear_report.AUTO_FLOOR == 0.95  # DESIGN §6: never below 0.95x dense
 
 
 def test_failure_text_is_one_short_line():
     exc = NotImplementedError("Could not run 'x'\nwith arguments from the 'CPU' backend " + "y" * 300)
-    text = linear.failure(exc)
+    text = harness.failure(exc)
     assert text.startswith("failed: NotImplementedError: Could not run 'x'") and "\n" not in text
-    assert linear.failure(RuntimeError()) == "failed: RuntimeError"
-    assert len(linear.failure(RuntimeError("z" * 500))) == len("failed: ") + 120
+    assert harness.failure(RuntimeError()) == "failed: RuntimeError"
+    assert len(harness.failure(RuntimeError("z" * 500))) == len("failed: ") + 120
 
 
 def test_stats_cells():
     stats = harness.Stats(0.002, 0.001, 0.003, 0.001, 0.003, 1)
-    assert linear._ms_cell({"stats": stats.to_dict()}) == "2 (2) n=1"
-    assert linear._ms_cell({"skipped": "fp32 on the CPU only"}) == "fp32 on the CPU only"
-    assert linear._ms_cell({"error": "failed: " + "x" * 100}).endswith("...")
+    assert linear_report._ms_cell({"stats": stats.to_dict()}) == "2 (2) n=1"
+    assert linear_report._ms_cell({"skipped": "fp32 on the CPU only"}) == "fp32 on the CPU only"
+    assert linear_report._ms_cell({"error": "failed: " + "x" * 100}).endswith("...")
 
 
 # ---------------------------------------------------------------------------------------------------------

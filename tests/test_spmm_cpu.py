@@ -1,14 +1,14 @@
 """The C++ CPU spmm and sddmm kernels on every instruction set this machine has (avx512, avx2, baseline), every
-dtype and odd shapes, against float64 references (the error rule of test_sparse_linear: at most twice torch's own
-error in the same dtype, plus two roundings of the result's scale)."""
+dtype and odd shapes, against float64 references (helpers.assert_within_torch_error: at most twice torch's own
+error in the same dtype, plus a rounding slack of the result's scale)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import isa_params
-from test_sparse_linear import _assert_close, _mask
+from helpers import assert_within_torch_error, isa_params
+from test_sparse_linear import _mask
 
 from sparsekern._csr import CSRIndex
 from sparsekern.ops.sparse_linear import sparse_linear
@@ -52,11 +52,11 @@ def test_spmm_matches_float64(cpu_isa, dtype, shape):
     y = torch.ops.sparsekern.spmm(x, index.row_ptr, index.col_idx, values, n_out)
     w = index.to_dense(values)
     assert y.dtype == dtype
-    _assert_close(y, x.double() @ w.double().T, F.linear(x, w))
+    assert_within_torch_error(y, x.double() @ w.double().T, F.linear(x, w))
     # dX = G @ W through the transposed index: the same kernel with W's columns as rows
     g = torch.randn(batch, n_out).to(dtype)
     gx = torch.ops.sparsekern.spmm(g, index.csc_ptr, index.csc_row, values[index.csc_perm], n_in)
-    _assert_close(gx, g.double() @ w.double(), g @ w)
+    assert_within_torch_error(gx, g.double() @ w.double(), g @ w)
 
 
 @pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
@@ -69,7 +69,7 @@ def test_sddmm_matches_float64(cpu_isa, dtype, shape):
     g = torch.randn(batch, n_out).to(dtype)
     out = torch.ops.sparsekern.sddmm(g, x, index.row_ptr, index.col_idx)
     assert out.dtype == dtype and out.shape == (index.nnz,)
-    _assert_close(out, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
+    assert_within_torch_error(out, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
 
 
 @pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
@@ -92,9 +92,9 @@ def test_work_split_over_threads(cpu_isa, threads):
         torch.set_num_threads(before)
     assert torch.equal(y, y1)
     w = index.to_dense(values)
-    _assert_close(y, x.double() @ w.double().T, F.linear(x, w))
-    _assert_close(d, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
-    _assert_close(d1, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
+    assert_within_torch_error(y, x.double() @ w.double().T, F.linear(x, w))
+    assert_within_torch_error(d, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
+    assert_within_torch_error(d1, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
 
 
 @pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
@@ -106,7 +106,7 @@ def test_large_output(cpu_isa, dtype):
     values = torch.randn(index.nnz).to(dtype)
     y = torch.ops.sparsekern.spmm(x, index.row_ptr, index.col_idx, values, 1024)
     w = index.to_dense(values)
-    _assert_close(y, x.double() @ w.double().T, F.linear(x, w))
+    assert_within_torch_error(y, x.double() @ w.double().T, F.linear(x, w))
 
 
 @pytest.mark.parametrize("cpu_isa", ISAS, indirect=True)
@@ -138,6 +138,6 @@ def test_sparse_linear_forward_and_backward(cpu_isa, dtype):
     gx, gv = torch.autograd.grad(y, (x, values), g)
     w = index.to_dense(values.detach())
     x64, w64, g64 = x.detach().double(), w.double(), g.double()
-    _assert_close(y, x64 @ w64.T, F.linear(x.detach(), w))
-    _assert_close(gx, g64 @ w64, g @ w)
-    _assert_close(gv, (g64.T @ x64)[mask], (g.T @ x.detach())[mask])
+    assert_within_torch_error(y, x64 @ w64.T, F.linear(x.detach(), w))
+    assert_within_torch_error(gx, g64 @ w64, g @ w)
+    assert_within_torch_error(gv, (g64.T @ x64)[mask], (g.T @ x.detach())[mask])

@@ -2,7 +2,7 @@
 
 Trains the MLP 64-4096-4096-10 on the embedded UCI digits (B=256, a few epochs) three ways, the runs of a seed
 taking turns epoch by epoch: dense (nn.Linear), RigL on masked dense weights (``sparsify(layout="masked")``) and RigL on
-:class:`~sparsekern.nn.SparseLinear` (the compressed layout), once per instruction set asked for (``--isa``:
+:class:`~sparsekern.nn.SparseLinear` (``sparsify``'s default layout), once per instruction set asked for (``--isa``:
 the sparse kernels' ISA; the dense and masked runs use torch's GEMM, whatever the CPU has). Only the 4096x4096
 layer is sparse (uniform at ``--sparsity``; the 64x4096 and 4096x10 layers are 1.8% of the weights and stay
 dense). Reports training seconds per epoch (mask updates included, test evaluation excluded), the speedup over

@@ -142,11 +142,10 @@ def _interleaved(fns: dict[str, Callable[[], Any]], settings: Settings, device: 
         done, spent = r + 1, time.perf_counter() - started
         if done >= settings.repeat or (done >= min(3, settings.repeat) and spent > settings.max_time):
             break
-    stats = {}
-    for name in names:
-        q1, median, q3 = harness._quartiles(samples[name])
-        s = samples[name]
-        stats[name] = harness.Stats(median, q1, q3, min(s), max(s), len(s), peaks[name].bytes, peaks[name].kind)
+    stats = {
+        name: harness.Stats.from_samples(samples[name], peak_bytes=peaks[name].bytes, memory_kind=peaks[name].kind)
+        for name in names
+    }
     return {"stats": stats, "samples": samples}
 
 
@@ -186,12 +185,6 @@ def run_case(case: Case, dtype: str, backend: str, device: str, settings: Settin
     return row
 
 
-def _stats(d: dict[str, Any] | None) -> harness.Stats | None:
-    if d is None:
-        return None
-    return harness.Stats(**{k: v for k, v in d.items() if k != "iqr"})
-
-
 def _mib(d: dict[str, Any] | None) -> str:
     return "-" if d is None else harness.fmt_mib(d["peak_bytes"])
 
@@ -213,10 +206,10 @@ def detail_section(rows: list[dict[str, Any]]) -> harness.Section:
                 r["k"],
                 r["dtype"],
                 r.get("isa", "-"),
-                harness.fmt_ms(_stats(r["fast"])),
-                harness.fmt_ms(_stats(r["exact"])),
-                harness.fmt_ms(_stats(r["gemm"])),
-                harness.fmt_ms(_stats(r["dense"])) if r["dense"] else r.get("dense_skipped", "-"),
+                harness.fmt_ms(harness.Stats.from_dict(r["fast"])),
+                harness.fmt_ms(harness.Stats.from_dict(r["exact"])),
+                harness.fmt_ms(harness.Stats.from_dict(r["gemm"])),
+                harness.fmt_ms(harness.Stats.from_dict(r["dense"])) if r["dense"] else r.get("dense_skipped", "-"),
                 f"{r['fast_vs_gemm']:.2f}",
                 f"{r['exact_vs_fast']:.2f}",
                 harness.fmt_ratio(r.get("speedup")),

@@ -1,8 +1,11 @@
 """The shared benchmark harness: timing stats, peak memory, an environment stamp, markdown and JSON writers, and
 forcing the instruction set of the C++ CPU kernels.
 
-Every benchmark (``sparsekern bench <name>``, ``benchmarks/sweep.py``) times through :func:`measure` and writes
-through :func:`write_report`, so every result file carries the same stamp and the same statistics.
+Every benchmark (``sparsekern bench <name>``, ``benchmarks/sweep.py``) times through :func:`measure` (or
+:func:`time_interleaved`, which times the functions of one case round after round) and writes through
+:func:`write_report`, so every result file carries the same stamp and the same statistics; a result row's timings
+are ``Stats.to_dict()`` and come back with :meth:`Stats.from_dict`. :func:`within_twice` is the accuracy rule and
+:func:`failure` the one-line cell of a failed call.
 
 Every row names the instruction set the C++ CPU kernels ran: each :class:`Stats` records it when it is made
 (``cpu_isa``, so every timing in a JSON report carries it), and :func:`render_markdown` gives every table an ISA
@@ -61,6 +64,13 @@ class Stats:
             raise ValueError("Stats.from_samples: no samples")
         q1, median, q3 = _quartiles(samples)
         return cls(median, q1, q3, min(samples), max(samples), len(samples) if n is None else n, **kwargs)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> Stats | None:
+        """The Stats that :meth:`to_dict` wrote into a result row (None stays None: a function not timed)."""
+        if data is None:
+            return None
+        return cls(**{k: v for k, v in data.items() if k != "iqr"})
 
     @property
     def iqr(self) -> float:
@@ -216,6 +226,125 @@ def measure(
     return Stats.from_samples(samples, peak_bytes=peak.bytes, memory_kind=peak.kind)
 
 
+@dataclass(frozen=True)
+class RoundSettings:
+    """How hard :func:`time_interleaved` measures the functions of one case (all times in seconds).
+
+    repeat: rounds (at least 3 unless ``repeat`` is smaller); a function leaves once its rounds total
+        ``max_time``, so multi-second calls do not dominate the run.
+    min_time: what ``repeat`` rounds of one function take at least: a round repeats a fast call for
+        ``min_time / repeat`` and counts the median.
+    slow_factor: a first call of at least ``max_time`` and ``slow_factor`` times the baseline's is the only
+        sample (it has lost to the baseline whatever the noise); a first call of ``max_time`` without that is one
+        of two (the caller has paid the process's one-time costs before, e.g. ``bench linear``'s
+        ``warm_up_process``).
+    """
+
+    repeat: int = 5
+    max_time: float = 1.0
+    min_time: float = 0.05
+    slow_factor: float = 2.0
+
+
+def _sync(device: str | torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class _Timing:
+    fn: Callable[[], Any]
+    first: float
+    rounds: list[float] = field(default_factory=list)  # one median per round
+    calls: int = 0
+    total: float = 0.0
+    slow: bool = False
+    memory: Stats | None = None
+    done: bool = False
+
+
+def _first_call(fn: Callable[[], Any], device: str | torch.device) -> tuple[float, Any]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - start, out
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], settings: RoundSettings, device: str | torch.device, baseline: str = "dense"
+) -> dict[str, tuple[Stats, Any] | Exception]:
+    """Time the functions of one case in rounds, each function once per round, so that a burst of load from
+    other processes hits all of them rather than one: the ratios between them are what a benchmark reports.
+
+    Each function's first call is its warm-up, and its outputs are returned for checking. Then every round times
+    each remaining function through :func:`measure` (one call, or repeated calls for ``min_time / repeat`` when
+    they are fast; the round's median counts). A function is done after ``repeat`` rounds, or after 3 once its
+    rounds total ``max_time``. On the CPU, where first calls compile nothing (once the process is warm), a first
+    call of ``max_time`` or more is itself a sample: one more round follows, or none when it also took
+    ``slow_factor`` times the first call of ``baseline``. Returns, per name, (stats, outputs) or the exception.
+    Stats: median and quartiles of the round medians, min and max of them, n = timed calls; peak memory is
+    that of the first round.
+    """
+    results: dict[str, tuple[Stats, Any] | Exception] = {}
+    timings: dict[str, _Timing] = {}
+    outputs: dict[str, Any] = {}
+    for name, fn in fns.items():
+        try:
+            first, outputs[name] = _first_call(fn, device)
+        except Exception as exc:  # noqa: BLE001 -- reported by the caller
+            results[name] = exc
+            continue
+        timings[name] = _Timing(fn, first)
+    base_first = timings[baseline].first if baseline in timings else None
+    if torch.device(device).type == "cpu":
+        for name, t in timings.items():
+            if t.first >= settings.max_time:
+                t.slow, t.rounds, t.calls, t.total = True, [t.first], 1, t.first
+                lost = base_first is not None and name != baseline and t.first >= settings.slow_factor * base_first
+                t.done = lost or settings.repeat == 1
+    least = min(3, settings.repeat)
+    block = settings.min_time / settings.repeat
+    while not all(t.done for t in timings.values()):
+        for name, t in timings.items():
+            if t.done:
+                continue
+            try:
+                stats = measure(t.fn, warmup=0, repeat=1, min_time=block, device=device, memory=t.memory is None)
+            except Exception as exc:  # noqa: BLE001 -- reported by the caller
+                results[name], t.done = exc, True
+                continue
+            if t.memory is None:
+                t.memory = stats
+            t.rounds.append(stats.median)
+            t.calls += stats.n
+            t.total += stats.median * stats.n
+            n = len(t.rounds)
+            t.done = n >= 2 if t.slow else n >= settings.repeat or (n >= least and t.total >= settings.max_time)
+    for name, t in timings.items():
+        if name in results:
+            continue
+        peak = (t.memory.peak_bytes, t.memory.memory_kind) if t.memory else (None, "not measured")
+        stats = Stats.from_samples(t.rounds, n=t.calls, peak_bytes=peak[0], memory_kind=peak[1])
+        results[name] = (stats, outputs[name])
+    return results
+
+
+def within_twice(error: float, dense_error: float, scale: float, dtype: torch.dtype) -> bool:
+    """The accuracy rule of every benchmark (flash-attention's): an error against a float64 (or fp32) reference
+    is at most twice what the dense computation makes in the same ``dtype``, with a floor of one rounding of the
+    result's ``scale`` (its largest |value|), since dense may happen to be exact. NaN fails."""
+    return error <= max(2 * dense_error, torch.finfo(dtype).eps * scale)
+
+
+def failure(exc: BaseException, limit: int = 120) -> str:
+    """One line for a table cell: ``failed: Type: first line of the message``, at most ``limit`` characters
+    after ``failed: `` (the whole message belongs in the notes or the JSON)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return "failed: " + (text if len(text) <= limit else text[: limit - 3] + "...")
+
+
 def progress(items: Sequence[Any], desc: str, enabled: bool = True) -> Iterable[Any]:
     """A tqdm progress bar (on stderr) over the cases of a benchmark; it disappears when done."""
     from tqdm import tqdm
@@ -355,6 +484,11 @@ def fmt_ratio(ratio: float | None) -> str:
     if ratio is None:
         return "-"
     return f"{ratio:.2f}x" if ratio < 10 else f"{ratio:.1f}x"
+
+
+def fmt_pct(fraction: float) -> str:
+    """A sparsity or density as a percentage: 0.95 -> "95%"."""
+    return f"{100 * fraction:g}%"
 
 
 def fmt_mib(nbytes: int | None) -> str:

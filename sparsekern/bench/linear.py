@@ -19,6 +19,10 @@ torch's CSR gradient). As in training, sparsekern's values change between these 
 each, inside the timed region), so the dense path rewrites its whole workspace every time. Every result is
 compared with a float64 computation; ``ok`` means sparsekern's error is at most twice dense's own error in the same
 dtype (the flash-attention rule).
+
+This module measures (the sweep, the inputs, the implementations, one row per case); the interleaved timer is
+:func:`harness.time_interleaved`, and the goals, crossovers and tables of the report are in
+:mod:`sparsekern.bench.linear_report`.
 """
 
 from __future__ import annotations
@@ -28,9 +32,7 @@ import contextlib
 import dataclasses
 import math
 import os
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,30 +44,14 @@ import torch.nn.functional as F
 
 from .. import _extension
 from .._csr import CSRIndex
-from ..ops import _backend
-from ..ops.sparse_linear import DENSITY_CROSSOVER, DenseWorkspace, choose_path, density_crossover, sparse_linear
-from . import harness
+from ..ops.sparse_linear import DENSITY_CROSSOVER, DenseWorkspace, choose_path, sparse_linear
+from . import harness, linear_report
+from .harness import failure
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwdbwd")
-MODE_TITLES = {"fwd": "forward", "fwdbwd": "forward+backward (dX, dW at the nonzeros)"}
 IMPLS = ("dense", "sparse", "auto", "torch_csr", "sparseprop")  # the keys of every row's "results", in timing order
 QUANTITIES = {"fwd": ("y",), "fwdbwd": ("y", "dX", "dW")}
-
-# DESIGN §6: speedup over dense of the sparse layer, fp32, B=2048, on the 2-core CPU, on AVX-512 and AVX2 alike
-# (an AVX-512 machine measures AVX2 with --isa avx2).
-GOALS: dict[tuple[str, float], float] = {
-    ("fwd", 0.9): 5.0,
-    ("fwd", 0.95): 9.0,
-    ("fwd", 0.98): 20.0,
-    ("fwdbwd", 0.9): 4.0,
-    ("fwdbwd", 0.95): 7.0,
-    ("fwdbwd", 0.98): 14.0,
-}
-GOAL_BATCH = 2048
-GOAL_DTYPE = "fp32"
-AUTO_FLOOR = 0.95  # auto never below 0.95x dense, at any sparsity
-BASELINES_FROM = 0.8  # faster than torch CSR and SparseProp at every sparsity >= 80%
 
 SPARSEPROP_MISSING = "SparseProp: not installed (pip install --no-build-isolation sparseprop scipy pybind11)"
 
@@ -105,34 +91,8 @@ FULL = Grid(
 QUICK = Grid(shapes=((64, 96),), batches=(8, 70), sparsities=(0.5, 0.9, 0.98), dtypes=("fp32", "bf16"), modes=MODES)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How hard to measure the functions of one case (all times in seconds); see :func:`time_interleaved`.
-
-    repeat: rounds (at least 3 unless ``repeat`` is smaller); a function leaves once its rounds total
-        ``max_time``, so multi-second calls do not dominate the run.
-    min_time: what ``repeat`` rounds of one function take at least: a round repeats a fast call for
-        ``min_time / repeat`` and counts the median.
-    slow_factor: a first call of at least ``max_time`` and ``slow_factor`` times dense's is the only sample
-        (it has lost to dense whatever the noise); a first call of ``max_time`` without that is one of two
-        (:func:`warm_up_process` has paid the process's one-time costs before).
-    """
-
-    repeat: int = 5
-    max_time: float = 1.0
-    min_time: float = 0.05
-    slow_factor: float = 2.0
-
-
 def label(shape: Sequence[int]) -> str:
     return f"{shape[0]}->{shape[1]}"
-
-
-def failure(exc: BaseException, limit: int = 120) -> str:
-    """One line for a table cell: ``failed: Type: first line of the message``."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return "failed: " + (text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 def sparseprop_class() -> tuple[type | None, str]:
@@ -281,98 +241,6 @@ def build_sparseprop(cls: type, p: Problem, x, w, grad, mode: str) -> tuple[Fn, 
 # Measuring
 
 
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-@dataclass
-class _Timing:
-    fn: Fn
-    first: float
-    rounds: list[float] = dataclasses.field(default_factory=list)  # one median per round
-    calls: int = 0
-    total: float = 0.0
-    slow: bool = False
-    memory: harness.Stats | None = None
-    done: bool = False
-
-
-def _first_call(fn: Fn, device: str) -> tuple[float, Any]:
-    _sync(device)
-    start = time.perf_counter()
-    out = fn()
-    _sync(device)
-    return time.perf_counter() - start, out
-
-
-def time_interleaved(
-    fns: dict[str, Fn], settings: Settings, device: str, dense: str = "dense"
-) -> dict[str, tuple[harness.Stats, Any] | Exception]:
-    """Time the functions of one case in rounds, each function once per round, so that a burst of load from
-    other processes hits all of them rather than one: the ratios between them are what this benchmark reports.
-
-    Each function's first call is its warm-up, and its outputs are returned for checking. Then every round times
-    each remaining function through :func:`harness.measure` (one call, or repeated calls for
-    ``min_time / repeat`` when they are fast; the round's median counts). A function is done after ``repeat``
-    rounds, or after 3 once its rounds total ``max_time``. On the CPU, where first calls compile nothing (once
-    :func:`warm_up_process` has run), a first call of ``max_time`` or more is itself a sample: one more round
-    follows, or none when it also took ``slow_factor`` times the first call of ``dense``. Returns, per name,
-    (stats, outputs) or the exception.
-    Stats: median and quartiles of the round medians, min and max of them, n = timed calls; peak memory is
-    that of the first round.
-    """
-    results: dict[str, tuple[harness.Stats, Any] | Exception] = {}
-    timings: dict[str, _Timing] = {}
-    outputs: dict[str, Any] = {}
-    for name, fn in fns.items():
-        try:
-            first, outputs[name] = _first_call(fn, device)
-        except Exception as exc:  # noqa: BLE001 -- reported by the caller
-            results[name] = exc
-            continue
-        timings[name] = _Timing(fn, first)
-    dense_first = timings[dense].first if dense in timings else None
-    if torch.device(device).type == "cpu":
-        for name, t in timings.items():
-            if t.first >= settings.max_time:
-                t.slow, t.rounds, t.calls, t.total = True, [t.first], 1, t.first
-                lost = dense_first is not None and name != dense and t.first >= settings.slow_factor * dense_first
-                t.done = lost or settings.repeat == 1
-    least = min(3, settings.repeat)
-    block = settings.min_time / settings.repeat
-    while not all(t.done for t in timings.values()):
-        for name, t in timings.items():
-            if t.done:
-                continue
-            try:
-                stats = harness.measure(
-                    t.fn, warmup=0, repeat=1, min_time=block, device=device, memory=t.memory is None
-                )
-            except Exception as exc:  # noqa: BLE001 -- reported by the caller
-                results[name], t.done = exc, True
-                continue
-            if t.memory is None:
-                t.memory = stats
-            t.rounds.append(stats.median)
-            t.calls += stats.n
-            t.total += stats.median * stats.n
-            n = len(t.rounds)
-            t.done = n >= 2 if t.slow else n >= settings.repeat or (n >= least and t.total >= settings.max_time)
-    for name, t in timings.items():
-        if name in results:
-            continue
-        ordered = sorted(t.rounds)
-        if len(ordered) == 1:
-            q1 = median = q3 = ordered[0]
-        else:
-            q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-        memory = t.memory or harness.Stats(0, 0, 0, 0, 0, 0)
-        stats = harness.Stats(median, q1, q3, ordered[0], ordered[-1], t.calls, memory.peak_bytes, memory.memory_kind)
-        results[name] = (stats, outputs[name])
-    return results
-
-
 def max_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
     errors = {}
     for q, r in ref.items():
@@ -384,13 +252,9 @@ def max_errors(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> di
 
 
 def within_dense(errors: dict[str, float], dense: dict[str, float], ref: dict[str, torch.Tensor], dtype) -> bool:
-    """Each error at most twice dense's, with a floor of one rounding of the largest value (dense may be exact)."""
-    eps = torch.finfo(dtype).eps
-    for q, r in ref.items():
-        floor = eps * (r.abs().max().item() if r.numel() else 0.0)
-        if not errors[q] <= max(2 * dense[q], floor):
-            return False
-    return True
+    """Each quantity's error within :func:`harness.within_twice` of dense's (twice, or one rounding of its scale)."""
+    scales = {q: r.abs().max().item() if r.numel() else 0.0 for q, r in ref.items()}
+    return all(harness.within_twice(errors[q], dense[q], scales[q], dtype) for q in ref)
 
 
 def run_case(
@@ -399,15 +263,15 @@ def run_case(
     mode: str,
     backend: str,
     device: str,
-    settings: Settings,
+    settings: harness.RoundSettings,
     sparseprop: type | None,
     sparseprop_note: str = SPARSEPROP_MISSING,
     hopeless: dict[tuple, float] | None = None,
 ) -> dict[str, Any]:
     """Time and check every implementation on one (weight, dtype, mode); returns the row (errors become cells).
 
-    The implementations are timed in interleaved rounds (:func:`time_interleaved`). ``hopeless`` carries, from case
-    to case, the baselines (torch CSR, SparseProp) that were already slow and ``slow_factor`` x dense at a
+    The implementations are timed in interleaved rounds (:func:`harness.time_interleaved`). ``hopeless`` carries,
+    from case to case, the baselines (torch CSR, SparseProp) that were already slow and ``slow_factor`` x dense at a
     higher sparsity of the same (shape, batch, dtype, mode): their time only grows with the nonzeros, so they
     are not timed again at lower sparsities (a single call of torch CSR at 50% of 4096x4096, B=2048, takes
     about 30 s on the 2-core machine).
@@ -435,6 +299,7 @@ def run_case(
         row["auto_path"] = choose_path("auto", p.index, x, backend, training=mode == "fwdbwd")
     except Exception as exc:  # noqa: BLE001
         row["auto_path"] = failure(exc)
+    row["auto_sparse_from"] = linear_report.auto_sparse_from(backend, device, dtype, p.batch, mode == "fwdbwd")
     results: dict[str, dict[str, Any]] = {}
     group = (tuple(p.shape), p.batch, dtype_name, mode)
     builders: dict[str, Callable[[], tuple[Fn, Extract]]] = {
@@ -453,7 +318,7 @@ def run_case(
     for name in ("torch_csr", "sparseprop"):
         if (*group, name) in hopeless:
             del builders[name]
-            at = _pct(hopeless[(*group, name)])
+            at = harness.fmt_pct(hopeless[(*group, name)])
             results[name] = {"skipped": f"not timed: >= {settings.slow_factor:g}x dense already at {at}"}
 
     fns, extracts = {}, {}
@@ -462,7 +327,7 @@ def run_case(
             fns[name], extracts[name] = build()
         except Exception as exc:  # noqa: BLE001 -- reported in the row
             results[name] = {"error": failure(exc)}
-    for name, timed_or_error in time_interleaved(fns, settings, device).items():
+    for name, timed_or_error in harness.time_interleaved(fns, settings, device).items():
         if isinstance(timed_or_error, Exception):
             results[name] = {"error": failure(timed_or_error)}
             continue
@@ -505,346 +370,10 @@ def run_case(
     return row
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Reporting
-
-
-def _stats(r: dict[str, Any]) -> harness.Stats | None:
-    if "stats" not in r:
-        return None
-    return harness.Stats(**{k: v for k, v in r["stats"].items() if k != "iqr"})
-
-
-def _ms_cell(r: dict[str, Any], limit: int = 72) -> str:
-    if "error" in r:  # the whole first line is in the notes and the JSON
-        return r["error"] if len(r["error"]) <= limit else r["error"][: limit - 3] + "..."
-    if "skipped" in r:
-        return r["skipped"]
-    stats = _stats(r)
-    cell = harness.fmt_ms(stats)
-    return cell + " n=1" if stats is not None and stats.n == 1 else cell
-
-
-def _pct(s: float) -> str:
-    return f"{100 * s:g}%"
-
-
-def _err_cell(row: dict[str, Any]) -> str:
-    """The quantity where the sparse path's error is largest relative to dense's: 'dW 3.1e-05 / 2.9e-05'."""
-    res = row["results"]
-    sparse, dense = res["sparse"].get("errors"), res["dense"].get("errors")
-    if sparse is None or dense is None:
-        return "-"
-    q = max(sparse, key=lambda k: sparse[k] / dense[k] if dense[k] > 0 else (math.inf if sparse[k] > 0 else 0))
-    return f"{q} {sparse[q]:.2g} / {dense[q]:.2g}"
-
-
-def _ok_cell(row: dict[str, Any]) -> str:
-    if row["failed"]:
-        return "FAILED"
-    return "-" if row["ok"] is None else ("ok" if row["ok"] else "NO")
-
-
-def _mib_pair(row: dict[str, Any]) -> str:
-    dense, sparse = _stats(row["results"]["dense"]), _stats(row["results"]["sparse"])
-    if dense is None and sparse is None:
-        return "-"
-    one = lambda s: "-" if s is None or s.peak_bytes is None else f"{s.peak_bytes / 2**20:.1f}"  # noqa: E731
-    return f"{one(dense)} / {one(sparse)}"
-
-
-DETAIL_HEADERS = [
-    "shape",
-    "B",
-    "dtype",
-    "sparsity",
-    "dense ms median (IQR)",
-    "sparse ms median (IQR)",
-    "auto ms median (IQR)",
-    "auto path",
-    "torch CSR ms",
-    "SparseProp ms",
-    "speedup sparse",
-    "speedup auto",
-    "vs CSR",
-    "vs SparseProp",
-    "peak MiB dense / sparse",
-    "max err sparse / dense",
-    "ok",
-]
-
-
-def detail_section(mode: str, rows: Sequence[dict[str, Any]]) -> harness.Section:
-    shapes = list(dict.fromkeys(r["label"] for r in rows))
-    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-    order = lambda r: (shapes.index(r["label"]), r["batch"], dtypes.index(r["dtype"]), r["sparsity"])  # noqa: E731
-    table = []
-    for r in sorted((r for r in rows if r["mode"] == mode), key=order):
-        res = r["results"]
-        table.append(
-            [
-                r["label"],
-                r["batch"],
-                r["dtype"],
-                _pct(r["sparsity"]),
-                _ms_cell(res["dense"]),
-                _ms_cell(res["sparse"]),
-                _ms_cell(res["auto"]),
-                r["auto_path"],
-                _ms_cell(res["torch_csr"]),
-                _ms_cell(res["sparseprop"]),
-                harness.fmt_ratio(r["speedup"]["sparse"]),
-                harness.fmt_ratio(r["speedup"]["auto"]),
-                harness.fmt_ratio(r["vs_torch_csr"]),
-                harness.fmt_ratio(r["vs_sparseprop"]),
-                _mib_pair(r),
-                _err_cell(r),
-                _ok_cell(r),
-            ]
-        )
-    return harness.Section(MODE_TITLES[mode], DETAIL_HEADERS, table, [])
-
-
-def _goal_scope(rows: Sequence[dict[str, Any]]) -> tuple[int | None, str | None, list[str]]:
-    """The batch and dtype the goals are read at (B=2048 fp32, else the closest the run has) and why."""
-    notes = []
-    batches = sorted({r["batch"] for r in rows})
-    dtypes = list(dict.fromkeys(r["dtype"] for r in rows))
-    if not batches:
-        return None, None, notes
-    batch = GOAL_BATCH if GOAL_BATCH in batches else batches[-1]
-    dtype = GOAL_DTYPE if GOAL_DTYPE in dtypes else dtypes[0]
-    if batch != GOAL_BATCH or dtype != GOAL_DTYPE:
-        notes.append(
-            f"This run has no B={GOAL_BATCH} {GOAL_DTYPE} cases: the speedup goals are read at B={batch} {dtype}, "
-            "which says little about the goals."
-        )
-    return batch, dtype, notes
-
-
-def _met(value: float | None, target: float, strict: bool = False) -> str:
-    if value is None:
-        return "-"
-    return "yes" if (value > target if strict else value >= target) else "NO"
-
-
-def goals(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """DESIGN §6's targets next to what this run achieved."""
-    batch, dtype, notes = _goal_scope(rows)
-    out: list[dict[str, Any]] = []
-    if batch is None:
-        return out, notes
-    modes = list(dict.fromkeys(r["mode"] for r in rows))
-    shapes = list(dict.fromkeys(r["label"] for r in rows))
-    for mode in modes:
-        for (goal_mode, sparsity), target in GOALS.items():
-            if goal_mode != mode:
-                continue
-            for shape in shapes:
-                match = [
-                    r
-                    for r in rows
-                    if (r["mode"], r["label"], r["batch"], r["dtype"]) == (mode, shape, batch, dtype)
-                    and math.isclose(r["sparsity"], sparsity)
-                ]
-                sp = match[0]["speedup"] if match else {"sparse": None, "auto": None}
-                isa = f", {match[0]['cpu_isa']}" if match and match[0].get("cpu_isa") else ""
-                out.append(
-                    {
-                        "goal": f"speedup over dense at {_pct(sparsity)}",
-                        "mode": mode,
-                        "scope": f"{shape}, B={batch}, {dtype}{isa}",
-                        "target": target,
-                        "sparse": sp["sparse"],
-                        "auto": sp["auto"],
-                        "met": _met(sp["auto"], target) if match else "not run",
-                    }
-                )
-        in_mode = [r for r in rows if r["mode"] == mode]
-        worst = min(
-            (r for r in in_mode if r["speedup"]["auto"] is not None), key=lambda r: r["speedup"]["auto"], default=None
-        )
-        out.append(
-            {
-                "goal": f"auto never below {AUTO_FLOOR}x dense",
-                "mode": mode,
-                "scope": "every case"
-                + (
-                    f" (worst: {worst['label']} B={worst['batch']} {worst['dtype']} {_pct(worst['sparsity'])})"
-                    if worst
-                    else ""
-                ),
-                "target": AUTO_FLOOR,
-                "sparse": None,
-                "auto": worst["speedup"]["auto"] if worst else None,
-                "met": _met(worst["speedup"]["auto"], AUTO_FLOOR) if worst else "-",
-            }
-        )
-        for key, name in (("vs_torch_csr", "torch CSR"), ("vs_sparseprop", "SparseProp")):
-            high = [r for r in in_mode if r["sparsity"] >= BASELINES_FROM - 1e-9 and r[key] is not None]
-            worst = min(high, key=lambda r: r[key], default=None)
-            scope = f"every case at >= {_pct(BASELINES_FROM)}"
-            if worst:
-                scope += f" (worst: {worst['label']} B={worst['batch']} {worst['dtype']} {_pct(worst['sparsity'])})"
-            else:
-                scope += f" ({name} did not run)"
-            out.append(
-                {
-                    "goal": f"sparse path faster than {name}",
-                    "mode": mode,
-                    "scope": scope,
-                    "target": 1.0,
-                    "sparse": worst[key] if worst else None,
-                    "auto": None,
-                    "met": _met(worst[key], 1.0, strict=True) if worst else "-",
-                }
-            )
-    return out, notes
-
-
-def goals_section(goal_rows: Sequence[dict[str, Any]], notes: Sequence[str]) -> harness.Section:
-    table = [
-        [
-            g["goal"],
-            g["mode"],
-            g["scope"],
-            (">" if g["goal"].startswith("sparse path faster") else ">=") + harness.fmt_ratio(g["target"]),
-            harness.fmt_ratio(g["sparse"]),
-            harness.fmt_ratio(g["auto"]),
-            g["met"],
-        ]
-        for g in goal_rows
-    ]
-    headers = ["goal (DESIGN §6)", "mode", "measured on", "target", "achieved: sparse path", "achieved: auto", "met"]
-    section_notes = [
-        "Speedup goals are judged on auto (what SparseLinear runs); the comparisons with torch CSR and SparseProp "
-        "on the sparse path (time of the baseline / time of sparsekern).",
-        *notes,
-    ]
-    return harness.Section("Goals", headers, table, section_notes)
-
-
-def crossovers(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (shape, B, dtype, mode): the smallest swept sparsity from which the sparse path beats dense at every
-    larger swept sparsity too (None: never), and where auto switches to the sparse path."""
-    groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["label"], r["batch"], r["dtype"], r["mode"]), []).append(r)
-    out = []
-    for (shape, batch, dtype, mode), members in groups.items():
-        members = sorted(members, key=lambda r: r["sparsity"])
-        speedups = [(r["sparsity"], r["speedup"]["sparse"]) for r in members]
-        measured = [s for s in speedups if s[1] is not None]
-        beats_from: float | None = None
-        for sparsity, speedup in reversed(measured):
-            if speedup <= 1.0:
-                break
-            beats_from = sparsity
-        first = members[0]
-        if first["backend"] == "reference":
-            auto_from = "always (the reference backend has no dense path choice)"
-        else:
-            crossover = density_crossover(torch.device(first["device"]).type, DTYPES[dtype], batch, mode == "fwdbwd")
-            auto_from = "never" if crossover == 0.0 else f">= {_pct(round(1 - crossover, 6))}"
-        out.append(
-            {
-                "shape": shape,
-                "batch": batch,
-                "dtype": dtype,
-                "mode": mode,
-                "measured": bool(measured),
-                "beats_dense_from": beats_from,
-                "auto_sparse_from": auto_from,
-                "speedups": dict(speedups),
-            }
-        )
-    return out
-
-
-def crossover_section(cross: Sequence[dict[str, Any]]) -> harness.Section:
-    table = []
-    for c in cross:
-        if not c["measured"]:
-            beats = "not measured (sparse path failed)"
-        elif c["beats_dense_from"] is None:
-            beats = "never (in this sweep)"
-        else:
-            beats = _pct(c["beats_dense_from"])
-        curve = " ".join(f"{_pct(s)}:{harness.fmt_ratio(v)}" for s, v in c["speedups"].items())
-        table.append([c["shape"], c["batch"], c["dtype"], c["mode"], beats, c["auto_sparse_from"], curve])
-    headers = [
-        "shape",
-        "B",
-        "dtype",
-        "mode",
-        "sparse beats dense from",
-        "auto takes sparse at (DENSITY_CROSSOVER)",
-        "sparse speedup by sparsity",
-    ]
-    notes = [
-        "sparse beats dense from: the smallest swept sparsity at which the sparse path is faster than dense there and "
-        "at every larger swept sparsity. Compare with where auto switches to it: where they differ, auto leaves "
-        "speed behind and DENSITY_CROSSOVER in ops/sparse_linear.py needs recalibrating."
-    ]
-    return harness.Section("Crossover: where the sparse path starts to beat dense", headers, table, notes)
-
-
-def _notes(backend: str, device: str, settings: Settings, env: dict[str, Any], sparseprop_note: str) -> list[str]:
-    notes = []
-    if torch.device(device).type == "cpu":
-        notes.append(
-            f"Device: CPU ({env['cpu']}, {env['torch_threads']} torch threads); no GPU speed is measured here. "
-            "CPU timings are noisy: compare ratios within this run."
-        )
-    else:
-        notes.append(f"Device: {torch.cuda.get_device_name()}.")
-    if backend == "cpu":
-        notes.append(
-            f"CPU kernels: {env['extension_cpu_isa']} (every row's `cpu_isa` in the JSON; force one with --isa)."
-        )
-    reason = _backend.unavailable_reason(backend, torch.device(device))
-    what = {
-        "cpu": " (the C++ kernels)",
-        "reference": " (the plain-PyTorch fallback: scatter + an fp32 dense GEMM; its timings are not a kernel's)",
-    }
-    notes.append(
-        f"sparsekern backend: `{backend}`"
-        + what.get(backend, "")
-        + ("" if reason is None else f" -- NOT AVAILABLE here: {reason}; its rows report the failure")
-        + "."
-    )
-    notes += [
-        "Speedup = dense time / sparsekern time (above 1x: sparsekern is faster). vs CSR and vs SparseProp = their "
-        "time / the sparse path's time.",
-        "auto = sparse_linear(path='auto'), as SparseLinear calls it; when it takes the sparse path its timing is "
-        "the sparse path's (the same call once the path is chosen).",
-        "torch CSR: torch.sparse.mm(W.to_sparse_csr(), x.T).T; forward+backward takes grad wrt x and the CSR "
-        "weight (torch returns a CSR gradient at the nonzeros). Where torch has no kernel (e.g. bf16 on the CPU) or "
-        "no autograd, the cell says why.",
-        sparseprop_note + ".",
-        "Forward+backward: dense computes dX and the full dense dW; sparsekern dX and dW at the nonzeros only.",
-        "Inputs: no bias; weight values, x and the output gradient hold bf16-exact numbers so fp32 and bf16 share "
-        "one float64 reference. ok: the sparse path's (and auto's) max abs error against float64 is at most twice "
-        "dense F.linear's in the same dtype, for y (and dX, dW); the error column shows the worst quantity.",
-        f"Timing: each function's first call is its warm-up and the checked result; then the functions of a case "
-        f"are timed in turn, round after round (up to {settings.repeat} rounds; after 3 a function stops once its "
-        f"rounds total {settings.max_time} s), so load from other processes hits them alike; a round of a fast "
-        f"function repeats it for {settings.min_time / settings.repeat:.3g} s. Median (IQR) of the round medians, "
-        "in ms. A first "
-        f"call over {settings.max_time} s counts as a sample: n=2 with one more round, n=1 when it also took "
-        f"{settings.slow_factor:g}x dense. Sparsities run from the highest down; a baseline (torch CSR, "
-        f"SparseProp) over {settings.max_time} s and {settings.slow_factor:g}x dense is not timed at the lower "
-        "sparsities of the same shape, B, dtype and mode.",
-        "Peak MiB: the first timed call's rise of the process's peak RSS on the CPU (a lower bound: memory the "
-        "allocator kept is reused unseen), of torch.cuda.max_memory_allocated on CUDA.",
-    ]
-    return notes
-
-
 def warm_up_process(grid: Grid, backend: str, device: str, sparseprop: type | None) -> None:
     """Run every implementation once on a tiny weight, so that one-time costs of the process (the autograd
     engine's threads take about 0.3 s on its first backward; thread pools, lazy library loading) land in no
-    case's timings: a slow first call of a case counts as a sample (see :func:`time_interleaved`)."""
+    case's timings: a slow first call of a case counts as a sample (see :func:`harness.time_interleaved`)."""
     p = Problem((16, 24), 4, 0.5, device)
     for dtype_name in grid.dtypes:
         dtype = DTYPES[dtype_name]
@@ -864,7 +393,8 @@ def warm_up_process(grid: Grid, backend: str, device: str, sparseprop: type | No
                     build(*args)[0]()
                 except Exception:  # noqa: BLE001 -- the cases report failures; this only warms up
                     pass
-    _sync(device)
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _load_average() -> float | None:
@@ -877,7 +407,7 @@ def _load_average() -> float | None:
 def run_linear(
     *,
     grid: Grid,
-    settings: Settings,
+    settings: harness.RoundSettings,
     backend: str,
     out: str,
     name: str = "linear",
@@ -898,9 +428,9 @@ def run_linear(
             if backend != "cpu":
                 raise IsaError(f"--isa {isa} picks the C++ CPU kernels' path, which --backend {backend} does not run")
             try:
-                forced.enter_context(_extension.use_cpu_isa(isa))
-            except (ValueError, RuntimeError) as exc:  # this CPU lacks it, or the extension is not built
-                raise IsaError(f"--isa {isa}: {exc}") from None
+                forced.enter_context(harness.isa_context(isa))
+            except ValueError as exc:  # unknown, this CPU lacks it, or the extension is not built
+                raise IsaError(str(exc)) from None
         return _run_linear(grid, settings, backend, out, name, title, progress)
 
 
@@ -909,7 +439,7 @@ class IsaError(ValueError):
 
 
 def _run_linear(
-    grid: Grid, settings: Settings, backend: str, out: str, name: str, title: str, progress: bool
+    grid: Grid, settings: harness.RoundSettings, backend: str, out: str, name: str, title: str, progress: bool
 ) -> tuple[int, str, dict[str, Any]]:
     device = "cuda" if backend in ("cuda", "triton") else "cpu"
     env = harness.environment(gpu=device == "cuda")
@@ -922,7 +452,7 @@ def _run_linear(
     bar = harness.progress(grid.cases(), "linear", progress)
     for shape, batch, sparsity, dtype, mode in bar:
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{label(shape)} B={batch} {_pct(sparsity)} {dtype} {mode}")
+            bar.set_postfix_str(f"{label(shape)} B={batch} {harness.fmt_pct(sparsity)} {dtype} {mode}")
         if problem is None or (problem.shape, problem.batch, problem.sparsity) != (shape, batch, sparsity):
             problem = None  # free the previous weight first
             problem = Problem(shape, batch, sparsity, device)
@@ -930,7 +460,7 @@ def _run_linear(
         rows[-1]["load_average"] = _load_average()  # this process counts about torch_threads of it
     problem = None
 
-    notes = _notes(backend, device, settings, env, sparseprop_note)
+    notes = linear_report.run_notes(backend, device, settings, env, sparseprop_note)
     loads = [r["load_average"] for r in rows if r["load_average"] is not None]
     if load_before is not None and loads:
         notes.append(
@@ -950,10 +480,10 @@ def _run_linear(
     sk_failures = sorted({(r["results"][n]["error"], n) for r in rows for n in r["failed"]})
     for error, impl in sk_failures:
         notes.append(f"sparsekern {impl} path FAILED: {error}")
-    goal_rows, goal_notes = goals(rows)
-    cross = crossovers(rows)
-    sections = [goals_section(goal_rows, goal_notes), crossover_section(cross)]
-    sections += [detail_section(mode, rows) for mode in grid.modes]
+    goal_rows, goal_notes = linear_report.goals(rows)
+    cross = linear_report.crossovers(rows)
+    sections = [linear_report.goals_section(goal_rows, goal_notes), linear_report.crossover_section(cross)]
+    sections += [linear_report.detail_section(mode, rows) for mode in grid.modes]
     markdown = harness.render_markdown(title, env, [f"- {n}" for n in notes], sections)
     data = {
         "benchmark": name,
@@ -992,9 +522,9 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
     )
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+def settings_from_args(args: argparse.Namespace) -> harness.RoundSettings:
     quick = args.quick
-    return Settings(
+    return harness.RoundSettings(
         repeat=args.repeat or (3 if quick else 5),
         max_time=args.max_time or (0.2 if quick else 1.0),
         min_time=0.01 if quick else 0.05,

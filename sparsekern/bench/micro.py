@@ -90,10 +90,6 @@ class Settings:
 QUICK_SETTINGS = Settings(repeats=3, block_time=0.005)
 
 
-def _pct(sparsity: float) -> str:
-    return f"{sparsity * 100:g}%"
-
-
 def linear_case(mode: str, shape: tuple[int, int], batch: int, sparsity: float, path: str = "sparse") -> Case:
     """sparse_linear (``mode`` "fwd" or "fwdbwd", ``path`` "sparse" or "dense") against dense F.linear."""
     what = {("fwd", "sparse"): "spmm fwd", ("fwdbwd", "sparse"): "linear fwd+bwd"}.get((mode, path))
@@ -106,7 +102,7 @@ def linear_case(mode: str, shape: tuple[int, int], batch: int, sparsity: float, 
         return dense, op
 
     baseline = "dense F.linear" + (" fwd+bwd" if mode == "fwdbwd" else "") + " on the masked weight"
-    return Case(f"{what} {linear.label(shape)} B={batch} {_pct(sparsity)}", baseline, make)
+    return Case(f"{what} {linear.label(shape)} B={batch} {harness.fmt_pct(sparsity)}", baseline, make)
 
 
 def outer_topk_case(precision: str, n_out: int, n_in: int, batch: int, sparsity: float, alpha: float = 0.3) -> Case:
@@ -120,7 +116,7 @@ def outer_topk_case(precision: str, n_out: int, n_in: int, batch: int, sparsity:
         op = lambda: ops.outer_topk(x, g, case.k, exclude=active, precision=precision, backend="cpu")  # noqa: E731
         return (lambda: grow.dense_grow(x, g, mask, case.k)), op
 
-    name = f"outer_topk {precision} {case.label} B={batch} {_pct(sparsity)} α={alpha:g}"
+    name = f"outer_topk {precision} {case.label} B={batch} {harness.fmt_pct(sparsity)} α={alpha:g}"
     return Case(name, "dense g.T @ x, mask, torch.topk", make)
 
 
@@ -142,9 +138,8 @@ def csr_dense_case(shape: tuple[int, int], sparsity: float) -> Case:
 
         return base, op
 
-    return Case(
-        f"csr_dense scatter+gather {linear.label(shape)} {_pct(sparsity)}", "torch scatter_ + index_select", make
-    )
+    name = f"csr_dense scatter+gather {linear.label(shape)} {harness.fmt_pct(sparsity)}"
+    return Case(name, "torch scatter_ + index_select", make)
 
 
 def semi24_case(shape: tuple[int, int]) -> Case:
@@ -278,7 +273,7 @@ def run_cases(cases: Sequence[Case], isas: Sequence[str], settings: Settings, pr
             baseline, op = case.make()
         except Exception as exc:  # noqa: BLE001 -- reported in its rows, and fails the run
             baseline = op = None
-            error = linear.failure(exc)
+            error = harness.failure(exc)
         for isa in isas:
             row: dict[str, Any] = {"case": case.name, "isa": isa, "baseline_is": case.baseline}
             if op is None:
@@ -288,7 +283,7 @@ def run_cases(cases: Sequence[Case], isas: Sequence[str], settings: Settings, pr
                 with harness.isa_context(isa):
                     rows.append({**row, **time_pair(baseline, op, settings)})
             except Exception as exc:  # noqa: BLE001
-                rows.append({**row, "error": linear.failure(exc)})
+                rows.append({**row, "error": harness.failure(exc)})
         del baseline, op
     return rows
 
@@ -323,7 +318,7 @@ def judge(rows: list[dict], floors: dict[str, dict[str, Floor]]) -> list[str]:
 
 
 def _ms(d: dict[str, Any]) -> str:
-    return harness.fmt_ms(harness.Stats(**{k: v for k, v in d.items() if k != "iqr"}))
+    return harness.fmt_ms(harness.Stats.from_dict(d))
 
 
 def _range(low: float, high: float) -> str:

@@ -169,12 +169,6 @@ def conversion_backends(gpu: bool) -> tuple[list[tuple[str, str]], dict[str, str
     return run, skipped
 
 
-def _failure(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}"
-    return "failed: " + (text if len(text) <= 160 else text[:157] + "...")
-
-
 def conversion_rows(
     weights: Sequence[Weight],
     dtypes: Sequence[str],
@@ -190,7 +184,7 @@ def conversion_rows(
     (packed, meta) and is compared with torch's to_dense, except fp32, where torch's to_dense is lossy
     (torch 2.14) and the original dense weight is the oracle. A failing case becomes a row saying why.
     """
-    isas = list(isas) if isas else [current_isa()]
+    isas = list(isas) if isas else [harness.current_isa()]
     devices = sorted({device for _, device in backends})
     cases = [(w, d, dev) for dev in devices for w in weights for d in dtypes]
     rows: list[dict[str, Any]] = []
@@ -199,11 +193,6 @@ def conversion_rows(
         runs = list(dict.fromkeys(runs))  # one run per non-CPU backend, whatever the ISAs
         rows += _conversion_case(weight, dtype_name, device, runs, settings)
     return rows
-
-
-def current_isa() -> str:
-    """The instruction set the C++ CPU kernels run now ("none" without the extension)."""
-    return _extension.cpu_isa().split()[0] if _extension.available() else "none"
 
 
 def _minor_faults() -> int:
@@ -229,14 +218,9 @@ class _Series:
             return self.fn()
 
     def stats(self) -> harness.Stats:
-        ordered = sorted(self.seconds)
-        if len(ordered) == 1:
-            q1 = median = q3 = ordered[0]
-        else:
-            q1, median, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
         peak = self.first.peak_bytes if self.first else None
         kind = self.first.memory_kind if self.first else "not measured"
-        return harness.Stats(median, q1, q3, ordered[0], ordered[-1], self.calls, peak, kind)
+        return harness.Stats.from_samples(self.seconds, n=self.calls, peak_bytes=peak, memory_kind=kind)
 
 
 def time_rounds(series: Sequence[_Series], settings: Settings, device: str) -> None:
@@ -247,7 +231,7 @@ def time_rounds(series: Sequence[_Series], settings: Settings, device: str) -> N
         try:
             s.first = harness.measure(s.call, warmup=1, repeat=1, device=device)  # warm-up (and peak memory)
         except Exception as exc:  # noqa: BLE001 -- reported in the table
-            s.error = _failure(exc)
+            s.error = harness.failure(exc, 160)
     block = settings.min_time / settings.repeat
     live = [s for s in series if s.error is None]
     while live:
@@ -257,7 +241,7 @@ def time_rounds(series: Sequence[_Series], settings: Settings, device: str) -> N
                 try:
                     s.call()
                 except Exception as exc:  # noqa: BLE001
-                    s.error = _failure(exc)
+                    s.error = harness.failure(exc, 160)
                     break
                 if device != "cpu":
                     torch.cuda.synchronize()
@@ -291,7 +275,7 @@ def _conversion_case(
         checked_against = "input" if dtype == torch.float32 else "torch"
         oracle = dense if checked_against == "input" else to_dense(packed, meta)
     except Exception as exc:  # noqa: BLE001 -- reported in the table
-        return [{**base, "op": op, "backend": "torch reference", "error": _failure(exc)} for op in OPS]
+        return [{**base, "op": op, "backend": "torch reference", "error": harness.failure(exc, 160)} for op in OPS]
 
     def ours(op: str, backend: str):
         if op == "compress":
@@ -318,7 +302,7 @@ def _conversion_case(
                 else:
                     identical = bits_equal(got, oracle)
             except Exception as exc:  # noqa: BLE001
-                row["error"] = _failure(exc)
+                row["error"] = harness.failure(exc, 160)
                 rows.append(row)
                 continue
             ratios = [a / b for a, b in zip(ref.seconds, s.seconds, strict=True)]
@@ -347,8 +331,8 @@ def linear_rows(
 
     speedup = dense time / sparse time (below 1x: a slowdown). Correctness: the largest |sparse - dense| output
     difference, and each one's error against an fp32 computation; the 2:4 result is called ok when its error is
-    at most twice dense's (the flash-attention rule). A failing case (e.g. a shape cuSPARSELt refuses) becomes a
-    row saying why.
+    at most twice dense's (the flash-attention rule, :func:`harness.within_twice`). A failing case (e.g. a shape
+    cuSPARSELt refuses) becomes a row saying why.
     """
     cases = [(w, t, d) for w in weights for t in w.tokens for d in dtypes if d in LINEAR_DTYPES]
     rows: list[dict[str, Any]] = []
@@ -377,7 +361,7 @@ def _linear_case(
         y_exact = F.linear(x.float(), w.float())
         dense_err = (y_dense - y_exact).abs().max().item()
     except Exception as exc:  # noqa: BLE001
-        return [{**base, "format": "dense", "error": _failure(exc)}]
+        return [{**base, "format": "dense", "error": harness.failure(exc, 160)}]
 
     rows = []
     for fmt in formats:
@@ -392,22 +376,16 @@ def _linear_case(
                 speedup=dense_stats.median / stats.median,
                 max_abs_diff_vs_dense=(y - y_dense).abs().max().item(),
                 sparse_err_vs_fp32=err,
-                ok=err <= 2 * dense_err,
+                ok=harness.within_twice(err, dense_err, y_exact.abs().max().item(), dtype),
             )
         except Exception as exc:  # noqa: BLE001
-            row["error"] = _failure(exc)
+            row["error"] = harness.failure(exc, 160)
         rows.append(row)
     return rows
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Reporting
-
-
-def _stats(d: dict[str, Any] | None) -> harness.Stats | None:
-    if d is None:
-        return None
-    return harness.Stats(**{k: v for k, v in d.items() if k != "iqr"})
 
 
 def _yes_no(value: bool | None) -> str:
@@ -438,7 +416,7 @@ def conversion_section(op: str, rows: list[dict[str, Any]]) -> harness.Section:
         if "error" in r:
             table.append([*head, r["error"], "-", "-", "-", r.get("checked_against", "-"), "-", "-"])
             continue
-        stats, ref = _stats(r.get("stats")), _stats(r.get("torch"))
+        stats, ref = harness.Stats.from_dict(r.get("stats")), harness.Stats.from_dict(r.get("torch"))
         low, high = r["ratio_rounds"]
         table.append(
             [
@@ -485,7 +463,7 @@ def linear_section(rows: list[dict[str, Any]]) -> harness.Section:
     ]
     table = []
     for r in rows:
-        dense = _stats(r.get("dense"))
+        dense = harness.Stats.from_dict(r.get("dense"))
         if "error" in r:
             table.append(
                 [
@@ -503,7 +481,7 @@ def linear_section(rows: list[dict[str, Any]]) -> harness.Section:
                 ]
             )
             continue
-        stats = _stats(r["stats"])
+        stats = harness.Stats.from_dict(r["stats"])
         table.append(
             [
                 r["weight"],
@@ -521,7 +499,8 @@ def linear_section(rows: list[dict[str, Any]]) -> harness.Section:
         )
     notes = [
         "speedup = dense F.linear time / 2:4 F.linear time on the same pruned weight; below 1x is a slowdown.",
-        "ok: the 2:4 output's max error against an fp32 F.linear is at most 2x the dense output's.",
+        "ok: the 2:4 output's max error against an fp32 F.linear is at most 2x the dense output's (or one rounding "
+        "of the output's scale, where dense is exact).",
     ]
     return harness.Section("dense vs 2:4 F.linear (GPU)", headers, table, notes)
 
@@ -591,7 +570,7 @@ def run_semi24(
         "notes": notes,
         "gpu_measured": bool(gpu and linear),
         "settings": dataclasses.asdict(settings),
-        "isas": list(isas) if isas else [current_isa()],
+        "isas": list(isas) if isas else [harness.current_isa()],
         "skipped_backends": skipped,
         "conversions": conv,
         "linear": lin,

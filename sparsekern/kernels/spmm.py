@@ -1,16 +1,14 @@
-"""Triton SpMM: y = x @ W.T for a CSR weight W (n_out, n_in), and the dense-masked alternative.
+"""Triton SpMM: y = x @ W.T for a CSR weight W (n_out, n_in): the sparse path of ``sparse_linear`` on GPUs.
 
-Two paths, because on GPUs a sparse GEMM loses to a tensor-core dense GEMM below roughly 95% unstructured
-sparsity (DESIGN §1.1); the caller picks one per call by density and shape:
+x is transposed to (n_in, B) first, so the batch run a nonzero multiplies is contiguous: every gathered load and
+every store is coalesced along the batch, whatever the column pattern. One program computes ``BLOCK_O`` output rows
+x ``BLOCK_B`` batch columns, walking each row's nonzeros ``BLOCK_K`` at a time and accumulating in fp32.
 
-- ``_spmm_fwd``: the sparse path. x is transposed to (n_in, B) first, so the batch run a nonzero multiplies is
-  contiguous: every gathered load and every store is coalesced along the batch, whatever the column pattern.
-  One program computes ``BLOCK_O`` output rows x ``BLOCK_B`` batch columns, walking each row's nonzeros
-  ``BLOCK_K`` at a time and accumulating in fp32.
-- ``_spmm_dense_fwd``: scatter the values into a zeroed dense (n_out, n_in) weight (``_scatter_dense_kernel``,
-  one program per row), then one dense GEMM (cuBLAS on GPUs).
+The dense-masked alternative (DESIGN §1.1: on GPUs a sparse GEMM loses to a tensor-core dense GEMM below roughly
+95% unstructured sparsity) needs no kernel here: ``ops/sparse_linear.py`` keeps a persistent dense weight
+(``DenseWorkspace``), rewrites only its nonzeros per call (``csr_dense_scatter_``) and runs one dense GEMM.
 
-The same launchers compute dX = G @ W when given the transposed (CSC) index of W and n_out = W's n_in.
+The same launcher computes dX = G @ W when given the transposed (CSC) index of W and n_out = W's n_in.
 Arguments are validated by the caller (``sparsekern/ops``): x (B, n_in) float32 / bfloat16 / float16,
 row_ptr int64 (n_out + 1) with row_ptr[0] == 0 and row_ptr[-1] == nnz, col_idx int32 (nnz) in [0, n_in),
 values (nnz) in x's dtype, all on one device.
@@ -19,7 +17,6 @@ values (nnz) in x's dtype, all on one device.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -111,42 +108,3 @@ def _spmm_fwd(
         BLOCK_B=block_b,
     )
     return yt.t().contiguous()
-
-
-@triton.jit
-def _scatter_dense_kernel(
-    row_ptr_ptr,  # (n_out + 1,) int64
-    col_idx_ptr,  # (nnz,) int32
-    values_ptr,  # (nnz,)
-    w_ptr,  # (n_out, n_in), zero on entry
-    n_in,
-    BLOCK_K: tl.constexpr,
-):
-    o = tl.program_id(0)
-    start = tl.load(row_ptr_ptr + o)
-    end = tl.load(row_ptr_ptr + o + 1)
-    row = w_ptr + o.to(tl.int64) * n_in
-    ks = tl.arange(0, BLOCK_K)
-    for j0 in range(start, end, BLOCK_K):
-        j = j0 + ks
-        k_mask = j < end
-        cols = tl.load(col_idx_ptr + j, mask=k_mask, other=0)
-        vals = tl.load(values_ptr + j, mask=k_mask, other=0.0)
-        tl.store(row + cols, vals, mask=k_mask)
-
-
-def _scatter_dense(
-    row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, n_out: int, n_in: int
-) -> torch.Tensor:
-    """The dense (n_out, n_in) weight of a CSR matrix, in values' dtype (zeros off the pattern)."""
-    w = torch.zeros((n_out, n_in), dtype=values.dtype, device=values.device)
-    if n_out and n_in and col_idx.numel():
-        _scatter_dense_kernel[(n_out,)](row_ptr, col_idx, values, w, n_in, BLOCK_K=128)
-    return w
-
-
-def _spmm_dense_fwd(
-    x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor, values: torch.Tensor, n_out: int
-) -> torch.Tensor:
-    """Dense-masked path: the same result as ``_spmm_fwd`` through a scattered dense weight and one GEMM."""
-    return F.linear(x, _scatter_dense(row_ptr, col_idx, values, n_out, x.shape[1]))
