@@ -18,10 +18,17 @@ class Semi24Format:
     meta_dtype: torch.dtype
     min_rows: int  # torch's CUTLASS shape constraints: minimum and multiple
     min_cols: int
+    bits: torch.dtype  # integer dtype the elements are moved as (raw bits: -0.0 and NaN survive exactly)
+    magnitude: int  # bits that make an element nonzero (in `bits`): floats ignore the sign, -0.0 is zero; -1: all
 
     @property
     def elems_per_meta(self) -> int:
         return self.codes_per_meta * self.group
+
+    @property
+    def meta_rows(self) -> int:
+        """Rows of one metadata reorder group: 32 for int16 metadata, 16 for int32."""
+        return 32 if self.meta_dtype == torch.int16 else 16
 
     @property
     def name(self) -> str:
@@ -30,10 +37,10 @@ class Semi24Format:
 
 # Shape constraints are those of torch.sparse.SparseSemiStructuredTensorCUTLASS._DTYPE_SHAPE_CONSTRAINTS.
 FORMATS: dict[torch.dtype, Semi24Format] = {
-    torch.float16: Semi24Format(4, 2, 4, torch.int16, 32, 64),
-    torch.bfloat16: Semi24Format(4, 2, 4, torch.int16, 32, 64),
-    torch.int8: Semi24Format(4, 2, 8, torch.int32, 16, 128),
-    torch.float32: Semi24Format(2, 1, 4, torch.int16, 32, 32),
+    torch.float16: Semi24Format(4, 2, 4, torch.int16, 32, 64, torch.int16, 0x7FFF),
+    torch.bfloat16: Semi24Format(4, 2, 4, torch.int16, 32, 64, torch.int16, 0x7FFF),
+    torch.int8: Semi24Format(4, 2, 8, torch.int32, 16, 128, torch.int8, -1),
+    torch.float32: Semi24Format(2, 1, 4, torch.int16, 32, 32, torch.int32, 0x7FFFFFFF),
 }
 DTYPES = tuple(FORMATS)
 

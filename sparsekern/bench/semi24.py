@@ -93,8 +93,6 @@ WEIGHTS: tuple[Weight, ...] = (
 # Small but valid for every dtype (int8 needs multiples of 16 x 128), so a smoke run takes seconds.
 QUICK_WEIGHTS: tuple[Weight, ...] = (Weight("quick", 128, 256, (16,)), Weight("quick", 256, 512, (16, 128)))
 
-_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -120,7 +118,9 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (so -0.0 vs 0.0 and NaN payloads count)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    return torch.equal(a.view(_BITS.get(a.dtype, a.dtype)), b.view(_BITS.get(b.dtype, b.dtype)))
+    fmt = _semi24.FORMATS.get(a.dtype)
+    bits = fmt.bits if fmt is not None else a.dtype
+    return torch.equal(a.view(bits), b.view(bits))
 
 
 def pruned_weight(shape: tuple[int, int], dtype: torch.dtype, device: str | torch.device = "cpu", seed: int = 0):

@@ -15,11 +15,11 @@ each run) instead of scattering over the tensor.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
+
+from .._semi24 import FORMATS, Semi24Format
 
 # Sentinel of the 1-element first-bad buffer: atomic_min of flat group indices leaves it untouched when valid.
 FIRST_BAD_NONE = torch.iinfo(torch.int64).max
@@ -29,38 +29,16 @@ FIRST_BAD_NONE = torch.iinfo(torch.int64).max
 _TILE_COLS = 128
 
 
-class Semi24Format(NamedTuple):
-    bits: torch.dtype  # integer dtype the elements are moved as (raw bits: -0.0 and NaN survive exactly)
-    meta: torch.dtype  # metadata dtype: int16 holds 4 codes, int32 holds 8
-    group: int  # elements per group: 4 (2:4), or 2 for fp32 (1:2)
-    codes: int  # 4-bit codes per metadata element
-    magnitude: int  # bits that make an element nonzero (in the bits dtype): floats ignore the sign, -0.0 is zero
-    block_m: int  # rows per tile = rows of one metadata reorder group
-
-    @property
-    def elems(self) -> int:
-        """Columns of dense covered by one metadata element."""
-        return self.group * self.codes
-
-
-_FORMATS = {
-    torch.float16: Semi24Format(torch.int16, torch.int16, 4, 4, 0x7FFF, 32),
-    torch.bfloat16: Semi24Format(torch.int16, torch.int16, 4, 4, 0x7FFF, 32),
-    torch.int8: Semi24Format(torch.int8, torch.int32, 4, 8, -1, 16),  # -1: every bit (0xff) counts
-    torch.float32: Semi24Format(torch.int32, torch.int16, 2, 4, 0x7FFFFFFF, 32),
-}
-
-
 def semi24_format(dtype: torch.dtype) -> Semi24Format:
     try:
-        return _FORMATS[dtype]
+        return FORMATS[dtype]
     except KeyError:
         raise TypeError(f"semi24: expected float16, bfloat16, int8 or float32 values, got {dtype}") from None
 
 
 def block_meta_cols(k_meta: int, fmt: Semi24Format) -> int:
     """Metadata columns per tile: the largest power of two that divides k_meta and fits ``_TILE_COLS``."""
-    cols = max(1, _TILE_COLS // fmt.elems)
+    cols = max(1, _TILE_COLS // fmt.elems_per_meta)
     while k_meta % cols:
         cols //= 2
     return cols

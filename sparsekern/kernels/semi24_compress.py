@@ -86,13 +86,13 @@ def _semi24_compress_fwd(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     fmt = semi24_format(dense.dtype)
     dense = dense.contiguous()
     m, k = dense.shape
-    k_meta = k // fmt.elems
+    k_meta = k // fmt.elems_per_meta
     packed = torch.empty((m, k // 2), dtype=fmt.bits, device=dense.device)
-    meta = torch.empty((m, k_meta), dtype=fmt.meta, device=dense.device)
+    meta = torch.empty((m, k_meta), dtype=fmt.meta_dtype, device=dense.device)
     first_bad = torch.full((1,), FIRST_BAD_NONE, dtype=torch.int64, device=dense.device)
     if m and k:
         block_c = block_meta_cols(k_meta, fmt)
-        grid = (m // fmt.block_m, k_meta // block_c)
+        grid = (m // fmt.meta_rows, k_meta // block_c)
         _semi24_compress_fwd_kernel[grid](
             dense.view(fmt.bits),
             packed,
@@ -101,9 +101,9 @@ def _semi24_compress_fwd(dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
             m,
             k,
             GROUP=fmt.group,
-            CODES=fmt.codes,
+            CODES=fmt.codes_per_meta,
             MAGNITUDE=fmt.magnitude,
-            BLOCK_M=fmt.block_m,
+            BLOCK_M=fmt.meta_rows,
             BLOCK_C=block_c,
         )
     bad = int(first_bad.item())

@@ -74,12 +74,12 @@ def _semi24_decompress_fwd(packed: torch.Tensor, meta: torch.Tensor) -> tuple[to
     packed = packed.contiguous()
     meta = meta.contiguous()
     m, k = packed.shape[0], packed.shape[1] * 2
-    k_meta = k // fmt.elems
+    k_meta = k // fmt.elems_per_meta
     dense = torch.empty((m, k), dtype=fmt.bits, device=packed.device)
     first_bad = torch.full((1,), FIRST_BAD_NONE, dtype=torch.int64, device=packed.device)
     if m and k:
         block_c = block_meta_cols(k_meta, fmt)
-        grid = (m // fmt.block_m, k_meta // block_c)
+        grid = (m // fmt.meta_rows, k_meta // block_c)
         _semi24_decompress_fwd_kernel[grid](
             packed.view(fmt.bits),
             meta,
@@ -88,8 +88,8 @@ def _semi24_decompress_fwd(packed: torch.Tensor, meta: torch.Tensor) -> tuple[to
             m,
             k,
             GROUP=fmt.group,
-            CODES=fmt.codes,
-            BLOCK_M=fmt.block_m,
+            CODES=fmt.codes_per_meta,
+            BLOCK_M=fmt.meta_rows,
             BLOCK_C=block_c,
         )
     bad = int(first_bad.item())
