@@ -5,6 +5,7 @@ Importing sparsekern never initialises CUDA. Triton kernels are defined on first
 """
 
 from . import _extension, nn  # noqa: F401  (_extension loads the compiled kernels)
+from ._csr import CSRIndex
 from .ops import (
     BACKENDS,
     BackendUnavailableError,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "CSRIndex",
     "IMP",
     "RigL",
     "SET",

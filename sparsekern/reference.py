@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import _semi24
+from ._csr import as_bits, csr_flat, csr_rows
 
 # ----------------------------------------------------------------------------------------------------------
 # 2:4 compression (CUTLASS layout). Written from the format description, independently of torch's own
@@ -97,26 +98,6 @@ def semi24_decompress_reference(packed: torch.Tensor, meta: torch.Tensor) -> tor
 
 # ----------------------------------------------------------------------------------------------------------
 # Masked sparse matmul. W is (n_out, n_in) in CSR: row_ptr int64 (n_out + 1), col_idx int32, values.
-
-
-def csr_rows(row_ptr: torch.Tensor, nnz: int | None = None) -> torch.Tensor:
-    """The row of every nonzero of a CSR matrix, as int64 (nnz). Given ``nnz``, without a device sync."""
-    counts = row_ptr[1:] - row_ptr[:-1]
-    return torch.repeat_interleave(torch.arange(counts.numel(), device=row_ptr.device), counts, output_size=nnz)
-
-
-_SAME_SIZE_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def as_bits(t: torch.Tensor) -> torch.Tensor:
-    """t viewed as integers of its element size: copies through it are bit-exact, and torch's scatter_ is 4x
-    slower on bf16/fp16 than on int16."""
-    return t.view(_SAME_SIZE_INT[t.element_size()])
-
-
-def csr_flat(row_ptr: torch.Tensor, col_idx: torch.Tensor, n_cols: int) -> torch.Tensor:
-    """row * n_cols + col of every nonzero of a CSR matrix, int64 (nnz), without a device sync."""
-    return csr_rows(row_ptr, col_idx.numel()) * n_cols + col_idx.long()
 
 
 def csr_dense_scatter_reference(dense: torch.Tensor, values: torch.Tensor, row_ptr, col_idx, shadow=None) -> None:

@@ -10,6 +10,7 @@ import functools
 import importlib
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import backend_params, device_for, isa_params, run_python
@@ -158,7 +159,8 @@ def test_scores_are_the_documented_sum(backend):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_exclusion_forms_agree(backend):
-    """A bool mask, a sparse CSR tensor and a CSRIndex (also with unsorted columns) exclude the same positions."""
+    """A bool mask, a sparse CSR tensor and a CSRIndex exclude the same positions; a CSR pattern with unsorted
+    columns is refused (it is not a valid CSR: torch's own invariants say so too)."""
     device = device_for(backend)
     x, g = _inputs(9, 23, 41, torch.float32, "ties", device)
     mask = torch.rand(23, 41, device=device) < 0.4
@@ -168,9 +170,17 @@ def test_exclusion_forms_agree(backend):
     shuffled = index.col_idx.clone()
     for r in range(23):  # reverse the columns of every row
         shuffled[row_ptr[r] : row_ptr[r + 1]] = shuffled[row_ptr[r] : row_ptr[r + 1]].flip(0)
-    forms = [mask, mask.to_sparse_csr(), index, CSRIndex.from_csr(row_ptr, shuffled, 41)]
-    for form in forms:
+    for form in [mask, mask.to_sparse_csr(), index]:
         _assert_exact(sparsekern.outer_topk(x, g, 200, exclude=form, backend=backend), expected)
+    unsorted = [
+        CSRIndex(row_ptr, shuffled, *index[2:]),
+        torch.sparse_csr_tensor(
+            row_ptr, shuffled.long(), torch.ones(shuffled.numel(), device=device), (23, 41), check_invariants=False
+        ),
+    ]
+    for form in unsorted:
+        with pytest.raises(ValueError, match="exclude's col_idx must be ascending and unique within each row"):
+            sparsekern.outer_topk(x, g, 200, exclude=form, backend=backend)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -303,6 +313,18 @@ def test_overflow_to_nan_raises(backend):
         sparsekern.outer_topk(x.cpu(), g.cpu(), 1, precision="exact", backend="reference")
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+def test_integer_like_k(backend):
+    """k may be any integer (operator.index): numpy's, a 0-d integer tensor; the result is the one of an int."""
+    device = device_for(backend)
+    x, g = _inputs(5, 6, 7, torch.float32, "randn", device)
+    expected = sparsekern.outer_topk(x, g, 3, backend=backend)
+    for k in (np.int64(3), np.int32(3), torch.tensor(3)):
+        index, score = sparsekern.outer_topk(x, g, k, backend=backend)
+        assert index.shape == (3,)
+        assert torch.equal(index, expected[0]) and torch.equal(score, expected[1])
+
+
 def test_auto_float64_and_reference():
     x, g = _inputs(5, 6, 7, torch.float64, "randn")
     index, score = sparsekern.outer_topk(x, g, 10)  # float64: the reference, summed in float64
@@ -329,6 +351,8 @@ def test_errors():
         f(x, g[:3], 1)
     with pytest.raises(TypeError, match="k must be an int, got float"):
         f(x, g, 1.0)
+    with pytest.raises(TypeError, match="k must be an int, got float64"):
+        f(x, g, np.float64(1.0))
     with pytest.raises(TypeError, match="k must be an int, got bool"):
         f(x, g, True)
     with pytest.raises(ValueError, match="k must be >= 0, got -1"):

@@ -5,7 +5,7 @@
 // 1.2M bf16 values (a copy of them takes 0.03 ms), which at 50% density and B=256 was a quarter of a bf16 GEMM;
 // this takes 0.26 ms. Here each worker walks whole rows with their int32 columns; the elements are moved as
 // same-size integers, so one copy serves every dtype bit for bit.
-// Indices are not scanned: CSRIndex built and checked them (only row_ptr's ends are read).
+// The index is scanned first (batch_tiles::check_csr), so every write lands inside dense whatever the caller passes.
 //
 // One path for every ISA, on purpose: AVX2 has no scatter instruction, and its gather (vpgatherdd, 8 columns per
 // instruction) measured 2x slower than this scalar loop on the Zen 4 machine (fp32 3072x768 at 50% density, one
@@ -65,7 +65,7 @@ void csr_dense_scatter_cpu(at::Tensor dense, const at::Tensor& values, const at:
   (void)cpu_isa();  // a refused SPARSEKERN_CPU_ISA raises in every CPU op
   check_dense(op, dense);
   const int64_t n_rows = dense.size(0), n_cols = dense.size(1);
-  const int64_t nnz = batch_tiles::check_csr(op, row_ptr, col_idx, n_rows);
+  const int64_t nnz = batch_tiles::check_csr(op, row_ptr, col_idx, n_rows, n_cols);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"values", &values},
                                 {"shadow", shadow ? &*shadow : nullptr}}) {
     if (t == nullptr) continue;
@@ -103,7 +103,7 @@ at::Tensor csr_dense_gather_cpu(const at::Tensor& dense, const at::Tensor& row_p
   (void)cpu_isa();
   check_dense(op, dense);
   const int64_t n_rows = dense.size(0), n_cols = dense.size(1);
-  const int64_t nnz = batch_tiles::check_csr(op, row_ptr, col_idx, n_rows);
+  const int64_t nnz = batch_tiles::check_csr(op, row_ptr, col_idx, n_rows, n_cols);
   at::Tensor values = empty_cpu_output({nnz}, dense.options());
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* ci = col_idx.data_ptr<int32_t>();

@@ -461,6 +461,8 @@ void select_top(const Problem& p, int64_t k, int64_t n_candidates, int64_t* inde
         best = t;
       }
     }
+    // The exclusion was checked strictly ascending per row, so n_candidates is exact and k keys were kept.
+    TORCH_INTERNAL_ASSERT(best < collectors.size(), "outer_topk: fewer candidates kept than k");
     const uint64_t rank = collectors[best].ranks[head[best]++];
     index[j] = ot::rank_index(rank);
     const uint32_t key = ot::rank_key(rank);
@@ -496,7 +498,7 @@ std::tuple<at::Tensor, at::Tensor> outer_topk_cpu(const at::Tensor& x, const at:
   batch_tiles::check_activation(fn, "g", g);
   ot::check_sizes(fn, x, g);
   const int64_t batch = x.size(0), n_in = x.size(1), n_out = g.size(1);
-  const int64_t nnz = batch_tiles::check_csr(fn, row_ptr, col_idx, n_out);
+  const int64_t nnz = batch_tiles::check_csr(fn, row_ptr, col_idx, n_out, n_in);
   const int64_t n_candidates = n_out * n_in - nnz;
   ot::check_k(fn, k, n_candidates);
   at::Tensor index = at::empty({k}, x.options().dtype(at::kLong));

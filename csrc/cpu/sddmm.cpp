@@ -247,7 +247,7 @@ at::Tensor sddmm_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor&
   TORCH_CHECK_VALUE(g.size(0) == x.size(0), "sddmm: g and x must have the same batch size, got ", g.sizes(), " and ",
                     x.sizes());
   const int64_t batch = x.size(0), n_in = x.size(1), n_out = g.size(1);
-  const int64_t nnz = batch_tiles::check_csr("sddmm", row_ptr, col_idx, n_out);
+  const int64_t nnz = batch_tiles::check_csr("sddmm", row_ptr, col_idx, n_out, x.size(1));
   if (nnz == 0 || batch == 0) return at::zeros({nnz}, x.options());
 
   SddmmArgs a{g.data_ptr(), x.data_ptr(), row_ptr.data_ptr<int64_t>(), col_idx.data_ptr<int32_t>(), batch, n_in,

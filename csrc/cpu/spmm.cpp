@@ -279,7 +279,7 @@ at::Tensor spmm_cpu(const at::Tensor& x, const at::Tensor& row_ptr, const at::Te
                     const at::Tensor& values, int64_t n_out) {
   batch_tiles::check_activation("spmm", "x", x);
   TORCH_CHECK_VALUE(n_out >= 0, "spmm: n_out must be >= 0, got ", n_out);
-  const int64_t nnz = batch_tiles::check_csr("spmm", row_ptr, col_idx, n_out);
+  const int64_t nnz = batch_tiles::check_csr("spmm", row_ptr, col_idx, n_out, x.size(1));
   TORCH_CHECK_VALUE(values.device().is_cpu(), "spmm: values must be a CPU tensor, got ", values.device());
   TORCH_CHECK_TYPE(values.scalar_type() == x.scalar_type(), "spmm: values must have x's dtype ", x.scalar_type(),
                    ", got ", values.scalar_type());

@@ -9,7 +9,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._csr import CSRIndex, csr_from_flat, merge_sorted, random_flat, sorted_contains
+from .._csr import (
+    CSRIndex,
+    _mark_checked,
+    check_csr,
+    csr_from_flat,
+    is_checked,
+    merge_sorted,
+    random_flat,
+    sorted_contains,
+)
 from .._validate import check_tensor
 from ..ops.semi24_mask import check_finite_weight
 from ..ops.sparse_linear import DenseWorkspace, sparse_linear
@@ -153,6 +162,19 @@ class SparseLinear(nn.Module):
         self.register_buffer("csc_perm", index.csc_perm, persistent=False)
         self._workspace = DenseWorkspace()  # the dense path's weight, valid for this topology only
 
+    def _checked_index(self) -> CSRIndex:
+        """The index for a forward. The index buffers are public tensors: when one of them was modified in place or
+        replaced since it was last checked (version counters, compared in O(1)), the CSR is validated in O(nnz)
+        (ValueError naming the fault) and the CSC and the dense workspace are rebuilt from it, so an edited
+        topology is followed or refused, never read out of bounds. Writes that bypass the version counter
+        (``.data``) are not seen here; the C++ kernels' own scan still refuses an invalid index."""
+        index = self.index
+        if torch.compiler.is_compiling() or is_checked(index):
+            return index
+        check_csr("SparseLinear", self.row_ptr, self.col_idx, self.out_features, self.in_features)
+        self._set_index(CSRIndex._build(self.row_ptr, self.col_idx, self.in_features))
+        return self.index
+
     @property
     def index(self) -> CSRIndex:
         return CSRIndex(
@@ -266,7 +288,8 @@ class SparseLinear(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return sparse_linear(x, self.values, self.index, self.bias, workspace=self._workspace)
+        index = self._checked_index()  # first: it may renew the workspace
+        return sparse_linear(x, self.values, index, self.bias, workspace=self._workspace)
 
     def extra_repr(self) -> str:
         return (
@@ -336,17 +359,46 @@ class SparseLinear(nn.Module):
         self.values.grad = new_grad
 
     # -- state_dict: the topology may differ from this layer's current one ----------------------------------
+    def _index_to_load(self, state_dict, prefix) -> CSRIndex | None:
+        """Checks everything this layer loads from ``state_dict`` before any of it is installed, so a failed load
+        leaves the layer as it was: the CSR (valid for this layer's shape: no repeated or unsorted columns in a
+        row), values (one per nonzero) and bias (out_features). Returns the new index on this layer's device (from
+        copies of the loaded tensors), None when ``state_dict`` holds no topology."""
+        fn = "SparseLinear.load_state_dict"
+        name = prefix.rstrip(".")
+        what = f"{name}'s " if name else ""
+        row_ptr, col_idx = state_dict.get(prefix + "row_ptr"), state_dict.get(prefix + "col_idx")
+        if (row_ptr is None) != (col_idx is None):
+            absent = "col_idx" if col_idx is None else "row_ptr"
+            raise ValueError(f"{fn}: {what}row_ptr and col_idx must be loaded together, got no {absent}")
+        index, nnz = None, self.nnz
+        if row_ptr is not None:
+            check_csr(fn, row_ptr, col_idx, self.out_features, self.in_features, name=name)
+            device = self.row_ptr.device
+            index = CSRIndex._build(row_ptr.to(device, copy=True), col_idx.to(device, copy=True), self.in_features)
+            nnz = index.nnz
+        values = state_dict.get(prefix + "values")
+        if values is not None:
+            check_tensor(fn, f"{what}values", values, ndim=1)
+            if values.numel() != nnz:
+                raise ValueError(f"{fn}: {what}values must have one entry per nonzero ({nnz}), got {values.numel()}")
+        elif nnz != self.nnz:
+            raise ValueError(
+                f"{fn}: {what}values is missing, but the loaded topology has {nnz} nonzeros where the layer has "
+                f"{self.nnz}"
+            )
+        bias = state_dict.get(prefix + "bias")
+        if bias is not None and self.bias is not None:
+            check_tensor(fn, f"{what}bias", bias, ndim=1)
+            if bias.numel() != self.out_features:
+                raise ValueError(f"{fn}: {what}bias must have {self.out_features} entries, got {bias.numel()}")
+        return index
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        row_ptr, col_idx = state_dict.get(prefix + "row_ptr"), state_dict.get(prefix + "col_idx")
-        if row_ptr is not None and col_idx is not None:
-            from .._csr import check_csr
-
-            check_csr("SparseLinear.load_state_dict", row_ptr, col_idx, self.out_features, self.in_features)
-            index = CSRIndex.from_csr(
-                row_ptr.to(self.row_ptr.device), col_idx.to(self.col_idx.device), self.in_features
-            )
+        index = self._index_to_load(state_dict, prefix)
+        if index is not None:
             self._set_index(index)
             values = state_dict.get(prefix + "values")
             if values is not None and values.shape != self.values.shape:
@@ -354,3 +406,5 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if index is not None:  # the buffers now hold the checked index (copy_ bumped their versions)
+            _mark_checked(self.index, full=True)

@@ -87,3 +87,14 @@ def resolve(op: str, device: torch.device, backend: str) -> str:
     why = "; ".join(reasons) if reasons else f"no compiled kernel for {device.type} tensors"
     warn_once(f"sparsekern.{op}: using the plain-PyTorch reference ({why})")
     return "reference"
+
+
+def resolve_tensor(fn: str, x: torch.Tensor, backend: str) -> str:
+    """The backend that runs ``fn`` on ``x`` (its device and dtype): float64 has no kernel, so it always runs the
+    reference (asking for a kernel raises)."""
+    if x.dtype == torch.float64:
+        if backend not in ("auto", "reference"):
+            resolve(fn, x.device, backend)  # still reports an unknown or unavailable backend first
+            raise BackendUnavailableError(f"{fn}: backend={backend!r} has no float64 kernel; use 'reference'")
+        return "reference"
+    return resolve(fn, x.device, backend)

@@ -44,7 +44,8 @@ def csr_dense_scatter_(dense, values, row_ptr, col_idx, shadow=None) -> None:
     still holds at the nonzeros). The kernel then writes only the rows whose values differ from it bit-wise;
     either way ``shadow`` ends equal to ``values``.
 
-    Internal: no argument checks, the caller holds a checked ``CSRIndex``. ``dense`` is a contiguous
+    Internal: no argument checks, the caller holds a checked ``CSRIndex`` (the C++ kernel scans the index again
+    and refuses one that would write outside ``dense``; torch's scatter_ checks its bounds). ``dense`` is a contiguous
     (n_rows, n_cols) tensor in ``values``' dtype, ``row_ptr`` int64 (n_rows + 1) and ``col_idx`` int32 (nnz) the
     CSR index, on ``dense``'s device.
     """

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 
-from .._csr import VALUE_DTYPES, CSRIndex, csr_from_flat, csr_from_mask
+from .._csr import VALUE_DTYPES, CSRIndex, check_csr, check_index, csr_from_mask
 from .._validate import check_tensor
-from ..reference import csr_flat, outer_topk_reference
-from .spmm import resolve
+from ..reference import outer_topk_reference
+from ._backend import resolve_tensor
 
 # Flat indices are packed next to the 31-bit score key in one 64-bit sort key by every kernel (outer_topk.h).
 MAX_POSITIONS = 1 << 33
@@ -45,8 +46,9 @@ def _triton_op():
 
 
 def run(backend: str, x, g, k: int, row_ptr, col_idx, fast: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """outer_topk on a resolved backend, without argument checks (the exclusion is canonical: see
-    :func:`exclusion_csr`). ``fast``: precision="fast" (False: "exact")."""
+    """outer_topk on a resolved backend, without argument checks (the exclusion is valid: see
+    :func:`exclusion_csr`; the Triton and CUDA kernels trust it, the C++ one scans it again). ``fast``:
+    precision="fast" (False: "exact")."""
     if backend == "reference":
         return outer_topk_reference(x, g, k, row_ptr, col_idx, fast=fast)
     if backend == "triton":
@@ -54,29 +56,12 @@ def run(backend: str, x, g, k: int, row_ptr, col_idx, fast: bool = False) -> tup
     return torch.ops.sparsekern.outer_topk(x, g, k, row_ptr, col_idx, fast)
 
 
-def _canonical(fn: str, row_ptr: torch.Tensor, cols: torch.Tensor, n_out: int, n_in: int) -> tuple[torch.Tensor, ...]:
-    """CSR (row_ptr int64, col_idx int32) with columns ascending and unique within each row. An index that is
-    so already (every CSR sparsekern builds) is returned as it is, checked in O(nnz) bytes; others are sorted."""
-    row_ptr, cols = row_ptr.to(torch.int64).contiguous(), cols.to(torch.int32).contiguous()
-    nnz = cols.numel()
-    lowest, highest = (int(v) for v in torch.aminmax(cols)) if nnz else (0, 0)  # one pass
-    if nnz and (lowest < 0 or highest >= n_in):
-        raise ValueError(f"{fn}: exclude's column indices must lie in [0, {n_in}), got [{lowest}, {highest}]")
-    if nnz < 2:
-        return row_ptr, cols
-    increasing = cols[1:] > cols[:-1]
-    starts = row_ptr[1:-1]
-    increasing[starts[(starts > 0) & (starts < nnz)] - 1] = True  # a row may start anywhere
-    if bool(increasing.all()):
-        return row_ptr, cols
-    flat = torch.unique(csr_flat(row_ptr, cols, n_in))  # sorted, without duplicates
-    return csr_from_flat(flat, n_out, n_in)
-
-
 def exclusion_csr(fn: str, exclude, n_out: int, n_in: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The excluded pattern as a canonical CSR (row_ptr int64 (n_out + 1), col_idx int32, columns ascending and
-    unique within each row), from None, a bool (n_out, n_in) mask, a sparse CSR tensor or a
-    :class:`sparsekern._csr.CSRIndex`. Never builds anything (n_out, n_in)-sized."""
+    """The excluded pattern as a valid CSR (row_ptr int64 (n_out + 1), col_idx int32, columns ascending and unique
+    within each row), from None, a bool (n_out, n_in) mask, a sparse CSR tensor or a
+    :class:`sparsekern.CSRIndex`. A sparse CSR tensor is validated in O(nnz) (torch does not check its invariants
+    by default), a CSRIndex unless it was checked before and is unchanged. Never builds anything (n_out, n_in)-sized.
+    """
     shape = (n_out, n_in)
     if exclude is None:
         empty = torch.zeros(0, dtype=torch.int32, device=device)
@@ -87,12 +72,10 @@ def exclusion_csr(fn: str, exclude, n_out: int, n_in: int, device: torch.device)
                 f"{fn}: exclude must be (n_out, n_in) = {shape} (g's columns, x's columns), "
                 f"got a CSRIndex of {(exclude.n_out, exclude.n_in)}"
             )
-        row_ptr, cols = exclude.row_ptr, exclude.col_idx
-        if row_ptr.device != device or cols.device != device:
-            raise ValueError(f"{fn}: exclude must be on x's device {device}, got {row_ptr.device}")
-        if row_ptr.numel() != n_out + 1 or int(row_ptr[0]) != 0 or int(row_ptr[-1]) != cols.numel():
-            raise ValueError(f"{fn}: exclude's row_ptr must run from 0 to nnz={cols.numel()} over {n_out + 1} entries")
-        return _canonical(fn, row_ptr, cols, n_out, n_in)
+        check_index(fn, exclude, name="exclude", full=False)
+        if exclude.row_ptr.device != device:
+            raise ValueError(f"{fn}: exclude must be on x's device {device}, got {exclude.row_ptr.device}")
+        return exclude.row_ptr, exclude.col_idx
     if not isinstance(exclude, torch.Tensor):
         raise TypeError(
             f"{fn}: exclude must be None, a bool tensor, a sparse CSR tensor or a sparsekern CSRIndex, "
@@ -106,12 +89,14 @@ def exclusion_csr(fn: str, exclude, n_out: int, n_in: int, device: torch.device)
             f"got {tuple(exclude.shape)}"
         )
     if exclude.layout == torch.sparse_csr:
-        return _canonical(fn, exclude.crow_indices(), exclude.col_indices(), n_out, n_in)
+        row_ptr, col_idx = exclude.crow_indices().contiguous(), exclude.col_indices().contiguous()
+        check_csr(fn, row_ptr, col_idx, n_out, n_in, name="exclude", any_int=True)  # before narrowing to int32
+        return row_ptr.to(torch.int64), col_idx.to(torch.int32)
     if exclude.layout != torch.strided:
         raise TypeError(f"{fn}: exclude must be a dense bool mask or a sparse CSR tensor, got layout {exclude.layout}")
     if exclude.dtype != torch.bool:
         raise TypeError(f"{fn}: exclude must be a bool mask (True: excluded), got dtype {exclude.dtype}")
-    return csr_from_mask(exclude)  # row-major order: canonical
+    return csr_from_mask(exclude)  # row-major order: valid
 
 
 def _all_gather_batch(fn: str, group, x, g, k, failure: Exception | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,10 +189,13 @@ def outer_topk(
     Args:
         x: (B, n_in) float32, bfloat16, float16 (or float64): the layer's inputs.
         g: (B, n_out), same dtype: the gradients of the layer's outputs.
-        k: how many positions to return, 0 <= k <= n_out * n_in - (excluded positions).
+        k: how many positions to return, 0 <= k <= n_out * n_in - (excluded positions); any integer
+            (``operator.index``: a numpy integer, a 0-d integer tensor).
         exclude: positions that may not be returned (RigL: the active connections): None, a bool
             (n_out, n_in) mask (True = excluded), a sparse CSR tensor (its pattern is excluded, whatever its
-            values) or a :class:`sparsekern._csr.CSRIndex` (a ``SparseLinear``'s index).
+            values) or a :class:`sparsekern.CSRIndex` (a ``SparseLinear``'s index). A CSR pattern must be
+            valid: crow_indices / row_ptr nondecreasing from 0 to nnz, columns in [0, n_in), ascending and unique
+            within each row (torch's own CSR invariants; checked in O(nnz), a ValueError names the fault).
         precision: "fast" (default) or "exact", as described above.
         backend: "auto" (C++ on CPU tensors, Triton on CUDA tensors), "cpu", "triton", "cuda" or "reference".
         group: a ``torch.distributed`` process group: x and g of every rank are all-gathered (batch sizes may
@@ -222,8 +210,9 @@ def outer_topk(
         score: float32 (k): their scores.
 
     Raises:
-        TypeError: x, g or exclude is of an unsupported type or dtype.
-        ValueError: shapes, batch sizes, devices or dtypes disagree; k is not an int in [0, candidates];
+        TypeError: x, g or exclude is of an unsupported type or dtype; k is not an integer.
+        ValueError: shapes, batch sizes, devices or dtypes disagree; k is not in [0, candidates]; exclude is
+            not a valid CSR pattern;
             precision is not "fast" or "exact";
             x or g holds inf or NaN; the score of a position not excluded overflows to NaN (inf - inf);
             n_out * n_in exceeds 2**33 (kernels pack the flat index into 33 bits).
@@ -237,7 +226,7 @@ def outer_topk(
     """
     fn = "outer_topk"
     try:
-        backend, row_ptr, col_idx = _checked(fn, x, g, k, exclude, backend)
+        backend, k, row_ptr, col_idx = _checked(fn, x, g, k, exclude, backend)
         check_precision(fn, precision)
     except Exception as exc:
         if group is None:
@@ -254,8 +243,8 @@ def outer_topk(
     return run(backend, x.contiguous(), g.contiguous(), k, row_ptr, col_idx, fast=precision == "fast")
 
 
-def _checked(fn: str, x, g, k, exclude, backend) -> tuple[str, torch.Tensor, torch.Tensor]:
-    """outer_topk's checks of this rank's arguments; returns the backend and the exclusion's CSR."""
+def _checked(fn: str, x, g, k, exclude, backend) -> tuple[str, int, torch.Tensor, torch.Tensor]:
+    """outer_topk's checks of this rank's arguments; returns the backend, k as an int and the exclusion's CSR."""
     check_tensor(fn, "x", x, dtypes=VALUE_DTYPES, ndim=2)
     check_tensor(fn, "g", g, dtypes=VALUE_DTYPES, ndim=2)
     if g.dtype != x.dtype:
@@ -266,14 +255,18 @@ def _checked(fn: str, x, g, k, exclude, backend) -> tuple[str, torch.Tensor, tor
         raise ValueError(
             f"{fn}: x (B, n_in) and g (B, n_out) must have the same batch size B, got {x.shape[0]} and {g.shape[0]}"
         )
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"{fn}: k must be an int, got {type(k).__name__}")
+    if isinstance(k, bool):
+        raise TypeError(f"{fn}: k must be an int, got bool")
+    try:
+        k = operator.index(k)  # any integer: numpy's, a 0-d integer tensor
+    except TypeError:
+        raise TypeError(f"{fn}: k must be an int, got {type(k).__name__}") from None
     if k < 0:
         raise ValueError(f"{fn}: k must be >= 0, got {k}")
     n_out, n_in = g.shape[1], x.shape[1]
     if n_out * n_in > MAX_POSITIONS:
         raise ValueError(f"{fn}: n_out * n_in must be at most 2**33, got {n_out} * {n_in} = {n_out * n_in}")
-    backend = resolve(fn, x, backend)
+    backend = resolve_tensor(fn, x, backend)
     row_ptr, col_idx = exclusion_csr(fn, exclude, n_out, n_in, x.device)
     candidates = n_out * n_in - col_idx.numel()
     if k > candidates:
@@ -281,4 +274,4 @@ def _checked(fn: str, x, g, k, exclude, backend) -> tuple[str, torch.Tensor, tor
             f"{fn}: k must be at most the number of candidates n_out * n_in - excluded = {n_out} * {n_in} - "
             f"{col_idx.numel()} = {candidates}, got {k}"
         )
-    return backend, row_ptr, col_idx
+    return backend, k, row_ptr, col_idx

@@ -9,7 +9,7 @@ import torch
 from .._csr import VALUE_DTYPES, check_csr
 from .._validate import check_same_device, check_tensor
 from ..reference import sddmm_reference
-from .spmm import resolve
+from ._backend import resolve_tensor
 
 
 @torch.library.register_fake("sparsekern::sddmm")
@@ -30,7 +30,8 @@ def _triton_op():
 
 
 def run(backend: str, g, x, row_ptr, col_idx) -> torch.Tensor:
-    """sddmm on a resolved backend, without argument checks."""
+    """sddmm on a resolved backend, without argument checks (see :func:`sparsekern.ops.spmm.run`: the index was
+    validated by every caller; the Triton and CUDA kernels trust it, the C++ one scans it again)."""
     if backend == "reference":
         return sddmm_reference(g, x, row_ptr, col_idx)
     if backend == "triton":
@@ -62,4 +63,4 @@ def sddmm(
         raise ValueError(f"{fn}: g and x must have the same batch size, got {g.shape[0]} and {x.shape[0]}")
     check_csr(fn, row_ptr, col_idx, g.shape[1], x.shape[1])
     check_same_device(fn, g=g, x=x, row_ptr=row_ptr, col_idx=col_idx)
-    return run(resolve(fn, x, backend), g, x, row_ptr, col_idx)
+    return run(resolve_tensor(fn, x, backend), g, x, row_ptr, col_idx)

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._csr import VALUE_DTYPES, CSRIndex
+from .._csr import VALUE_DTYPES, CSRIndex, check_index
 from .._validate import check_same_device, check_tensor
 from . import sddmm as _sddmm
 from . import spmm as _spmm
-from ._backend import warn_once
+from ._backend import resolve_tensor, warn_once
 from .csr_dense import csr_dense_gather, csr_dense_scatter_
 
 PATHS = ("auto", "sparse", "dense")
@@ -355,7 +355,8 @@ def sparse_linear(
     Args:
         x: (..., n_in) float32, bfloat16 or float16 (float64 runs the reference); any leading shape.
         values: (nnz) in x's dtype, in CSR order.
-        index: the weight's index (``CSRIndex.from_mask(mask)``).
+        index: the weight's index (``CSRIndex.from_mask(mask)``), a :class:`sparsekern.CSRIndex`. Validated in
+            O(nnz) on first use and again only after one of its tensors changed (version counters).
         bias: optional (n_out) in x's dtype.
         backend: kernel family, "auto", "cpu", "triton", "cuda" or "reference".
         path: "auto" (the sparse kernels up to the density where they stop beating a dense GEMM on this device,
@@ -375,6 +376,8 @@ def sparse_linear(
         x, values, bias = (_autocast(t, dtype) for t in (x, values, bias))
         with torch.autocast(device_type, enabled=False):
             return sparse_linear(x, values, index, bias, backend=backend, path=path, workspace=workspace)
+    if not torch.compiler.is_compiling():  # traced calls: the C++ kernels still scan the index at run time
+        check_index(fn, index)  # O(1) for an index built by CSRIndex and unchanged since; else O(nnz), recorded
     check_tensor(fn, "x", x, dtypes=VALUE_DTYPES)
     if x.dim() < 1 or x.shape[-1] != index.n_in:
         raise ValueError(f"{fn}: x must have shape (..., {index.n_in}), got {tuple(x.shape)}")
@@ -388,7 +391,7 @@ def sparse_linear(
         check_same_device(fn, x=x, values=values, bias=bias, index=index.row_ptr)
     else:
         check_same_device(fn, x=x, values=values, index=index.row_ptr)
-    chosen = _spmm.resolve(fn, x, backend)
+    chosen = resolve_tensor(fn, x, backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, index.n_in).contiguous()
     training = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)

@@ -32,22 +32,14 @@ def _triton_op():
 
 
 def run(backend: str, x, row_ptr, col_idx, values, n_out: int) -> torch.Tensor:
-    """spmm on a resolved backend, without argument checks (callers have checked)."""
+    """spmm on a resolved backend, without argument checks (callers have checked). The Triton and CUDA kernels
+    trust the index (reading it would cost a device sync): every caller validated it first (``check_csr`` or
+    ``check_index``); the C++ kernel scans it again."""
     if backend == "reference":
         return spmm_reference(x, row_ptr, col_idx, values, n_out)
     if backend == "triton":
         return _triton_op()(x, row_ptr, col_idx, values, n_out)
     return torch.ops.sparsekern.spmm(x, row_ptr, col_idx, values, n_out)
-
-
-def resolve(fn: str, x: torch.Tensor, backend: str) -> str:
-    """The backend for x: float64 has no kernel, so it always runs the reference (asking for a kernel raises)."""
-    if x.dtype == torch.float64:
-        if backend not in ("auto", "reference"):
-            _backend.resolve(fn, x.device, backend)  # still reports an unknown or unavailable backend first
-            raise _backend.BackendUnavailableError(f"{fn}: backend={backend!r} has no float64 kernel; use 'reference'")
-        return "reference"
-    return _backend.resolve(fn, x.device, backend)
 
 
 def spmm(
@@ -64,7 +56,8 @@ def spmm(
     Args:
         x: (B, n_in) contiguous float32, bfloat16 or float16 (float64 runs the reference).
         row_ptr: int64 (n_out + 1), from 0 to nnz, nondecreasing.
-        col_idx: int32 (nnz), column of each nonzero, in [0, n_in).
+        col_idx: int32 (nnz), column of each nonzero, in [0, n_in), ascending and unique within each row
+            (the whole index is validated in O(nnz) on every call; ValueError names the fault).
         values: (nnz) values in x's dtype.
         n_out: rows of W.
         backend: "auto", "cpu", "triton", "cuda" or "reference".
@@ -95,4 +88,4 @@ def spmm(
             f"{fn}: values ({values.numel()}) and col_idx ({col_idx.numel()}) must have one entry per nonzero"
         )
     check_same_device(fn, x=x, row_ptr=row_ptr, col_idx=col_idx, values=values)
-    return run(resolve(fn, x, backend), x, row_ptr, col_idx, values, n_out)
+    return run(_backend.resolve_tensor(fn, x, backend), x, row_ptr, col_idx, values, n_out)

@@ -23,6 +23,7 @@
 #include <unistd.h>
 
 #include "sparsekern/cpu_features.h"
+#include "sparsekern/csr.h"
 
 #if defined(SPARSEKERN_X86)
 #define SPARSEKERN_BATCH_TILES_AVX512 1
@@ -99,8 +100,10 @@ V by_dtype(V f32, V bf16, V f16) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
-// Argument checks shared by spmm and sddmm. Index values are not scanned: the Python layer builds them (and checks
-// user-given ones), so only the O(1) invariants row_ptr[0] == 0 and row_ptr[n_rows] == nnz are read here.
+// Argument checks shared by the CPU entry points (spmm, sddmm, outer_topk, csr_dense_*). The Python layer checks
+// every index the user gives once, but the ops are public through torch.ops too and tensors can be edited behind
+// the Python checks' back, so the CSR is scanned here as well: an O(n_rows + nnz) integer pass (vectorised, split
+// across threads) next to kernels that read every nonzero at least once per batch tile.
 
 inline void check_activation(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
@@ -110,8 +113,11 @@ inline void check_activation(const char* op, const char* name, const at::Tensor&
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
-// row_ptr int64 (n_rows + 1) and col_idx int32 (nnz), both contiguous CPU vectors; returns nnz.
-inline int64_t check_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_rows) {
+// row_ptr int64 (n_rows + 1) and col_idx int32 (nnz), both contiguous CPU vectors forming a valid CSR index of an
+// (n_rows, n_cols) matrix: row_ptr nondecreasing from 0 to nnz, every row's columns strictly ascending in
+// [0, n_cols). Returns nnz.
+inline int64_t check_csr(const char* op, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_rows,
+                         int64_t n_cols) {
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"row_ptr", row_ptr}, {"col_idx", col_idx}}) {
     TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
     TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got ", t.dim(), "-D");
@@ -125,6 +131,29 @@ inline int64_t check_csr(const char* op, const at::Tensor& row_ptr, const at::Te
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   TORCH_CHECK_VALUE(rp[0] == 0 && rp[n_rows] == nnz, op, ": row_ptr must run from 0 to nnz=", nnz, ", got ", rp[0],
                     "..", rp[n_rows]);
+  // Nondecreasing from 0 to nnz puts every row inside col_idx, so the column pass below reads only within it.
+  const int64_t down = csr::first_decrease(rp, n_rows);
+  TORCH_CHECK_VALUE(down < 0, op, ": row_ptr must be nondecreasing, got row_ptr[", down + 1, "]=", rp[down + 1],
+                    " < row_ptr[", down, "]=", rp[down]);
+  const int32_t* ci = col_idx.data_ptr<int32_t>();
+  // Branch-free reductions over the flat columns (vectorised), in parallel above kGrainNnz nonzeros per thread;
+  // the row starts are counted apart (csr::columns_valid). Only a refused index is walked row by row (the message).
+  constexpr int64_t kGrainNnz = 1 << 17;
+  const csr::ColumnStats stats = at::parallel_reduce(
+      0, nnz, kGrainNnz, csr::ColumnStats{INT32_MAX, INT32_MIN, 0},
+      [&](int64_t j0, int64_t j1, csr::ColumnStats) { return csr::column_stats(ci, j0, j1); },
+      [](csr::ColumnStats a, csr::ColumnStats b) {
+        return csr::ColumnStats{std::min(a.lo, b.lo), std::max(a.hi, b.hi), a.descents + b.descents};
+      });
+  if (!csr::columns_valid(stats, csr::row_start_descents(rp, ci, 0, n_rows), nnz, n_cols)) {
+    int64_t bad = 0;  // some row is at fault (columns_valid is exact): the first one
+    while (bad < n_rows && csr::row_fault(rp, ci, bad, n_cols) == csr::kRowOk) ++bad;
+    TORCH_INTERNAL_ASSERT(bad < n_rows, op, ": a refused index with no faulty row");
+    const auto [lo, hi] = std::minmax_element(ci + rp[bad], ci + rp[bad + 1]);
+    TORCH_CHECK_VALUE(*lo >= 0 && *hi < n_cols, op, ": col_idx must lie in [0, ", n_cols, "), got ",
+                      *lo < 0 ? *lo : *hi, " in row ", bad);
+    TORCH_CHECK_VALUE(false, op, ": col_idx must be ascending and unique within each row, row ", bad, " is not");
+  }
   return nnz;
 }
 

@@ -59,7 +59,9 @@ inline void check_matrix(const char* fn, const char* name, const at::Tensor& t) 
 }
 
 // The index of a CSR matrix with n_rows rows. Only shapes and dtypes are checked: reading row_ptr's last entry
-// or the column range would synchronise with the device, so the index contents are the caller's contract.
+// or the column range would synchronise with the device, so the index contents are the caller's contract. The
+// Python entry points keep it: every index a user gives is validated once (sparsekern/_csr.py, check_csr) before
+// any launch, and a SparseLinear's buffers again whenever their version counters move.
 inline void check_csr(const char* fn, const at::Tensor& row_ptr, const at::Tensor& col_idx, int64_t n_rows,
                       const at::Device& device) {
   TORCH_CHECK_TYPE(row_ptr.scalar_type() == at::kLong, fn, ": row_ptr must be int64, got ", row_ptr.scalar_type());
