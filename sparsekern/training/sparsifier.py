@@ -7,7 +7,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ._optim_state import check_optimizer, check_state
+from ._optim_state import check_optimizer, check_state, snapshot_step
 from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer, check_precision
 from .schedule import UpdateSchedule
 from .sparsify import SparsityReport, _unwrap, sparse_layers, sparsity_report
@@ -107,10 +107,20 @@ class Sparsifier:
         if updated:
             plans = self._plan(t)
             _verify_across_ranks(f"{type(self).__name__}.step", self.group, {n: p.active for n, p in plans.items()})
-            if self.keep_optimizer_step:
-                self._optimizer_step()
-            for name, plan in plans.items():
-                self.layers[name].commit(plan, self.optimizer)
+            # All or nothing: stage every layer (where memory can run out), then swap them all in. The optimizer
+            # step changes tensors in place, so with it a copy of what it touches is kept until the swap.
+            restore = snapshot_step(self.optimizer) if self.keep_optimizer_step else None
+            try:
+                if self.keep_optimizer_step:
+                    self._optimizer_step()
+                swaps = [self.layers[name].stage(plan, self.optimizer) for name, plan in plans.items()]
+            except BaseException:
+                if restore is not None:
+                    restore()
+                raise
+            del restore
+            for swap in swaps:
+                swap()
         else:
             self._optimizer_step()
         self.steps = t
