@@ -179,24 +179,32 @@ def test_docstring_example_runs():
     assert failed == 0 and attempted > 10
 
 
+def one_step_rounds(model, imp, n_in: int) -> None:
+    """Every remaining round of ``imp``, one optimizer step each."""
+    while imp.round < imp.rounds:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        sparsifier = imp.start_round(optimizer)
+        model(torch.randn(5, n_in)).square().sum().backward()
+        sparsifier.step()
+        imp.end_round()
+
+
 def test_small_targets_and_fractions_end_in_a_finite_schedule():
     # IMP(Linear(10, 10), 0.99) looped forever (round(0.8 * 2) stays 2 above a target of 1), as any small target
     # or prune_fraction could: run each case in a subprocess under a timeout, so a hang fails instead of stalling.
     code = """
+import sys
 import torch
 from torch import nn
 from sparsekern.training import IMP
+sys.path.insert(0, "tests")
+from test_training_imp import one_step_rounds
 for layout, sparsity, fraction in [("masked", 0.99, 0.2), ("compressed", 0.99, 0.2), ("masked", 0.5, 0.001),
                                    ("compressed", 0.95, 0.01), ("masked", 0.9, 0.999)]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 10))
     imp = IMP(model, sparsity, prune_fraction=fraction, layout=layout)
-    while imp.round < imp.rounds:
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        sparsifier = imp.start_round(optimizer)
-        model(torch.randn(4, 10)).square().sum().backward()
-        sparsifier.step()
-        imp.end_round()
+    one_step_rounds(model, imp, 10)
     print(layout, sparsity, fraction, [row.report.nnz for row in imp.history])
 """
     result = run_python(code)  # under a timeout
@@ -228,12 +236,7 @@ def test_no_extra_round_for_a_rounding_difference():
         model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 6), nn.Linear(6, 4))
         imp = IMP(model, 0.36, scope=scope, layout="compressed")
         assert imp.rounds == 3
-        while imp.round < imp.rounds:
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-            sparsifier = imp.start_round(optimizer)
-            model(torch.randn(5, 6)).square().sum().backward()
-            sparsifier.step()
-            imp.end_round()
+        one_step_rounds(model, imp, 6)
         if scope == "layer":  # each layer by itself: 24 -> 19 -> its own round(0.64 * 24)
             assert [[layer.nnz for layer in row.report.layers] for row in imp.history] == [[24] * 3, [19] * 3, [15] * 3]
         else:

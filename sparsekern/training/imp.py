@@ -14,7 +14,7 @@ from .._csr import sorted_contains
 from ..nn.sparse_linear import SparseLinear, TopologyUpdate
 from .drop_grow import CompressedLayer, as_layer, flat_mask
 from .schedule import MAX_PRUNE_ROUNDS, prune_counts
-from .sparsifier import Sparsifier, _verify_across_ranks
+from .sparsifier import Sparsifier, _verify_across_ranks, check_generator_state
 from .sparsify import LAYOUTS, LayerReport, SparsityReport, _unwrap, sparse_layers, sparsify, sparsity_report
 
 SCOPES = ("global", "layer")
@@ -345,15 +345,8 @@ class IMP:
             )
         if rewind is not None:
             self._check_rewind(fn, rewind)
-        generator, current = state["generator"], self.generator.get_state()
-        if not (
-            isinstance(generator, torch.Tensor)
-            and generator.dtype == current.dtype
-            and generator.shape == current.shape
-        ):
-            raise ValueError(
-                f"{fn}: the generator state must be a {current.dtype} tensor of shape {tuple(current.shape)}"
-            )
+        generator = state["generator"]
+        check_generator_state(fn, generator, self.generator)
         history = [
             IMPRound(row["round"], SparsityReport(tuple(LayerReport(*r) for r in row["layers"])), dict(row["metrics"]))
             for row in state["history"]

@@ -30,6 +30,13 @@ def _step_count(fn: str, steps) -> int:
     return value
 
 
+def check_generator_state(fn: str, saved, generator: torch.Generator) -> None:
+    """Raise ValueError unless ``saved`` could be ``generator``'s state (a tensor of its state's dtype and shape)."""
+    current = generator.get_state()
+    if not (isinstance(saved, torch.Tensor) and saved.dtype == current.dtype and saved.shape == current.shape):
+        raise ValueError(f"{fn}: the generator state must be a {current.dtype} tensor of shape {tuple(current.shape)}")
+
+
 def _checksum(active: torch.Tensor) -> torch.Tensor:
     """A cheap int64 fingerprint of a set of flat indices (count, sum, a mixed sum)."""
     a = active.to(torch.int64)
@@ -339,15 +346,7 @@ class SET(_DropGrow):
         return {"generator": self.generator.get_state()}
 
     def _check_extra_state(self, fn: str, state: dict) -> None:
-        generator, current = state["generator"], self.generator.get_state()
-        if not (
-            isinstance(generator, torch.Tensor)
-            and generator.dtype == current.dtype
-            and generator.shape == current.shape
-        ):
-            raise ValueError(
-                f"{fn}: the generator state must be a {current.dtype} tensor of shape {tuple(current.shape)}"
-            )
+        check_generator_state(fn, state["generator"], self.generator)
 
     def _load_extra_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
