@@ -424,16 +424,20 @@ class RigL(_DropGrow):
         weakref.finalize(self, _RECORDERS.pop, slot, None)
         target = self.layers[name].module
 
-        # Records on every training forward (the opaque op reads _capturing when the backward runs), so torch.compile
-        # traces one graph with no guard on the schedule and no Python side effect in it.
+        # Compiled: records on every training forward (the opaque op reads _capturing when the backward runs), so
+        # torch.compile traces one graph with no guard on the schedule and no Python side effect in it. Eager: only
+        # on capture steps (nothing is traced, so the check costs nothing and other steps get no extra node).
         def record(module, args, output):
             # copy.deepcopy(model) copies this hook: it records only on the module it was put on
-            if module is target and torch.is_grad_enabled() and output.requires_grad:
-                # Not a tensor hook: one on an output then changed in place (ReLU(inplace=True)) never fires.
-                y = output
-                if not torch.compiler.is_compiling() and _same_view(y):
-                    y = y._base  # eager: 2-D SparseLinear output is a same-shape view; dirtying a view costs a copy
-                return _RecordGrad.apply(y, args[0], slot)
+            if module is not target or not torch.is_grad_enabled() or not output.requires_grad:
+                return None
+            # Not a tensor hook: one on an output then changed in place (ReLU(inplace=True)) never fires.
+            if torch.compiler.is_compiling():
+                return _RecordGrad.apply(output, args[0], slot)
+            if _capturing(slot) is not None:
+                # a 2-D SparseLinear output is a same-shape view; marking a view dirty would cost a copy
+                return _RecordGrad.apply(output._base if _same_view(output) else output, args[0], slot)
+            return None
 
         return record
 
@@ -447,16 +451,23 @@ _RECORDERS: dict[int, tuple[weakref.ref, str]] = {}
 _SLOTS = itertools.count()
 
 
+def _capturing(slot: int) -> list | None:
+    """The record list of ``slot``'s layer while its RigL captures an update step, else None."""
+    owner = _RECORDERS.get(slot)
+    rigl = owner[0]() if owner is not None else None
+    if rigl is None or not rigl._capturing:
+        return None
+    return rigl._records.setdefault(owner[1], [])
+
+
 @torch.library.custom_op("sparsekern::rigl_record", mutates_args=())
 def rigl_record(x: torch.Tensor, g: torch.Tensor, slot: int) -> None:
     """Hand one backward pass's layer input ``x`` and output gradient ``g`` to the RigL of ``slot``, kept (copied, as
     (B, in_features) and (B, out_features)) only while it captures an update step. Opaque to torch.compile and
     declared side-effectful below, so compiled graphs keep it and never depend on the capture state."""
-    owner = _RECORDERS.get(slot)
-    rigl = owner[0]() if owner is not None else None
-    if rigl is not None and rigl._capturing:
-        entry = (x.detach().reshape(-1, x.shape[-1]).clone(), g.detach().reshape(-1, g.shape[-1]).clone())
-        rigl._records.setdefault(owner[1], []).append(entry)
+    records = _capturing(slot)
+    if records is not None:
+        records.append((x.detach().reshape(-1, x.shape[-1]).clone(), g.detach().reshape(-1, g.shape[-1]).clone()))
 
 
 @rigl_record.register_fake
