@@ -316,7 +316,8 @@ class SET(_DropGrow):
         model, optimizer, group: as :class:`Static`.
         total_steps: optimizer steps in the run (sets ``t_end``).
         delta_t, alpha, t_end: the :class:`UpdateSchedule` (defaults 100, 0.3, 0.75).
-        keep_optimizer_step: also take the optimizer step on update steps (default: skip it, as RigL does).
+        keep_optimizer_step: also take the optimizer step on update steps (default: skip it, as RigL does; with
+            it, update steps hold a copy of the optimizer's parameters and state, to undo a failed update).
         seed: the generator's seed (its state is part of ``state_dict()``).
 
     Example::
@@ -379,7 +380,8 @@ class RigL(_DropGrow):
         total_steps: optimizer steps in the run (sets ``t_end``).
         delta_t, alpha, t_end: the :class:`UpdateSchedule` (defaults 100, 0.3, 0.75 as in the paper).
         keep_optimizer_step: also take the optimizer step on update steps (the new masks are chosen from the
-            weights and gradients before that step and applied after it).
+            weights and gradients before that step and applied after it). So that a failed update can be undone,
+            update steps then hold a copy of every parameter, gradient and optimizer state the optimizer holds.
         precision: the arithmetic of the grow scores on SparseLinear layers (:func:`sparsekern.outer_topk`):
             "fast" (default: the fastest of the device, the same bits run to run and on every rank, within a
             stated rounding bound of float64) or "exact" (one rounding order, bit-identical on every backend and
