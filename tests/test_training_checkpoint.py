@@ -86,3 +86,31 @@ def test_load_state_dict_errors():
     _, _, elsewhere = build("rigl", "compressed", seed=1)
     with pytest.raises(ValueError, match="the mask of '0.weight' differs from the model's; load the model's"):
         rigl.load_state_dict(elsewhere.state_dict())
+
+
+def test_load_state_dict_checks_steps_and_keys_before_changing_anything():
+    np = pytest.importorskip("numpy")  # numpy integers are among the integer-likes accepted
+    model, opt, sparsifier = build("set", "compressed", seed=0)
+    train(model, opt, sparsifier, torch.Generator().manual_seed(5), 3)
+    state = sparsifier.state_dict()
+    other_generator = torch.Generator().manual_seed(99).get_state()
+
+    def unchanged():
+        return sparsifier.steps == 3 and torch.equal(sparsifier.generator.get_state(), state["generator"])
+
+    # a valid generator beside a bad step count: refused whole, the generator too is left as it was
+    for steps in (-7, "3", 3.7, 10**30, 2**53 + 1, True, None, torch.tensor(2.0)):
+        with pytest.raises(ValueError, match=r"steps must be an int in \[0, 2\*\*53\], got"):
+            sparsifier.load_state_dict({**state, "steps": steps, "generator": other_generator})
+        assert unchanged(), steps
+    for key in ("steps", "config", "active", "generator"):
+        with pytest.raises(ValueError, match=rf"the state lacks \['{key}'\]"):
+            sparsifier.load_state_dict({k: v for k, v in state.items() if k != key})
+        assert unchanged(), key
+    with pytest.raises(ValueError, match="the generator state must be a torch.uint8 tensor"):
+        sparsifier.load_state_dict({**state, "steps": 5, "generator": torch.zeros(3)})
+    assert unchanged()
+
+    for steps, expected in ((np.int64(5), 5), (torch.tensor(6), 6), (2**53, 2**53), (0, 0)):
+        sparsifier.load_state_dict({**state, "steps": steps})
+        assert sparsifier.steps == expected and type(sparsifier.steps) is int

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import doctest
 import io
+import itertools
 
 import pytest
 import torch
+from helpers import run_python
 from torch import nn
 
 from sparsekern.training import IMP
 from sparsekern.training.imp import SCOPES
+from sparsekern.training.schedule import prune_counts
 
 STEPS = 4  # optimizer steps per round; 108 weights -> 65 -> 39 -> 33 (sparsity 0.7): 4 rounds
 
@@ -174,3 +177,105 @@ def test_docstring_example_runs():
         runner.run(test)
     failed, attempted = runner.summarize(verbose=False)
     assert failed == 0 and attempted > 10
+
+
+def one_step_rounds(model, imp, n_in: int) -> None:
+    """Every remaining round of ``imp``, one optimizer step each."""
+    while imp.round < imp.rounds:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        sparsifier = imp.start_round(optimizer)
+        model(torch.randn(5, n_in)).square().sum().backward()
+        sparsifier.step()
+        imp.end_round()
+
+
+def test_small_targets_and_fractions_end_in_a_finite_schedule():
+    # IMP(Linear(10, 10), 0.99) looped forever (round(0.8 * 2) stays 2 above a target of 1), as any small target
+    # or prune_fraction could: run each case in a subprocess under a timeout, so a hang fails instead of stalling.
+    code = """
+import sys
+import torch
+from torch import nn
+from sparsekern.training import IMP
+sys.path.insert(0, "tests")
+from test_training_imp import one_step_rounds
+for layout, sparsity, fraction in [("masked", 0.99, 0.2), ("compressed", 0.99, 0.2), ("masked", 0.5, 0.001),
+                                   ("compressed", 0.95, 0.01), ("masked", 0.9, 0.999)]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 10))
+    imp = IMP(model, sparsity, prune_fraction=fraction, layout=layout)
+    one_step_rounds(model, imp, 10)
+    print(layout, sparsity, fraction, [row.report.nnz for row in imp.history])
+"""
+    result = run_python(code)  # under a timeout
+    assert result.returncode == 0, result.stderr
+    rows = {tuple(line.split()[:3]): eval(line.split(maxsplit=3)[3]) for line in result.stdout.splitlines()}
+    assert rows[("masked", "0.99", "0.2")][-4:] == [4, 3, 2, 1] and len(rows[("masked", "0.99", "0.2")]) == 18
+    assert rows[("compressed", "0.99", "0.2")] == rows[("masked", "0.99", "0.2")]
+    assert rows[("masked", "0.5", "0.001")] == list(range(100, 49, -1))  # at least one weight per prune
+    assert rows[("masked", "0.9", "0.999")] == [100, 10]
+    for counts in rows.values():  # strictly fewer weights every round, down to exactly the target
+        assert all(a > b for a, b in itertools.pairwise(counts))
+    assert [counts[-1] for counts in rows.values()] == [1, 1, 50, 5, 10]
+
+
+def test_a_schedule_past_the_round_limit_is_refused():
+    with pytest.raises(ValueError, match=r"prune_fraction=1e-09 needs more than 1000 rounds to reach sparsity 0.9"):
+        IMP(nn.Sequential(nn.Linear(200, 200)), 0.9, prune_fraction=1e-9)
+    assert prune_counts(10**6, 1, 1e-9) is None
+
+
+def test_no_extra_round_for_a_rounding_difference():
+    # resnet18 at 36% pruned a fifth round to remove one weight: 11172032 -> 8937626 -> 7150101 -> 7150100, because
+    # round(0.8 * round(0.8 * n)) != sum over layers of round(0.64 * n_l). Three 4x6 layers do the same: 72 -> 58 ->
+    # 46 (round(0.8 * 58)) -> 45 (3 * round(0.64 * 24)). Counts are now round(n * 0.8^r), and a target within
+    # rounding of it ends the schedule.
+    assert prune_counts(11172032, 7150100, 0.2, tolerance=21 / 2) == [11172032, 8937626, 7150100]
+    for scope in SCOPES:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 6), nn.Linear(6, 4))
+        imp = IMP(model, 0.36, scope=scope, layout="compressed")
+        assert imp.rounds == 3
+        one_step_rounds(model, imp, 6)
+        if scope == "layer":  # each layer by itself: 24 -> 19 -> its own round(0.64 * 24)
+            assert [[layer.nnz for layer in row.report.layers] for row in imp.history] == [[24] * 3, [19] * 3, [15] * 3]
+        else:
+            assert [row.report.nnz for row in imp.history] == [72, 58, 45]
+
+
+def test_numpy_metrics_give_a_state_dict_that_loads_with_weights_only():
+    np = pytest.importorskip("numpy")  # the metrics users report come from numpy; without it there is no such case
+    model, imp = build("masked")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = imp.start_round(optimizer)
+    for _ in range(2):
+        model(torch.randn(4, 6)).sum().backward()
+        sparsifier.step()
+    metrics = {
+        "accuracy": np.float64(0.75), "loss": np.float32(0.5), "epoch": np.int64(3), "ok": np.bool_(True),
+        "curve": np.array([0.5, 0.25]), "per_class": {"a": np.float16(0.5)}, "best": (np.int32(1), 2.5),
+        "tensor": torch.tensor([1.0, 2.0], requires_grad=True), "note": None,
+    }  # fmt: skip
+    imp.end_round(**metrics)
+    buffer = io.BytesIO()
+    torch.save(imp.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    got = state["history"][0]["metrics"]
+    assert got["accuracy"] == 0.75 and type(got["accuracy"]) is float
+    assert got["loss"] == 0.5 and type(got["loss"]) is float
+    assert got["epoch"] == 3 and type(got["epoch"]) is int
+    assert got["ok"] is True and got["note"] is None
+    assert torch.equal(got["curve"], torch.tensor([0.5, 0.25], dtype=torch.float64))
+    assert got["per_class"] == {"a": 0.5} and got["best"] == (1, 2.5) and type(got["best"][0]) is int
+    assert torch.equal(got["tensor"], torch.tensor([1.0, 2.0])) and not got["tensor"].requires_grad
+    imp.load_state_dict(state)  # and it loads back
+    assert imp.history[0].metrics["epoch"] == 3
+
+    model, imp = build("masked", rewind_step=0)
+    sparsifier = imp.start_round(torch.optim.SGD(model.parameters(), lr=0.1))
+    model(torch.randn(4, 6)).sum().backward()
+    sparsifier.step()
+    with pytest.raises(TypeError, match="metric 'when' must be a number, string, bool, None, tensor, numpy value"):
+        imp.end_round(when=object())
+    assert imp.round == 0 and imp.history == [] and imp.state_dict()["in_round"]  # refused before anything changed

@@ -450,3 +450,95 @@ def test_grow_from_scores_is_the_stable_sort_rule(numel, n):
     expected = torch.sort(flat, descending=True, stable=True).indices[:n].sort().values
     got = grow_from_scores(scores.clone(), kept, n)
     assert torch.equal(got, expected)
+
+
+def train_rigl_steps(model, rigl, opt, steps: range, seed: int, run=None) -> None:
+    for step in steps:
+        for micro in range(2):
+            x, c = batch(10 * step + micro, seed, dtype=torch.float32)
+            ((run or model)(x) * c).sum().backward()
+        rigl.step()
+        opt.zero_grad()
+
+
+def test_deepcopy_of_the_model_records_nothing_into_the_original():
+    """copy.deepcopy(model) copies the recording hooks: running the copy must not feed the original RigL."""
+
+    def build():
+        model = tiny_model(4, dtype=torch.float32)
+        sparsify(model, 0.6, generator=torch.Generator().manual_seed(4))
+        opt = torch.optim.SGD(model.parameters(), lr=0.125)
+        return model, opt, RigL(model, opt, total_steps=12, delta_t=2)
+
+    model, opt, rigl = build()
+    untouched_model, untouched_opt, untouched = build()  # the same run without a copy
+    for steps in (range(0, 1), range(1, 2), range(2, 4)):
+        copied = copy.deepcopy(model)
+        for step in range(2):  # the copy trains on other data, during the original's capture steps too
+            x, c = batch(step, 9, dtype=torch.float32)
+            (copied(x) * c).sum().backward()
+        assert rigl._records == {} or all(len(v) == 0 for v in rigl._records.values())
+        train_rigl_steps(model, rigl, opt, steps, seed=4)
+        train_rigl_steps(untouched_model, untouched, untouched_opt, steps, seed=4)
+        for name, mask in untouched.masks().items():
+            assert torch.equal(rigl.masks()[name], mask), name
+    assert rigl.steps == 4 and not torch.equal(rigl.masks()["0.weight"], build()[2].masks()["0.weight"])
+
+    # a RigL of its own on the copy records its copy only
+    copied = copy.deepcopy(model)
+    copied_opt = torch.optim.SGD(copied.parameters(), lr=0.125)
+    copied_rigl = RigL(copied, copied_opt, total_steps=12, delta_t=2)
+    copied_rigl.steps = rigl.steps = 5  # the next step (6) is an update step: both capture
+    copied_rigl._capturing = rigl._capturing = True
+    x, c = batch(0, 9, dtype=torch.float32)
+    (copied(x) * c).sum().backward()
+    assert rigl._records == {} and sorted(copied_rigl._records) == ["0.weight", "2.weight", "4.weight"]
+    assert all(len(v) == 1 for v in copied_rigl._records.values())
+
+
+def test_compiled_rigl_neither_recompiles_nor_breaks_the_graph():
+    """Recording runs on every training step through an opaque op (capture is read when it runs), so a compiled
+    model keeps one graph through capture and update steps, and updates exactly as the eager model does."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def build(inplace=True):
+        model = tiny_model(5, dtype=torch.float32)
+        model[1].inplace = inplace  # an in-place op on a recorded output (a tensor hook there never fired)
+        sparsify(model, 0.6, generator=torch.Generator().manual_seed(5))
+        opt = torch.optim.SGD(model.parameters(), lr=0.125, momentum=0.5)
+        return model, opt, RigL(model, opt, total_steps=20, delta_t=2)
+
+    eager_model, eager_opt, eager = build()
+    train_rigl_steps(eager_model, eager, eager_opt, range(9), seed=5)
+    plain_model, plain_opt, plain = build(inplace=False)
+    train_rigl_steps(plain_model, plain, plain_opt, range(9), seed=5)
+    assert all(torch.equal(plain.masks()[name], mask) for name, mask in eager.masks().items())
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, opt, rigl = build()
+    compiled = torch.compile(model, backend="aot_eager")  # AOTAutograd: where an output-less op could be removed
+    train_rigl_steps(model, rigl, opt, range(1), seed=5, run=compiled)  # warm-up: forward and backward compile
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        train_rigl_steps(model, rigl, opt, range(1, 9), seed=5, run=compiled)  # four updates, capture on and off
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1
+    assert rigl.steps == 9
+    for name, mask in eager.masks().items():
+        assert torch.equal(rigl.masks()[name], mask), name
+        assert not torch.equal(mask, build()[2].masks()[name]), name  # the updates moved connections
+    torch._dynamo.reset()
+
+
+def test_recorded_gradient_of_a_3d_input_is_the_output_gradient():
+    layer = SparseLinear(6, 5, sparsity=0.5, dtype=torch.float64)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    rigl = RigL(layer, opt, total_steps=10, delta_t=1, t_end=10)
+    assert rigl._capturing  # step 1 updates
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    y = layer(x)
+    y.retain_grad()
+    (y.square() * torch.arange(5.0, dtype=torch.float64)).sum().backward()
+    ((xr, g),) = rigl._records["weight"]
+    assert torch.equal(xr, x.reshape(6, 6)) and torch.equal(g, y.grad.reshape(6, 5))

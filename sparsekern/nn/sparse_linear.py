@@ -351,9 +351,20 @@ class SparseLinear(nn.Module):
         Unchecked: the one path by which the topology changes, for :meth:`update_topology` (after its checks)
         and for the training methods, whose plans are right by construction. Everything is built before the
         layer changes, so an error (out of memory) leaves it as it was."""
+        self._swap_topology(self._stage_topology(flat, update))
+
+    @torch.no_grad()
+    def _stage_topology(self, flat: torch.Tensor, update: TopologyUpdate) -> tuple:
+        """Build what :meth:`_apply_topology` installs (index, carried values and gradient) without changing the
+        layer: a training method stages every layer before it swaps any in, so a failure changes nothing."""
         index = CSRIndex.from_flat(flat, self.out_features, self.in_features)
         new_values = update.apply(self.values.data)
         new_grad = update.apply(self.values.grad) if self.values.grad is not None else None
+        return index, new_values, new_grad
+
+    def _swap_topology(self, staged: tuple) -> None:
+        """Install a :meth:`_stage_topology` result: assignments only, nothing that can fail."""
+        index, new_values, new_grad = staged
         self._set_index(index)
         self.values.data = new_values
         self.values.grad = new_grad

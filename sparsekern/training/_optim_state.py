@@ -48,11 +48,49 @@ def check_state(fn: str, optimizer, params: Iterable[torch.nn.Parameter]) -> Non
                 )
 
 
+def stage_state(optimizer, param: torch.nn.Parameter, carry: Callable[[torch.Tensor], torch.Tensor]) -> dict:
+    """{key: carry(tensor)} for every parameter-shaped state tensor of ``param`` (checked by check_state), without
+    changing the optimizer: install it with :func:`swap_state` once every layer is staged."""
+    state = optimizer.state.get(param) or {}
+    return {key: carry(value) for key, value in state.items() if isinstance(value, torch.Tensor) and value.dim() > 0}
+
+
+def swap_state(optimizer, param: torch.nn.Parameter, staged: dict) -> None:
+    """Install a :func:`stage_state` result (assignments only)."""
+    if staged:
+        optimizer.state[param].update(staged)
+
+
 def carry_state(optimizer, param: torch.nn.Parameter, carry: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Replace every parameter-shaped state tensor of ``param`` by ``carry(tensor)`` (checked by check_state)."""
-    state = optimizer.state.get(param)
-    if not state:
-        return
-    for key, value in list(state.items()):
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            state[key] = carry(value)
+    swap_state(optimizer, param, stage_state(optimizer, param, carry))
+
+
+def snapshot_step(optimizer) -> Callable[[], None]:
+    """Copy what ``optimizer.step()`` (and the masking around it) may change in place: every parameter it holds, its
+    gradient and its state. Returns a function that puts them back, in place; memory: one copy of each."""
+    saved = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            grad = p.grad.detach().clone() if p.grad is not None else None
+            state = optimizer.state.get(p)
+            if state is not None:
+                state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+            saved.append((p, p.detach().clone(), grad, state))
+
+    def restore() -> None:
+        with torch.no_grad():
+            for p, data, grad, state in saved:
+                p.copy_(data)
+                if grad is None:
+                    p.grad = None
+                elif p.grad is not None and p.grad.shape == grad.shape:
+                    p.grad.copy_(grad)
+                else:
+                    p.grad = grad
+                if state is None:
+                    optimizer.state.pop(p, None)
+                else:
+                    optimizer.state[p] = state
+
+    return restore

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +31,7 @@ from .._csr import CSRIndex, random_positions, sorted_contains
 from ..nn.sparse_linear import SparseLinear, TopologyUpdate
 from ..ops.outer_topk import check_precision as check_outer_topk_precision
 from ..ops.outer_topk import outer_topk
-from ._optim_state import carry_state, check_state
+from ._optim_state import check_state, stage_state, swap_state
 
 GROW_MODES = ("gradient", "random")
 
@@ -143,8 +144,14 @@ class _Layer(abc.ABC):
         """The n positions outside ``kept`` with the largest |dL/dW| (ascending)."""
 
     @abc.abstractmethod
+    def stage(self, plan: DropGrowPlan, optimizer) -> Callable[[], None]:
+        """Build everything a plan installs in the layer and, if given, the optimizer state, changing nothing (this
+        is where memory runs out); returns the swap that installs it (assignments and allocation-free in-place
+        writes, nothing that can fail). Sparsifiers stage every layer before swapping any: all or nothing."""
+
     def commit(self, plan: DropGrowPlan, optimizer) -> None:
-        """Apply a plan to the layer and, if given, the optimizer state (nothing to check: it cannot fail)."""
+        """Apply a plan to the layer and, if given, the optimizer state."""
+        self.stage(plan, optimizer)()
 
     def plan(
         self, n: int, grow: str, *, batches=None, generator=None, group=None, precision: str = "fast"
@@ -207,10 +214,17 @@ class CompressedLayer(_Layer):
         index, _ = outer_topk(x, g, n, exclude=exclude, group=group, precision=precision)
         return index.sort().values
 
-    def commit(self, plan: DropGrowPlan, optimizer) -> None:
-        self.module._apply_topology(plan.active, plan.update)
-        if optimizer is not None:
-            carry_state(optimizer, self.module.values, plan.update.apply)
+    def stage(self, plan: DropGrowPlan, optimizer) -> Callable[[], None]:
+        module, values = self.module, self.module.values
+        topology = module._stage_topology(plan.active, plan.update)
+        state = stage_state(optimizer, values, plan.update.apply) if optimizer is not None else {}
+
+        def swap() -> None:
+            module._swap_topology(topology)
+            if optimizer is not None:
+                swap_state(optimizer, values, state)
+
+        return swap
 
 
 class MaskedLayer(_Layer):
@@ -240,19 +254,26 @@ class MaskedLayer(_Layer):
             raise ValueError("drop_and_grow: the masked weight has no gradient; run backward before the update step")
         return grow_from_scores(grad, kept, n)
 
-    def commit(self, plan: DropGrowPlan, optimizer) -> None:
+    def stage(self, plan: DropGrowPlan, optimizer) -> Callable[[], None]:
         module = self.module
-        new = torch.zeros(self.numel, dtype=torch.bool, device=module.weight_mask.device)
-        new[plan.active] = True
-        new = new.view(self.shape)
-        both = module.weight_mask & new  # connections before and after: they keep value, gradient and state
-        with torch.no_grad():
-            module.weight.mul_(both)
-            if module.weight.grad is not None:
-                module.weight.grad.mul_(both)
+        new = flat_mask(plan.active, self.shape, module.weight_mask.device)
+        # Connections not both before and after lose value, gradient and state. Zeroed in place by masked_fill_
+        # in the swap: it allocates nothing, so it cannot fail once staged.
+        cleared = ~(module.weight_mask & new)
+        weight = module.weight
+        states = [] if optimizer is None else [
+            value for value in (optimizer.state.get(weight) or {}).values()
+            if isinstance(value, torch.Tensor) and value.dim() > 0
+        ]  # fmt: skip
+
+        @torch.no_grad()
+        def swap() -> None:
+            for t in (weight, weight.grad, *states):
+                if t is not None:
+                    t.masked_fill_(cleared, 0)
             module.weight_mask.copy_(new)
-        if optimizer is not None:
-            carry_state(optimizer, module.weight, lambda s: s * both)
+
+        return swap
 
     def mask_gradient(self) -> None:
         if self.module.weight.grad is not None:
@@ -261,6 +282,13 @@ class MaskedLayer(_Layer):
     def apply_mask(self) -> None:
         with torch.no_grad():
             self.module.weight.mul_(self.module.weight_mask)
+
+
+def flat_mask(active: torch.Tensor, shape: tuple[int, ...], device) -> torch.Tensor:
+    """A bool mask of ``shape``, True at the flat indices ``active``."""
+    mask = torch.zeros(math.prod(shape), dtype=torch.bool, device=device)
+    mask[active] = True
+    return mask.view(shape)
 
 
 def as_layer(module: nn.Module) -> _Layer:

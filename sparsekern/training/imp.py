@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -12,8 +12,9 @@ from torch import nn
 
 from .._csr import sorted_contains
 from ..nn.sparse_linear import SparseLinear, TopologyUpdate
-from .drop_grow import CompressedLayer, as_layer
-from .sparsifier import Sparsifier, _verify_across_ranks
+from .drop_grow import CompressedLayer, as_layer, flat_mask
+from .schedule import MAX_PRUNE_ROUNDS, prune_counts
+from .sparsifier import Sparsifier, _verify_across_ranks, check_generator_state
 from .sparsify import LAYOUTS, SparsityReport, _unwrap, sparse_layers, sparsify, sparsity_report
 
 SCOPES = ("global", "layer")
@@ -193,12 +194,21 @@ class IMP:
         self._names = list(sparse_layers(self.model))
         numel = [math.prod(as_layer(m).shape) for m in sparse_layers(self.model).values()]
         self._targets = [int(round((1 - self.sparsity) * n)) for n in numel]
-        total, target = sum(numel), sum(self._targets)
-        # rounds: one dense, then one per prune until the total reaches the target
-        self.rounds, count = 1, total
-        while count > target:
-            count = max(target, int(round((1 - self.prune_fraction) * count)))
-            self.rounds += 1
+        # the counts each round trains at, fixed here: one dense round, then one per prune until the target
+        if scope == "layer":
+            chains = [prune_counts(n, t, self.prune_fraction) for n, t in zip(numel, self._targets, strict=True)]
+            ok = None not in chains
+            rounds = max(map(len, chains)) if ok else 0
+            self._counts = [[c[min(r, len(c) - 1)] for c in chains] for r in range(rounds)] if ok else None
+        else:  # a per-layer rounded target sum is within half a weight per layer of the geometric count
+            totals = prune_counts(sum(numel), sum(self._targets), self.prune_fraction, tolerance=len(numel) / 2)
+            self._counts = None if totals is None else [[c] for c in totals]
+        if self._counts is None:
+            raise ValueError(
+                f"{fn}: prune_fraction={prune_fraction!r} needs more than {MAX_PRUNE_ROUNDS} rounds to reach sparsity "
+                f"{sparsity!r}; raise prune_fraction"
+            )
+        self.rounds = len(self._counts)
         self.round = 0
         self.history: list[IMPRound] = []
         self._in_round = False
@@ -238,7 +248,7 @@ class IMP:
                 f"IMP.end_round: round 0 ended before step rewind_step={self.rewind_step}, so there is no rewind "
                 "point; train longer or lower rewind_step"
             )
-        row = IMPRound(self.round, sparsity_report(self.model), dict(metrics))
+        row = IMPRound(self.round, sparsity_report(self.model), {k: _plain(k, v) for k, v in metrics.items()})
         if self.round + 1 < self.rounds:
             self._prune_and_rewind()
         self.history.append(row)
@@ -336,15 +346,8 @@ class IMP:
             )
         if rewind is not None:
             self._check_rewind(fn, rewind)
-        generator, current = state["generator"], self.generator.get_state()
-        if not (
-            isinstance(generator, torch.Tensor)
-            and generator.dtype == current.dtype
-            and generator.shape == current.shape
-        ):
-            raise ValueError(
-                f"{fn}: the generator state must be a {current.dtype} tensor of shape {tuple(current.shape)}"
-            )
+        generator = state["generator"]
+        check_generator_state(fn, generator, self.generator)
         history = [
             IMPRound(
                 row["round"], SparsityReport.from_rows(row["layers"], row.get("skipped", ())), dict(row["metrics"])
@@ -392,7 +395,8 @@ class IMP:
         self._rewind = {**point, "dense": [_dense_weight(layer).clone() for layer in self._layers()]}
 
     def _prune_and_rewind(self) -> None:
-        # Choose everything first (and compare across ranks); change the model only when all is known.
+        # All or nothing: choose the masks (and compare them across ranks), stage every layer (where memory can
+        # run out), and only then swap the layers in and rewind the rest in place (nothing left that can fail).
         layers = self._layers()
         saved = self.generator.get_state()
         try:
@@ -407,6 +411,9 @@ class IMP:
             else:
                 dense = self._rewind["dense"]
             _verify_across_ranks("IMP.end_round", self.group, dict(zip(self._names, keeps, strict=True)))
+            swaps = [
+                _stage_topology(layer, keep, weight) for layer, keep, weight in zip(layers, keeps, dense, strict=True)
+            ]
         except BaseException:
             self.generator.set_state(saved)
             raise
@@ -414,24 +421,20 @@ class IMP:
             for kind, tensors in self._rewound().items():
                 for name, t in tensors.items():
                     t.copy_(self._rewind[kind][name])
-        for layer, keep, weight in zip(layers, keeps, dense, strict=True):
-            _set_topology(layer, keep, weight)
+        for swap in swaps:
+            swap()
 
     def _select(self, layers) -> list[torch.Tensor]:
-        """Each layer's surviving flat indices (ascending): the largest trained |w|."""
+        """Each layer's surviving flat indices (ascending): the largest trained |w|, as many as the schedule says."""
         actives = [layer.active() for layer in layers]
         magnitudes = [layer.active_values().detach().abs().double() for layer in layers]
         if self.scope == "layer":
-            keep_counts = [
-                max(t, int(round((1 - self.prune_fraction) * a.numel())))
-                for t, a in zip(self._targets, actives, strict=True)
-            ]
+            keep_counts = self._counts[self.round + 1]
             return [
                 a[torch.sort(m, descending=True, stable=True).indices[:k]].sort().values
                 for a, m, k in zip(actives, magnitudes, keep_counts, strict=True)
             ]
-        total = sum(a.numel() for a in actives)
-        count = max(sum(self._targets), int(round((1 - self.prune_fraction) * total)))
+        (count,) = self._counts[self.round + 1]
         # one ranking over all layers; ties keep the earlier layer and lower flat index
         order = torch.sort(torch.cat(magnitudes), descending=True, stable=True).indices[:count]
         owner = torch.cat([torch.full((a.numel(),), i) for i, a in enumerate(actives)])
@@ -454,23 +457,55 @@ def _fresh_init(layer, generator: torch.Generator) -> torch.Tensor:
     return weight.to(dtype=layer.param.dtype, device=layer.param.device)
 
 
-def _set_topology(layer, keep: torch.Tensor, dense: torch.Tensor) -> None:
-    """Make ``keep`` (ascending flat indices) the layer's connections, with values from ``dense``."""
+def _stage_topology(layer, keep: torch.Tensor, dense: torch.Tensor) -> Callable[[], None]:
+    """Build what makes ``keep`` (ascending flat indices) the layer's connections, with values from ``dense``,
+    changing nothing; returns the swap that installs it (assignments and in-place copies: nothing that can fail)."""
     flat = dense.reshape(-1)
     if isinstance(layer, CompressedLayer):
         module: SparseLinear = layer.module
         old = layer.active()
         # the same unchecked path as RigL's commit: keep is ascending and unique by construction
         new_flat, update = TopologyUpdate.merge(old, sorted_contains(keep, old), keep[~sorted_contains(old, keep)])
-        module._apply_topology(new_flat, update)
+        topology = module._stage_topology(new_flat, update)
         # A new Parameter: autograd keeps a per-tensor gradient accumulator that checks the old size (a DDP
         # reducer holds it alive), so resizing the old one would break the next backward under a new wrapper.
-        module.values = nn.Parameter(flat[keep].clone(), requires_grad=module.values.requires_grad)
-    else:
-        mask = torch.zeros(layer.numel, dtype=torch.bool, device=keep.device)
-        mask[keep] = True
-        mask = mask.view(layer.shape)
-        with torch.no_grad():
-            layer.module.weight_mask.copy_(mask)
-            layer.module.weight.copy_(dense * mask)
-            layer.module.weight.grad = None
+        values = nn.Parameter(flat[keep].clone(), requires_grad=module.values.requires_grad)
+
+        def swap() -> None:
+            module._swap_topology(topology)
+            module.values = values
+
+        return swap
+    mask = flat_mask(keep, layer.shape, keep.device)
+    weight = dense * mask
+
+    @torch.no_grad()
+    def swap() -> None:
+        layer.module.weight_mask.copy_(mask)
+        layer.module.weight.copy_(weight)
+        layer.module.weight.grad = None
+
+    return swap
+
+
+def _plain(name: str, value):
+    """A metric as plain Python or torch data, so the IMP's state_dict loads with ``torch.load(weights_only=True)``:
+    numpy scalars become Python numbers, arrays tensors, subclasses (IntEnum, named tuples) their builtin base."""
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if type(value).__module__ == "numpy":  # without importing numpy: a scalar or an array
+        return _plain(name, value.item()) if value.ndim == 0 else torch.from_numpy(value.copy())
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    if isinstance(value, dict):
+        return {_plain(name, k): _plain(name, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(name, v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    raise TypeError(
+        f"IMP.end_round: metric {name!r} must be a number, string, bool, None, tensor, numpy value, or a list, tuple "
+        f"or dict of them (so the state_dict loads with weights_only=True), got {type(value).__name__}"
+    )

@@ -67,3 +67,31 @@ class UpdateSchedule:
     def n_drop(self, step: int, n_active: int) -> int:
         """⌊α_t · n_active⌋ connections to drop (and grow) in a layer with ``n_active`` nonzeros."""
         return math.floor(self.drop_fraction(step) * n_active)
+
+
+MAX_PRUNE_ROUNDS = 1000
+
+
+def prune_counts(total: int, target: int, fraction: float, tolerance: float = 0.5) -> list[int] | None:
+    """The weights left after each prune of iterative pruning, ``[total, ..., target]``, or None past
+    :data:`MAX_PRUNE_ROUNDS` prunes.
+
+    Prune r keeps ``round(total · (1 − fraction)^r)``: the geometric count rounded once, not rounded again every
+    round, so per-layer and global rounding cannot drift apart. The first prune whose geometric count comes within
+    ``tolerance`` of ``target`` prunes to it (a target summed from per-layer rounded counts lies within half a weight
+    per layer of the geometric one; no extra round for such a difference). Every prune removes at least one weight,
+    so the schedule ends even when ``fraction · count`` rounds to zero.
+
+    Example::
+
+        >>> prune_counts(100, 1, 0.2)[-4:], len(prune_counts(100, 1, 0.2))
+        ([4, 3, 2, 1], 18)
+    """
+    counts = [total]
+    while counts[-1] > target:
+        if len(counts) > MAX_PRUNE_ROUNDS:
+            return None
+        exact = total * (1.0 - fraction) ** len(counts)
+        count = target if exact <= target + tolerance else min(counts[-1] - 1, round(exact))
+        counts.append(max(target, count))
+    return counts

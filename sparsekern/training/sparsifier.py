@@ -3,14 +3,38 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import operator
+import weakref
 
 import torch
 from torch import nn
 
-from ._optim_state import check_optimizer, check_state
+from ._optim_state import check_optimizer, check_state, snapshot_step
 from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer, check_precision
 from .schedule import UpdateSchedule
 from .sparsify import SparsityReport, _unwrap, sparse_layers, sparsity_report
+
+MAX_STEPS = 2**53  # optimizer steps a state may count: exact in float64, far past any run
+
+
+def _step_count(fn: str, steps) -> int:
+    """``steps`` as an int in [0, MAX_STEPS]: ints and integer-likes (numpy or 0-d integer tensors), not bools,
+    strings or floats."""
+    try:
+        value = None if isinstance(steps, bool) else operator.index(steps)
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= MAX_STEPS:
+        raise ValueError(f"{fn}: steps must be an int in [0, 2**53], got {steps!r}")
+    return value
+
+
+def check_generator_state(fn: str, saved, generator: torch.Generator) -> None:
+    """Raise ValueError unless ``saved`` could be ``generator``'s state (a tensor of its state's dtype and shape)."""
+    current = generator.get_state()
+    if not (isinstance(saved, torch.Tensor) and saved.dtype == current.dtype and saved.shape == current.shape):
+        raise ValueError(f"{fn}: the generator state must be a {current.dtype} tensor of shape {tuple(current.shape)}")
 
 
 def _checksum(active: torch.Tensor) -> torch.Tensor:
@@ -88,7 +112,7 @@ class Sparsifier:
         self.optimizer = optimizer
         self.group = group
         self.steps = 0  # optimizer steps taken (calls of step())
-        self._records: dict[str, list[list]] = {}
+        self._records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._capturing = False
         self._hooks = []
 
@@ -109,10 +133,20 @@ class Sparsifier:
         if updated:
             plans = self._plan(t)
             _verify_across_ranks(f"{type(self).__name__}.step", self.group, {n: p.active for n, p in plans.items()})
-            if self.keep_optimizer_step:
-                self._optimizer_step()
-            for name, plan in plans.items():
-                self.layers[name].commit(plan, self.optimizer)
+            # All or nothing: stage every layer (where memory can run out), then swap them all in. The optimizer
+            # step changes tensors in place, so with it a copy of what it touches is kept until the swap.
+            restore = snapshot_step(self.optimizer) if self.keep_optimizer_step else None
+            try:
+                if self.keep_optimizer_step:
+                    self._optimizer_step()
+                swaps = [self.layers[name].stage(plan, self.optimizer) for name, plan in plans.items()]
+            except BaseException:
+                if restore is not None:
+                    restore()
+                raise
+            del restore
+            for swap in swaps:
+                swap()
         else:
             self._optimizer_step()
         self.steps = t
@@ -157,30 +191,43 @@ class Sparsifier:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict`. Load the model's state_dict (which holds the topology) first.
+        """Restore from :meth:`state_dict`. Load the model's state_dict (which holds the topology) first. Everything
+        is checked before anything changes: on an error the sparsifier is as it was.
 
         Raises:
-            ValueError: a state of another sparsifier kind or configuration, or masks that differ from the
-                model's (load the model's state_dict first).
+            ValueError: a state of another sparsifier kind or configuration, a missing entry, a step count that
+                is not an int in [0, 2**53], or masks that differ from the model's (load the model's state_dict
+                first).
         """
         fn = f"{type(self).__name__}.load_state_dict"
         if not isinstance(state, dict) or state.get("kind") != type(self).__name__:
             got = state.get("kind") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{fn}: expected the state of a {type(self).__name__}, got {got!r}")
-        saved = {**self._saved_before, **state["config"]}
+        missing = [key for key in self.state_dict() if key not in state]
+        if missing:
+            raise ValueError(f"{fn}: the state lacks {missing}")
+        saved = {**self._saved_before, **state["config"]} if isinstance(state["config"], dict) else state["config"]
         if saved != self._config():
             raise ValueError(f"{fn}: configuration {saved} differs from this sparsifier's {self._config()}")
-        if set(state["active"]) != set(self.layers):
-            raise ValueError(f"{fn}: state has layers {sorted(state['active'])}, the model has {sorted(self.layers)}")
+        if not isinstance(state["active"], dict) or set(state["active"]) != set(self.layers):
+            got = sorted(state["active"]) if isinstance(state["active"], dict) else type(state["active"]).__name__
+            raise ValueError(f"{fn}: state has layers {got}, the model has {sorted(self.layers)}")
         for name, layer in self.layers.items():
-            if not torch.equal(state["active"][name].to(layer.active().device), layer.active()):
+            active = state["active"][name]
+            if not (isinstance(active, torch.Tensor) and torch.equal(active.to(layer.active().device), layer.active())):
                 raise ValueError(
                     f"{fn}: the mask of {name!r} differs from the model's; load the model's state_dict first"
                 )
+        steps = _step_count(fn, state["steps"])
+        self._check_extra_state(fn, state)
+        # everything is checked: now change the sparsifier
         self._load_extra_state(state)
-        self.steps = int(state["steps"])
+        self.steps = steps
         self._records.clear()
         self._capturing = self.is_update_step(self.steps + 1)
+
+    def _check_extra_state(self, fn: str, state: dict) -> None:
+        pass
 
     def remove(self) -> None:
         """Detach the hooks this sparsifier installed (the masks stay)."""
@@ -273,7 +320,8 @@ class SET(_DropGrow):
         model, optimizer, group: as :class:`Static`.
         total_steps: optimizer steps in the run (sets ``t_end``).
         delta_t, alpha, t_end: the :class:`UpdateSchedule` (defaults 100, 0.3, 0.75).
-        keep_optimizer_step: also take the optimizer step on update steps (default: skip it, as RigL does).
+        keep_optimizer_step: also take the optimizer step on update steps (default: skip it, as RigL does; with
+            it, update steps hold a copy of the optimizer's parameters and state, to undo a failed update).
         seed: the generator's seed (its state is part of ``state_dict()``).
 
     Example::
@@ -306,6 +354,9 @@ class SET(_DropGrow):
     def _extra_state(self) -> dict:
         return {"generator": self.generator.get_state()}
 
+    def _check_extra_state(self, fn: str, state: dict) -> None:
+        check_generator_state(fn, state["generator"], self.generator)
+
     def _load_extra_state(self, state: dict) -> None:
         self.generator.set_state(state["generator"])
 
@@ -328,7 +379,7 @@ class RigL(_DropGrow):
     (so a dense layer, as ERK's capacity loop can make one, is left as it is);
     the optimizer step of an update step is skipped (``keep_optimizer_step=True`` takes it). On SparseLinear
     layers the scores come from :func:`sparsekern.outer_topk` over the layer inputs and output gradients of every
-    micro-batch of the update step (recorded by hooks, only during update steps), so the dense gradient is never
+    micro-batch of the update step (recorded by hooks, kept only on update steps), so the dense gradient is never
     formed and gradient accumulation is exact; masked layers use their dense gradient. Under DDP the grow uses
     every rank's batch and the new masks' checksums are compared across ranks before anything changes.
 
@@ -337,7 +388,8 @@ class RigL(_DropGrow):
         total_steps: optimizer steps in the run (sets ``t_end``).
         delta_t, alpha, t_end: the :class:`UpdateSchedule` (defaults 100, 0.3, 0.75 as in the paper).
         keep_optimizer_step: also take the optimizer step on update steps (the new masks are chosen from the
-            weights and gradients before that step and applied after it).
+            weights and gradients before that step and applied after it). So that a failed update can be undone,
+            update steps then hold a copy of every parameter, gradient and optimizer state the optimizer holds.
         precision: the arithmetic of the grow scores on SparseLinear layers (:func:`sparsekern.outer_topk`):
             "fast" (default: the fastest of the device, the same bits run to run and on every rank, within a
             stated rounding bound of float64) or "exact" (one rounding order, bit-identical on every backend and
@@ -381,20 +433,89 @@ class RigL(_DropGrow):
         return {**super()._config(), "precision": self.precision}
 
     def _recorder(self, name: str):
+        slot = next(_SLOTS)
+        _RECORDERS[slot] = (weakref.ref(self), name)
+        weakref.finalize(self, _RECORDERS.pop, slot, None)
+        target = self.layers[name].module
+
+        # Compiled: records on every training forward (the opaque op reads _capturing when the backward runs), so
+        # torch.compile traces one graph with no guard on the schedule and no Python side effect in it. Eager: only
+        # on capture steps (nothing is traced, so the check costs nothing and other steps get no extra node).
         def record(module, args, output):
-            if not self._capturing or not torch.is_grad_enabled() or not output.requires_grad:
-                return
-            entry = [args[0].detach().reshape(-1, module.in_features), None]
-            self._records.setdefault(name, []).append(entry)
-
-            def grad_hook(grad):
-                g = grad.detach().reshape(-1, module.out_features)
-                entry[1] = g if entry[1] is None else entry[1] + g  # several backward passes through one graph
-
-            output.register_hook(grad_hook)
+            # copy.deepcopy(model) copies this hook: it records only on the module it was put on
+            if module is not target or not torch.is_grad_enabled() or not output.requires_grad:
+                return None
+            # Not a tensor hook: one on an output then changed in place (ReLU(inplace=True)) never fires.
+            if torch.compiler.is_compiling():
+                return _RecordGrad.apply(output, args[0], slot)
+            if _capturing(slot) is not None:
+                # a 2-D SparseLinear output is a same-shape view; marking a view dirty would cost a copy
+                return _RecordGrad.apply(output._base if _same_view(output) else output, args[0], slot)
+            return None
 
         return record
 
     def _batches(self, name: str):
-        # A forward without a backward adds nothing to the gradient, so it adds nothing to the scores.
-        return [(x, g) for x, g in self._records.get(name, []) if g is not None]
+        # One (x, g) per backward pass: a forward without a backward adds nothing to the gradient or the scores.
+        return self._records.get(name, [])
+
+
+# RigL's recording hooks by slot: (weak reference to the RigL, layer name); a slot outlives neither.
+_RECORDERS: dict[int, tuple[weakref.ref, str]] = {}
+_SLOTS = itertools.count()
+
+
+def _capturing(slot: int) -> list | None:
+    """The record list of ``slot``'s layer while its RigL captures an update step, else None."""
+    owner = _RECORDERS.get(slot)
+    rigl = owner[0]() if owner is not None else None
+    if rigl is None or not rigl._capturing:
+        return None
+    return rigl._records.setdefault(owner[1], [])
+
+
+@torch.library.custom_op("sparsekern::rigl_record", mutates_args=())
+def rigl_record(x: torch.Tensor, g: torch.Tensor, slot: int) -> None:
+    """Hand one backward pass's layer input ``x`` and output gradient ``g`` to the RigL of ``slot``, kept (copied, as
+    (B, in_features) and (B, out_features)) only while it captures an update step. Opaque to torch.compile and
+    declared side-effectful below, so compiled graphs keep it and never depend on the capture state."""
+    records = _capturing(slot)
+    if records is not None:
+        records.append((x.detach().reshape(-1, x.shape[-1]).clone(), g.detach().reshape(-1, g.shape[-1]).clone()))
+
+
+@rigl_record.register_fake
+def _(x, g, slot):
+    return None
+
+
+def _same_view(y: torch.Tensor) -> bool:
+    """y is a view of exactly its base's elements, in the same layout."""
+    base = y._base
+    return (
+        base is not None
+        and base.shape == y.shape
+        and base.stride() == y.stride()
+        and base.storage_offset() == y.storage_offset()
+    )
+
+
+class _RecordGrad(torch.autograd.Function):
+    """An in-place identity on a layer output whose backward gives (x, dL/dy) to :func:`rigl_record`, also when the
+    output is then changed in place; ``mark_dirty`` (rather than returning a view) keeps such in-place ops legal."""
+
+    @staticmethod
+    def forward(ctx, y, x, slot):
+        ctx.mark_dirty(y)
+        ctx.save_for_backward(x)
+        ctx.slot = slot
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        rigl_record(x, g, ctx.slot)
+        return g, None, None
+
+
+torch.fx.node.has_side_effect(torch.ops.sparsekern.rigl_record.default)  # no output: keep it out of dead-code removal
