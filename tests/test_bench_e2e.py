@@ -40,7 +40,7 @@ def test_run_wide_rows_density_and_masks():
         if r.method == "dense":
             assert r.speedups == [1.0, 1.0] and all(run.report is None for run in r.runs)
             continue
-        layout = "compressed" if r.method == "rigl-sparse" else "masked"
+        layout = "sparse" if r.method == "rigl-sparse" else "masked"
         for run in r.runs:
             # only the hidden x hidden layer is sparse, and its nonzero count is exact after every mask update
             (layer,) = run.report["layers"]

@@ -43,7 +43,7 @@ def test_demo_quick(tmp_path, capsys):
             assert r["report"] is None
         else:
             assert abs(r["report"]["overall"]["sparsity"] - 0.9) < 1e-3
-            assert [layer["layout"] for layer in r["report"]["layers"]] == ["compressed"] * 3
+            assert [layer["layout"] for layer in r["report"]["layers"]] == ["sparse"] * 3
     assert [row["round"] for row in by_method["imp"]["extra"]["rounds"]] == [0, 1, 2, 3]
     assert by_method["dense"]["accuracy"] > 50  # 3 epochs already learn the digits
     png = (tmp_path / "accuracy.png").read_bytes()

@@ -14,7 +14,7 @@ from sparsekern.nn import SparseLinear
 from sparsekern.training import keep_masks, sparsify, sparsity_report
 from sparsekern.training.sparsify import is_conv1d, sparse_layers
 
-LAYOUTS = ["compressed", "masked"]
+LAYOUTS = ["sparse", "masked"]
 
 
 def need(name: str):
@@ -56,7 +56,7 @@ class Conv1D(nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], self.nf)
 
 
-@pytest.mark.parametrize("layout", ["compressed", "masked"])
+@pytest.mark.parametrize("layout", ["sparse", "masked"])
 def test_transposed_linear_conv1d_is_masked(layout):
     net = nn.Sequential(Conv1D(12, 5), nn.ReLU(), Conv1D(3, 12))
     w0 = net[0].weight.detach().clone()
@@ -114,7 +114,7 @@ def test_tied_lm_keeps_its_embedding_and_head_dense_and_tied(layout, conv1d):
     embedding = model.wte.weight.detach().clone()
     report = sparsify(model, 0.9, layout=layout, generator=torch.Generator().manual_seed(0))
     assert [r.name for r in report.layers] == ["c_attn.weight", "c_proj.weight", "c_fc.weight", "mlp_proj.weight"]
-    assert {r.layout for r in report.layers} == {"compressed" if layout == "compressed" and not conv1d else "masked"}
+    assert {r.layout for r in report.layers} == {"sparse" if layout == "sparse" and not conv1d else "masked"}
     assert model.lm_head.weight is model.wte.weight and type(model.lm_head) is nn.Linear
     assert torch.equal(model.wte.weight.detach(), embedding)  # not one zero more in the embedding
     assert not hasattr(model.wte, "weight_mask") and not hasattr(model.lm_head, "weight_mask")
@@ -175,8 +175,8 @@ def test_transformer_encoder_layer_compressed_trains():
     assert [(r.name, r.layout) for r in report.layers] == [
         ("self_attn.in_proj_weight", "masked"),
         ("self_attn.out_proj.weight", "masked"),  # MultiheadAttention reads out_proj.weight itself
-        ("linear1.weight", "compressed"),
-        ("linear2.weight", "compressed"),
+        ("linear1.weight", "sparse"),
+        ("linear2.weight", "sparse"),
     ]
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     sparsifier = sparsekern.Static(layer, opt)
@@ -271,7 +271,7 @@ def test_transformers_bert():
     )  # fmt: skip
     model = transformers.BertModel(config)
     report = sparsify(model, 0.9, generator=torch.Generator().manual_seed(0))
-    assert len(report.layers) == 2 * 6 + 1 and {r.layout for r in report.layers} == {"compressed"}  # + the pooler
+    assert len(report.layers) == 2 * 6 + 1 and {r.layout for r in report.layers} == {"sparse"}  # + the pooler
     assert sorted(s.name for s in report.skipped) == [
         "embeddings.position_embeddings.weight",
         "embeddings.token_type_embeddings.weight",

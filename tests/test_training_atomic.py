@@ -99,8 +99,8 @@ def build(method: str, layout: str, optimizer: str, keep: bool):
 
 # RigL over every layout, optimizer and keep_optimizer_step; SET commits through the same code: two of its cases
 CASES = [
-    *itertools.product(["rigl"], ["compressed", "masked"], OPTIMIZERS, [False, True]),
-    ("set", "compressed", "adam", True),
+    *itertools.product(["rigl"], ["sparse", "masked"], OPTIMIZERS, [False, True]),
+    ("set", "sparse", "adam", True),
     ("set", "masked", "sgd_momentum", False),
 ]
 
@@ -135,14 +135,14 @@ def test_failed_update_commit_changes_nothing(method, layout, optimizer, keep, m
             assert sparsifier.step()  # the retry is the update that never failed
             assert same(without_ids(snapshot(model, opt, sparsifier)), without_ids(expected)), (point, k)
             tried += 1
-    # every layer's index, values, gradient and optimizer state were hit (compressed) or every mask (masked)
+    # every layer's index, values, gradient and optimizer state were hit (the sparse layout) or every mask (masked)
     n_state = 1 if optimizer == "sgd_momentum" else 2
-    assert tried >= (3 * (3 + n_state) if layout == "compressed" else 3) + keep
+    assert tried >= (3 * (3 + n_state) if layout == "sparse" else 3) + keep
 
 
 @pytest.mark.parametrize("control", [None, "reinit"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
-@pytest.mark.parametrize("layout", ["compressed", "masked"])
+@pytest.mark.parametrize("layout", ["sparse", "masked"])
 def test_failed_imp_prune_changes_nothing(layout, scope, control, monkeypatch):
     def build_imp():
         torch.manual_seed(0)
@@ -184,4 +184,4 @@ def test_failed_imp_prune_changes_nothing(layout, scope, control, monkeypatch):
             imp_.end_round(loss=1.0)  # the retry prunes as the run that never failed
             assert same(without_ids(state(model, imp_)), without_ids(expected)), (point, k)
             tried += 1
-    assert tried >= 3 * (2 if layout == "compressed" else 1) + (3 if control == "reinit" else 0)
+    assert tried >= 3 * (2 if layout == "sparse" else 1) + (3 if control == "reinit" else 0)

@@ -36,7 +36,7 @@ def final_state(model, sparsifier):
     return {k: v.clone() for k, v in model.state_dict().items()}, sparsifier.masks()
 
 
-@pytest.mark.parametrize("layout", ["compressed", "masked"])
+@pytest.mark.parametrize("layout", ["sparse", "masked"])
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_resume_reproduces_uninterrupted_run(method, layout):
     model, opt, sparsifier = build(method, layout, seed=0)
@@ -74,7 +74,7 @@ def test_resume_reproduces_uninterrupted_run(method, layout):
 
 
 def test_load_state_dict_errors():
-    model, opt, rigl = build("rigl", "compressed", seed=0)
+    model, opt, rigl = build("rigl", "sparse", seed=0)
     state = rigl.state_dict()
     assert state["kind"] == "RigL" and state["steps"] == 0
     assert set(state["active"]) == {"0.weight", "2.weight", "4.weight"}
@@ -83,14 +83,14 @@ def test_load_state_dict_errors():
     other = RigL(model, opt, total_steps=STEPS + 1, delta_t=5, t_end=0.9)
     with pytest.raises(ValueError, match="configuration .* differs"):
         rigl.load_state_dict(other.state_dict())
-    _, _, elsewhere = build("rigl", "compressed", seed=1)
+    _, _, elsewhere = build("rigl", "sparse", seed=1)
     with pytest.raises(ValueError, match="the mask of '0.weight' differs from the model's; load the model's"):
         rigl.load_state_dict(elsewhere.state_dict())
 
 
 def test_load_state_dict_checks_steps_and_keys_before_changing_anything():
     np = pytest.importorskip("numpy")  # numpy integers are among the integer-likes accepted
-    model, opt, sparsifier = build("set", "compressed", seed=0)
+    model, opt, sparsifier = build("set", "sparse", seed=0)
     train(model, opt, sparsifier, torch.Generator().manual_seed(5), 3)
     state = sparsifier.state_dict()
     other_generator = torch.Generator().manual_seed(99).get_state()

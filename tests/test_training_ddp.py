@@ -46,7 +46,7 @@ def masks_and_weights(model):
     return out
 
 
-LAYOUTS = ("compressed", "masked")
+LAYOUTS = ("sparse", "masked")
 
 
 def make_imp(layout: str, group):
@@ -132,7 +132,7 @@ def _diverged(rank: int, method: str, layout: str) -> dict:
     return {"error": error, "before": before, "after": after, "retried": masks()}
 
 
-DIVERGED = [("rigl", "compressed"), ("set", "masked"), ("imp", "masked"), ("imp", "compressed")]
+DIVERGED = [("rigl", "sparse"), ("set", "masked"), ("imp", "masked"), ("imp", "sparse")]
 
 
 def _worker(rank: int, path: str):
@@ -145,8 +145,8 @@ def _worker(rank: int, path: str):
             results["imp", layout] = _imp_run(rank, layout)
         for method, layout in DIVERGED:
             results["diverged", method, layout] = _diverged(rank, method, layout)
-        try:  # sparsify(layout="compressed") replaces the Linear layers a wrapper made before IMP holds
-            IMP(DDP(nn.Sequential(nn.Linear(4, 4))), 0.5, layout="compressed")
+        try:  # sparsify(layout="sparse") replaces the Linear layers a wrapper made before IMP holds
+            IMP(DDP(nn.Sequential(nn.Linear(4, 4))), 0.5, layout="sparse")
             results["wrapped"] = "no error"
         except ValueError as exc:
             results["wrapped"] = str(exc)
@@ -225,4 +225,4 @@ def test_ddp_diverged_weights_raise_on_every_rank_and_change_nothing(method, lay
 
 def test_ddp_wrapper_made_before_a_compressed_imp_is_refused(ddp_runs):
     for run in ddp_runs:
-        assert run["wrapped"].startswith("IMP: layout='compressed' replaces the Linear layers, so a Distributed")
+        assert run["wrapped"].startswith("IMP: layout='sparse' replaces the Linear layers, so a Distributed")

@@ -76,7 +76,7 @@ STOPS = {"round0-step1": (0, 1), "before-round1": (1, None), "round2-step3": (2,
 @pytest.mark.parametrize("stop", STOPS.values(), ids=STOPS.keys())
 @pytest.mark.parametrize("rewind_step, control", [(0, None), (2, None), (2, "reinit"), (0, "random_mask")])
 @pytest.mark.parametrize("scope", SCOPES)
-@pytest.mark.parametrize("layout", ["masked", "compressed"])
+@pytest.mark.parametrize("layout", ["masked", "sparse"])
 def test_resume_reproduces_uninterrupted_run(layout, scope, rewind_step, control, stop):
     model, imp = build(layout, scope, rewind_step, control)
     assert run(model, imp, torch.Generator().manual_seed(7)) is None
@@ -109,11 +109,11 @@ def test_resume_reproduces_uninterrupted_run(layout, scope, rewind_step, control
 
 
 def test_load_state_dict_checks_everything_before_changing_anything():
-    model, imp = build("compressed")
+    model, imp = build("sparse")
     state = torch.load(run(model, imp, torch.Generator().manual_seed(7), stop=(1, 2)))["imp"]
 
     # the order: a fresh model still has its dense masks until the model's state is loaded
-    fresh_model, fresh = build("compressed", seed=1)
+    fresh_model, fresh = build("sparse", seed=1)
     with pytest.raises(ValueError, match="the mask of '0.weight' differs from the model's; load the model's"):
         fresh.load_state_dict(state)
     assert fresh.round == 0 and fresh.history == [] and fresh.state_dict()["rewind"] is None
@@ -152,7 +152,7 @@ def test_load_state_dict_checks_everything_before_changing_anything():
     assert same(fresh.state_dict(), state)
 
 
-@pytest.mark.parametrize("layout", ["masked", "compressed"])
+@pytest.mark.parametrize("layout", ["masked", "sparse"])
 def test_every_round_needs_a_new_optimizer(layout):
     model, imp = build(layout, rewind_step=0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -199,8 +199,8 @@ from torch import nn
 from sparsekern.training import IMP
 sys.path.insert(0, "tests")
 from test_training_imp import one_step_rounds
-for layout, sparsity, fraction in [("masked", 0.99, 0.2), ("compressed", 0.99, 0.2), ("masked", 0.5, 0.001),
-                                   ("compressed", 0.95, 0.01), ("masked", 0.9, 0.999)]:
+for layout, sparsity, fraction in [("masked", 0.99, 0.2), ("sparse", 0.99, 0.2), ("masked", 0.5, 0.001),
+                                   ("sparse", 0.95, 0.01), ("masked", 0.9, 0.999)]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(10, 10))
     imp = IMP(model, sparsity, prune_fraction=fraction, layout=layout)
@@ -211,7 +211,7 @@ for layout, sparsity, fraction in [("masked", 0.99, 0.2), ("compressed", 0.99, 0
     assert result.returncode == 0, result.stderr
     rows = {tuple(line.split()[:3]): eval(line.split(maxsplit=3)[3]) for line in result.stdout.splitlines()}
     assert rows[("masked", "0.99", "0.2")][-4:] == [4, 3, 2, 1] and len(rows[("masked", "0.99", "0.2")]) == 18
-    assert rows[("compressed", "0.99", "0.2")] == rows[("masked", "0.99", "0.2")]
+    assert rows[("sparse", "0.99", "0.2")] == rows[("masked", "0.99", "0.2")]
     assert rows[("masked", "0.5", "0.001")] == list(range(100, 49, -1))  # at least one weight per prune
     assert rows[("masked", "0.9", "0.999")] == [100, 10]
     for counts in rows.values():  # strictly fewer weights every round, down to exactly the target
@@ -234,7 +234,7 @@ def test_no_extra_round_for_a_rounding_difference():
     for scope in SCOPES:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(6, 4), nn.Linear(4, 6), nn.Linear(6, 4))
-        imp = IMP(model, 0.36, scope=scope, layout="compressed")
+        imp = IMP(model, 0.36, scope=scope, layout="sparse")
         assert imp.rounds == 3
         one_step_rounds(model, imp, 6)
         if scope == "layer":  # each layer by itself: 24 -> 19 -> its own round(0.64 * 24)

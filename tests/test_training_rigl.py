@@ -127,7 +127,7 @@ OPTIMIZERS = {
 
 @pytest.mark.parametrize("seed", range(len(OPTIMIZERS)))  # seed i trains with the i-th optimizer
 @pytest.mark.parametrize("micro", [1, 3], ids=["one_batch", "accum3"])
-@pytest.mark.parametrize("layout", ["compressed", "masked"])
+@pytest.mark.parametrize("layout", ["sparse", "masked"])
 @pytest.mark.parametrize("method", ["rigl", "set"])
 def test_update_matches_reference(method, layout, micro, seed):
     optimizer_name = list(OPTIMIZERS)[seed]
@@ -184,7 +184,7 @@ def test_layouts_agree_over_training():
     """The same RigL run on SparseLinear layers and on masked dense weights gives identical masks, and weights
     equal up to float64 summation order (the sparse kernels and the dense GEMM add in different orders)."""
     runs = {}
-    for layout in ("compressed", "masked"):
+    for layout in ("sparse", "masked"):
         model = tiny_model(5)
         sparsify(model, 0.7, layout=layout, generator=torch.Generator().manual_seed(5))
         opt = torch.optim.SGD(model.parameters(), lr=2**-8, momentum=0.5)
@@ -195,7 +195,7 @@ def test_layouts_agree_over_training():
             rigl.step()
             opt.zero_grad()
         runs[layout] = dense_state(model)
-    for (w1, m1, b1), (w2, m2, b2) in zip(runs["compressed"], runs["masked"], strict=True):
+    for (w1, m1, b1), (w2, m2, b2) in zip(runs["sparse"], runs["masked"], strict=True):
         assert torch.equal(m1, m2)
         torch.testing.assert_close(w1, w2, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(b1, b2, rtol=1e-12, atol=1e-12)
@@ -203,7 +203,7 @@ def test_layouts_agree_over_training():
 
 def test_keep_optimizer_step():
     model = tiny_model(3)
-    sparsify(model, 0.5, layout="compressed", generator=torch.Generator().manual_seed(3))
+    sparsify(model, 0.5, layout="sparse", generator=torch.Generator().manual_seed(3))
     opt = torch.optim.SGD(model.parameters(), lr=0.125)
     rigl = RigL(model, opt, total_steps=4, delta_t=1, t_end=4, keep_optimizer_step=True)
     x, c = batch(1, 3)
@@ -292,7 +292,7 @@ def assert_same_snapshot(a, b):
             assert torch.equal(torch.as_tensor(value), torch.as_tensor(ob["state"][k][key]))
 
 
-@pytest.mark.parametrize("layout", ["compressed", "masked"])
+@pytest.mark.parametrize("layout", ["sparse", "masked"])
 def test_failed_update_changes_nothing(layout):
     model = tiny_model(6)
     sparsify(model, 0.5, layout=layout, generator=torch.Generator().manual_seed(6))

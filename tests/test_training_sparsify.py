@@ -99,7 +99,7 @@ class Net(nn.Module):
         return self.fc2(torch.relu(self.fc1(h)))
 
 
-@pytest.mark.parametrize("layout", ["compressed", "masked"])
+@pytest.mark.parametrize("layout", ["sparse", "masked"])
 def test_sparsify_layouts_and_report(layout):
     net = Net()
     x = torch.randn(2, 3, 6, 6)
@@ -108,7 +108,7 @@ def test_sparsify_layouts_and_report(layout):
     assert report.nnz == sum(layer_nnz([(8, 3, 3, 3), (32, 128), (10, 32)], 0.8, "erk"))
     assert report.sparsity == pytest.approx(0.8, abs=1e-3)
     assert isinstance(net.conv, nn.Conv2d) and net.conv.weight_mask.dtype == torch.bool  # conv: always masked
-    assert isinstance(net.fc1, SparseLinear) == (layout == "compressed")
+    assert isinstance(net.fc1, SparseLinear) == (layout == "sparse")
     assert not isinstance(net.norm, SparseLinear) and not hasattr(net.norm, "weight_mask")
     assert not hasattr(net.emb, "weight_mask")
     assert int((net.conv.weight != 0).sum()) <= report.layers[0].nnz
@@ -125,7 +125,7 @@ def test_sparsify_keeps_function_at_the_mask():
     a = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
     b = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 5))
     b.load_state_dict(a.state_dict())
-    sparsify(a, 0.7, layout="compressed", generator=torch.Generator().manual_seed(1), rescale=True)
+    sparsify(a, 0.7, layout="sparse", generator=torch.Generator().manual_seed(1), rescale=True)
     sparsify(b, 0.7, layout="masked", generator=torch.Generator().manual_seed(1), rescale=True)
     x = torch.randn(4, 20)
     torch.testing.assert_close(a(x), b(x))
@@ -210,7 +210,7 @@ def _train(model, sparsifier, opt, steps, gen):
 
 
 @pytest.mark.parametrize("scope", ["global", "layer"])
-@pytest.mark.parametrize("layout", ["masked", "compressed"])
+@pytest.mark.parametrize("layout", ["masked", "sparse"])
 def test_imp_rounds_prune_and_rewind(scope, layout):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -224,7 +224,7 @@ def test_imp_rounds_prune_and_rewind(scope, layout):
         sparsifier = imp.start_round(opt)
         _train(model, sparsifier, opt, 2, gen)
         if r == 0:
-            rewind_point = [m.dense_weight().detach().clone() if layout == "compressed" else m.weight.detach().clone()
+            rewind_point = [m.dense_weight().detach().clone() if layout == "sparse" else m.weight.detach().clone()
                             for m in (model[0], model[2])]  # fmt: skip
             bias_point = model[0].bias.detach().clone()
         _train(model, sparsifier, opt, 3, gen)
@@ -339,17 +339,17 @@ def test_compress_masked_linear_layers():
     net.eval()
     expected = net(x)
     masks = {"fc1.weight": net.fc1.weight_mask.clone(), "fc2.weight": net.fc2.weight_mask.clone()}
-    report = sparsekern.training.compress(net)
+    report = sparsekern.training.to_sparse_linear(net)
     assert isinstance(net.fc1, SparseLinear) and isinstance(net.fc2, SparseLinear)
     assert isinstance(net.conv, nn.Conv2d) and [r.layout for r in report.layers] == [
         "masked",
-        "compressed",
-        "compressed",
+        "sparse",
+        "sparse",
     ]
     assert torch.equal(net.fc1.mask, masks["fc1.weight"]) and torch.equal(net.fc2.mask, masks["fc2.weight"])
     torch.testing.assert_close(net(x), expected)
     with pytest.raises(ValueError, match="no masked nn.Linear"):
-        sparsekern.training.compress(nn.Sequential(nn.Linear(2, 2)))
+        sparsekern.training.to_sparse_linear(nn.Sequential(nn.Linear(2, 2)))
 
 
 # -- shared modules, tied weights, what is left dense -------------------------------------------------------------
@@ -369,7 +369,7 @@ class Twice(nn.Module):
         return self.out(torch.relu(self.b(torch.relu(self.a(self.inp(x))))))
 
 
-@pytest.mark.parametrize("layout", ["compressed", "masked"])
+@pytest.mark.parametrize("layout", ["sparse", "masked"])
 def test_module_used_twice_is_converted_once_and_installed_everywhere(layout):
     torch.manual_seed(0)
     net = Twice()
@@ -378,9 +378,9 @@ def test_module_used_twice_is_converted_once_and_installed_everywhere(layout):
     report = sparsify(net, 0.5, layout=layout, rescale=True, generator=torch.Generator().manual_seed(0))
     assert [r.name for r in report.layers] == ["inp.weight", "a.weight", "out.weight"]
     assert net.a is net.b  # the same (new) module at both positions, one mask
-    assert isinstance(net.a, SparseLinear) == (layout == "compressed")
+    assert isinstance(net.a, SparseLinear) == (layout == "sparse")
     masked = nn.Linear(8, 8)  # the function: the old weights, rescaled once, at the one mask
-    mask = net.a.mask if layout == "compressed" else net.a.weight_mask
+    mask = net.a.mask if layout == "sparse" else net.a.weight_mask
     with torch.no_grad():
         masked.weight.copy_(old.weight * mask if layout == "masked" else net.a.dense_weight())
         masked.bias.copy_(old.bias)
@@ -391,7 +391,7 @@ def test_module_used_twice_is_converted_once_and_installed_everywhere(layout):
     h = net.inp(x)
     torch.testing.assert_close(net(x), net.out(torch.relu(masked(torch.relu(masked(h))))))
     if layout == "masked":
-        sparsekern.training.compress(net)
+        sparsekern.training.to_sparse_linear(net)
         assert isinstance(net.a, SparseLinear) and net.a is net.b
 
 
@@ -399,7 +399,7 @@ def test_rigl_grows_a_module_used_twice_from_both_uses():
     """The compressed layer records x and g at both positions; their concatenation scores the summed gradient,
     which is what the masked layer's dense gradient holds: both layouts move the same connections."""
     masks = []
-    for layout in ("compressed", "masked"):
+    for layout in ("sparse", "masked"):
         torch.manual_seed(0)
         net = Twice()
         sparsify(net, 0.5, layout=layout, generator=torch.Generator().manual_seed(0))
@@ -426,7 +426,7 @@ class Tied(nn.Module):
         return self.c(self.b(torch.relu(self.a(x))))
 
 
-@pytest.mark.parametrize("layout", ["compressed", "masked"])
+@pytest.mark.parametrize("layout", ["sparse", "masked"])
 def test_tied_weights_stay_dense_and_tied(layout):
     net = Tied()
     before = net.a.weight.detach().clone()
@@ -621,7 +621,7 @@ def test_keep_masks_follows_mask_updates_and_errors():
         sparsekern.training.keep_masks(compressed, torch.optim.SGD(compressed.parameters(), lr=0.1))
 
 
-@pytest.mark.parametrize("layout", ["compressed", "masked"])
+@pytest.mark.parametrize("layout", ["sparse", "masked"])
 def test_generator_decides_the_masks_and_leaves_the_global_rng_alone(layout):
     def masks(global_seed, seed):
         torch.manual_seed(global_seed)
@@ -668,3 +668,17 @@ def test_imp_state_keeps_the_dense_weights_of_its_reports(tmp_path):
     }
     resumed.load_state_dict(old)  # a state saved before reports listed dense weights still loads
     assert resumed.history[0].report.skipped == () and resumed.history[0].report.layers == imp.history[0].report.layers
+
+
+def test_old_names_of_the_sparse_layout_still_work_with_a_warning():
+    net = nn.Sequential(nn.Linear(6, 5))
+    with pytest.warns(FutureWarning, match="layout='compressed' is now called 'sparse'"):
+        report = sparsify(net, 0.5, layout="compressed")
+    assert isinstance(net[0], sparsekern.nn.SparseLinear) and report.layers[0].layout == "sparse"
+    masked = nn.Sequential(nn.Linear(6, 5))
+    sparsify(masked, 0.5, layout="masked")
+    with pytest.warns(FutureWarning, match="now called to_sparse_linear"):
+        sparsekern.training.compress(masked)
+    assert isinstance(masked[0], sparsekern.nn.SparseLinear)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        sparsify(nn.Sequential(nn.Linear(6, 5)), 0.5, layout="packed")

@@ -1,6 +1,6 @@
 """Drop-in layers and model conversions."""
 
-from .semi24 import LayerReport, Semi24Report, sparsify_semi24
+from .semi24 import Semi24LayerReport, Semi24Report, sparsify_semi24
 from .sparse_linear import SparseLinear, TopologyUpdate
 
-__all__ = ["LayerReport", "Semi24Report", "SparseLinear", "TopologyUpdate", "sparsify_semi24"]
+__all__ = ["Semi24LayerReport", "Semi24Report", "SparseLinear", "TopologyUpdate", "sparsify_semi24"]

@@ -27,7 +27,7 @@ ON_CPU = ("skip", "dense", "compressed")
 
 
 @dataclass
-class LayerReport:
+class Semi24LayerReport:
     name: str
     shape: tuple[int, ...]
     dtype: str
@@ -39,14 +39,14 @@ class LayerReport:
 
 @dataclass
 class Semi24Report:
-    layers: list[LayerReport] = field(default_factory=list)
+    layers: list[Semi24LayerReport] = field(default_factory=list)
 
     @property
-    def converted(self) -> list[LayerReport]:
+    def converted(self) -> list[Semi24LayerReport]:
         return [layer for layer in self.layers if layer.converted]
 
     @property
-    def skipped(self) -> list[LayerReport]:
+    def skipped(self) -> list[Semi24LayerReport]:
         return [layer for layer in self.layers if not layer.converted]
 
     def __str__(self) -> str:
@@ -150,7 +150,7 @@ def _checked_dense(sparse: torch.sparse.SparseSemiStructuredTensor, pruned: torc
     return dense
 
 
-def _convert(weight, entry: LayerReport, prune, with_transpose, format, on_cpu) -> nn.Parameter:
+def _convert(weight, entry: Semi24LayerReport, prune, with_transpose, format, on_cpu) -> nn.Parameter:
     sparse = to_semi_structured(weight, prune=prune, with_transpose=with_transpose, format=format)
     entry.converted = True
     entry.reason = f"{format}{', pruned' if prune else ''}{', with transpose' if with_transpose else ''}"
@@ -235,7 +235,7 @@ def sparsify_semi24(
         if not isinstance(module, nn.Linear):
             continue
         weight = module.weight
-        entry = LayerReport(
+        entry = Semi24LayerReport(
             name, tuple(weight.shape), str(weight.dtype).replace("torch.", ""), str(weight.device), False, ""
         )
         report.layers.append(entry)

@@ -5,7 +5,16 @@ from .drop_grow import DropGrowPlan, drop_and_grow
 from .imp import IMP, IMPRound
 from .schedule import UpdateSchedule
 from .sparsifier import SET, SNIP, RigL, Sparsifier, Static
-from .sparsify import LAYOUTS, SparsityReport, compress, keep_masks, snip_scores, sparsify, sparsity_report
+from .sparsify import (
+    LAYOUTS,
+    SparsityReport,
+    compress,
+    keep_masks,
+    snip_scores,
+    sparsify,
+    sparsity_report,
+    to_sparse_linear,
+)
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -27,4 +36,5 @@ __all__ = [
     "snip_scores",
     "sparsify",
     "sparsity_report",
+    "to_sparse_linear",
 ]

@@ -211,7 +211,7 @@ def layer_time_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float
 
 
 def run_method(method: str, cfg: Config, data) -> Result:
-    from . import IMP, SET, SNIP, RigL, Static, compress, snip_scores, sparsify, sparsity_report
+    from . import IMP, SET, SNIP, RigL, Static, snip_scores, sparsify, sparsity_report, to_sparse_linear
 
     x_train, y_train = data[0], data[1]
     model = make_mlp(cfg.hidden, cfg.seed)
@@ -246,7 +246,7 @@ def run_method(method: str, cfg: Config, data) -> Result:
             curve = train(model, data, cfg, sparsifier_factory=factory, desc=f"imp {r + 1}/{imp.rounds}")
             imp.end_round(accuracy=curve[-1])
         extra["rounds"] = [{"round": row.round, "sparsity": row.report.sparsity, **row.metrics} for row in imp.history]
-        compress(model)
+        to_sparse_linear(model)
     else:
         raise ValueError(f"demo: method must be one of {METHODS}, got {method!r}")
     wall = time.perf_counter() - start
@@ -403,7 +403,7 @@ class _WideTrainer:
         self.held: dict = {}
         factory = None
         if method != "dense":
-            layout = "compressed" if method == "rigl-sparse" else "masked"
+            layout = "sparse" if method == "rigl-sparse" else "masked"
             generator = torch.Generator().manual_seed(seed)  # same mask and weights for both layouts
             sparsify(self.model, cfg.sparsity, distribution="uniform", include=cfg.sparse_layer, layout=layout,
                      generator=generator, rescale=True)  # fmt: skip

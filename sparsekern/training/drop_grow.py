@@ -5,7 +5,7 @@ Drop the n smallest |w| among the active connections; grow n positions among tho
 its value; newly grown connections start at 0 with zero optimizer state. The number of nonzeros is unchanged.
 
 Two kinds of layer are handled alike:
-- :class:`~sparsekern.nn.SparseLinear` (compressed): |w| is read from its nnz values; the grow scores come from
+- :class:`~sparsekern.nn.SparseLinear` (the sparse layout): |w| is read from its nnz values; the grow scores come from
   the layer's inputs x and output gradients g through :func:`sparsekern.outer_topk`, so the dense n_out × n_in
   gradient is never formed; micro-batches of one step are concatenated along the batch, which makes the scores
   exactly their sum.

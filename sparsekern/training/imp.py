@@ -15,7 +15,7 @@ from ..nn.sparse_linear import SparseLinear, TopologyUpdate
 from .drop_grow import CompressedLayer, as_layer, flat_mask
 from .schedule import MAX_PRUNE_ROUNDS, prune_counts
 from .sparsifier import Sparsifier, _verify_across_ranks, check_generator_state
-from .sparsify import LAYOUTS, SparsityReport, _unwrap, sparse_layers, sparsify, sparsity_report
+from .sparsify import SparsityReport, _unwrap, check_layout, sparse_layers, sparsify, sparsity_report
 
 SCOPES = ("global", "layer")
 CONTROLS = (None, "reinit", "random_mask")
@@ -68,7 +68,7 @@ class IMP:
     run gives the masks and weights of the run that did not stop.
 
     Data parallel (DDP): build the model identically on every rank and the IMP on the model itself with ``group=``
-    (or on a DDP wrapper when ``layout="masked"``; with "compressed" a wrapper made before IMP would hold the
+    (or on a DDP wrapper when ``layout="masked"``; with "sparse" a wrapper made before IMP would hold the
     Linear layers IMP replaces, so it is refused), and wrap the model anew every round, before the round's
     optimizer. A prune gives each SparseLinear a new, smaller ``values`` parameter that a wrapper from an earlier
     round does not hold: its gradient would not be averaged, and DDP raises "Expected to have finished reduction
@@ -76,7 +76,7 @@ class IMP:
     prune compares checksums of the new masks across the ranks and raises RuntimeError, on every rank and before
     anything changes, if they differ::
 
-        imp = sparsekern.IMP(model, 0.9, layout="compressed", group=torch.distributed.group.WORLD)
+        imp = sparsekern.IMP(model, 0.9, layout="sparse", group=torch.distributed.group.WORLD)
         while imp.round < imp.rounds:
             ddp = torch.nn.parallel.DistributedDataParallel(model)   # anew every round
             optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
@@ -98,7 +98,7 @@ class IMP:
 
     Raises:
         ValueError: values out of range or unknown names; ``start_round``/``end_round`` out of order; a DDP
-            wrapper with ``layout="compressed"``.
+            wrapper with ``layout="sparse"``.
         RuntimeError: ``end_round`` under DDP when the ranks' new masks differ (nothing changes).
 
     Example (runnable; it stops in round 2 and resumes from the checkpoint)::
@@ -173,14 +173,13 @@ class IMP:
             raise ValueError(f"{fn}: control must be one of {CONTROLS}, got {control!r}")
         if isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or rewind_step < 0:
             raise ValueError(f"{fn}: rewind_step must be an int >= 0, got {rewind_step!r}")
-        if layout not in LAYOUTS:
-            raise ValueError(f"{fn}: layout must be one of {LAYOUTS}, got {layout!r}")
+        layout = check_layout(fn, layout)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
-            if layout == "compressed":
+            if layout == "sparse":
                 raise ValueError(
-                    f"{fn}: layout='compressed' replaces the Linear layers, so a DistributedDataParallel wrapper "
+                    f"{fn}: layout='sparse' replaces the Linear layers, so a DistributedDataParallel wrapper "
                     "made before IMP would train the old ones; pass the model itself with group=, and wrap it anew "
                     "every round"
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -14,7 +15,22 @@ from ..nn.sparse_linear import SparseLinear
 from .distribution import DISTRIBUTIONS, _check_sparsity, layer_nnz
 from .drop_grow import MaskedLayer, as_layer, is_masked
 
-LAYOUTS = ("compressed", "masked")
+LAYOUTS = ("sparse", "masked")
+# "compressed" was the sparse layout's name until "compress" came to mean 2:4 compression too.
+_LAYOUT_ALIASES = {"compressed": "sparse"}
+
+
+def check_layout(fn: str, layout) -> str:
+    """The layout's current name; the old name "compressed" still works, with a FutureWarning."""
+    if layout in _LAYOUT_ALIASES:
+        new = _LAYOUT_ALIASES[layout]
+        warnings.warn(f"{fn}: layout={layout!r} is now called {new!r}", FutureWarning, stacklevel=3)
+        return new
+    if layout not in LAYOUTS:
+        raise ValueError(f"{fn}: layout must be one of {LAYOUTS}, got {layout!r}")
+    return layout
+
+
 # Layers whose weights are sparsified. Norms, embeddings and biases are never touched.
 ELIGIBLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # nn.MultiheadAttention's input projections (in_proj_weight, or q/k/v_proj_weight when kdim/vdim differ). Its fused
@@ -73,7 +89,7 @@ class LayerReport:
     kind: str  # "Linear", "Conv2d", ...
     shape: tuple[int, ...]
     nnz: int  # entries the mask keeps
-    layout: str  # "compressed" (SparseLinear) or "masked"
+    layout: str  # "sparse" (SparseLinear) or "masked"
     zeros: int | None = None  # entries of the weight that are 0 now (measured; None in reports saved before it)
     off_mask: int | None = None  # nonzeros off the mask: > 0 when something stepped the weight without the mask
 
@@ -280,7 +296,7 @@ def _layer_report(name: str, layer) -> LayerReport:
         zeros, off_mask = int((weight == 0).sum()), int(((weight != 0) & ~mask).sum())
         return LayerReport(name, kind, tuple(layer.shape), layer.count(), "masked", zeros, off_mask)
     zeros = layer.numel - layer.count() + int((layer.param.detach() == 0).sum())
-    return LayerReport(name, kind, tuple(layer.shape), layer.count(), "compressed", zeros, 0)
+    return LayerReport(name, kind, tuple(layer.shape), layer.count(), "sparse", zeros, 0)
 
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
@@ -399,7 +415,7 @@ def sparsify(
     sparsity: float,
     *,
     distribution: str = "erk",
-    layout: str = "compressed",
+    layout: str = "sparse",
     include: str | Iterable[str] | None = None,
     exclude: str | Iterable[str] | None = None,
     dense_first: bool = False,
@@ -423,7 +439,7 @@ def sparsify(
     (ties: lower flat index).
 
     Layouts:
-        "compressed": each ``nn.Linear`` is replaced by a :class:`~sparsekern.nn.SparseLinear` holding the
+        "sparse": each ``nn.Linear`` is replaced by a :class:`~sparsekern.nn.SparseLinear` holding the
             kept weights (only the nonzeros are stored and trained; create the optimizer afterwards). The other
             layers (conv, Conv1D, MultiheadAttention, whose code reads the dense weight) are masked.
         "masked": the dense weights stay; each is zeroed off its mask and gets a bool ``<name>_mask`` buffer
@@ -466,8 +482,7 @@ def sparsify(
     sparsity = _check_sparsity(fn, sparsity)
     if distribution not in (*DISTRIBUTIONS, "global"):
         raise ValueError(f"{fn}: distribution must be one of {(*DISTRIBUTIONS, 'global')}, got {distribution!r}")
-    if layout not in LAYOUTS:
-        raise ValueError(f"{fn}: layout must be one of {LAYOUTS}, got {layout!r}")
+    layout = check_layout(fn, layout)
     if distribution == "global" and scores is None:
         raise ValueError(f"{fn}: distribution='global' needs scores= (a global top-k by score, e.g. SNIP's)")
     if distribution == "global" and dense_first:
@@ -513,7 +528,7 @@ def sparsify(
         if rescale and nnz:
             with torch.no_grad():
                 weight.mul_(math.sqrt(mask.numel() / nnz))
-        if layout == "compressed" and type(module) is nn.Linear:
+        if layout == "sparse" and type(module) is nn.Linear:
             _replace(model, module, _to_sparse_linear(module, mask))
         else:
             make_masked(module, mask, param)
@@ -632,7 +647,7 @@ def snip_scores(
     return {key: (g * w).detach().abs() for key, g, w in zip(targets, grads, weights, strict=True)}
 
 
-def compress(model: nn.Module) -> SparsityReport:
+def to_sparse_linear(model: nn.Module) -> SparsityReport:
     """Replace every masked ``nn.Linear`` (``sparsify(layout="masked")``, IMP's default) by a
     :class:`~sparsekern.nn.SparseLinear` holding its weights at the mask, in place (at every position of a module
     used in several places); the other masked layers stay.
@@ -645,14 +660,22 @@ def compress(model: nn.Module) -> SparsityReport:
         >>> model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
         >>> imp = sparsekern.IMP(model, 0.9)          # trains masked dense weights
         >>> # ... the rounds (see IMP), then:
-        >>> report = sparsekern.training.compress(model)  # the winning ticket on SparseLinear layers
+        >>> report = sparsekern.training.to_sparse_linear(model)  # the winning ticket on SparseLinear layers
         >>> [type(layer).__name__ for layer in model]
         ['SparseLinear', 'ReLU', 'SparseLinear']
     """
     model = _unwrap(model)
     linears = [m for m in sparse_layers(model).values() if type(m) is nn.Linear]
     if not linears:
-        raise ValueError("compress: the model has no masked nn.Linear (sparsify(model, ..., layout='masked') first)")
+        raise ValueError(
+            "to_sparse_linear: the model has no masked nn.Linear (sparsify(model, ..., layout='masked') first)"
+        )
     for module in linears:
         _replace(model, module, _to_sparse_linear(module, module.weight_mask))
     return sparsity_report(model)
+
+
+def compress(model: nn.Module) -> SparsityReport:
+    """Deprecated name of :func:`to_sparse_linear` ("compress" now means 2:4 compression only)."""
+    warnings.warn("sparsekern.training.compress is now called to_sparse_linear", FutureWarning, stacklevel=2)
+    return to_sparse_linear(model)
