@@ -553,6 +553,7 @@ def tests_stage(
             repo,
             **{RESULTS_ENV: str(work / f"results-{i}.jsonl"), SHARD_ENV: f"{i}/{jobs}", "OMP_NUM_THREADS": threads},
         )
+        env.pop(GPU_ONLY_ENV, None)  # a surrounding run's (this stage runs inside the suite's own tests too)
         if gpu_only:
             env[GPU_ONLY_ENV] = "1"
         out = open(work / f"shard-{i}.log", "ab")  # noqa: SIM115 -- closed when the shard ends

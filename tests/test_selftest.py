@@ -147,8 +147,7 @@ def _fake_suite(tmp_path: Path, text: str = FAKE_SUITE) -> Path:
     return path
 
 
-def test_tests_stage_reports_every_failure_and_survives_crashes(tmp_path, monkeypatch):
-    monkeypatch.delenv(selftest.RESULTS_ENV, raising=False)  # the stage's own, not a surrounding selftest's
+def test_tests_stage_reports_every_failure_and_survives_crashes(tmp_path):
     suite = _fake_suite(tmp_path)
     work = tmp_path / "work"
     work.mkdir()
@@ -169,8 +168,7 @@ def test_tests_stage_reports_every_failure_and_survives_crashes(tmp_path, monkey
     assert "===== shard 0/2" in text and "===== shard 1/2" in text
 
 
-def test_tests_stage_gpu_only_and_time_limit(tmp_path, monkeypatch):
-    monkeypatch.delenv(selftest.RESULTS_ENV, raising=False)
+def test_tests_stage_gpu_only_and_time_limit(tmp_path):
     suite = _fake_suite(
         tmp_path,
         """
@@ -309,13 +307,13 @@ def test_sweeps_stage_runs_and_reads_back(tmp_path):
             1.0,
             "linear",
         ),
-        selftest.Sweep("grow-cuda", ("grow", "--quick", "--backend", "cuda"), 1.0, "grow"),  # no GPU: exit 2
+        selftest.Sweep("grow-cpu", ("grow", "--quick", "--isa", "sse"), 1.0, "grow"),  # refused by argparse: exit 2
     ]
     clock = selftest.Clock(300)
     results = selftest.sweeps_stage(ROOT, sys.executable, plan, clock, tmp_path, tmp_path / "bench.log")
-    linear, grow = results["linear-cpu"], results["grow-cuda"]
+    linear, grow = results["linear-cpu"], results["grow-cpu"]
     assert linear["status"] == "ok" and linear["exit_code"] == 0 and "| " in linear["markdown"]
-    assert grow["status"] == "FAILED (exit code 2)" and "needs a CUDA GPU" in grow["output_tail"]
+    assert grow["status"] == "FAILED (exit code 2)" and "invalid choice: 'sse'" in grow["output_tail"]
     # the crossover writer reads a real sweep: 2 sparsities x 2 modes at B=8 (<= SMALL_BATCH)
     measured = selftest.measured_crossovers(linear["data"])
     assert measured["backend"] == "cpu" and set(measured["table"]) == {"fp32"}
