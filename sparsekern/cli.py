@@ -1,4 +1,4 @@
-"""The ``sparsekern`` command line: ``sparsekern info``, ``sparsekern bench …`` and ``sparsekern demo``."""
+"""The ``sparsekern`` command line: ``sparsekern info``, ``bench …``, ``demo`` and ``selftest --gpu``."""
 
 from __future__ import annotations
 
@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
+    from .selftest import add_selftest_arguments, run_selftest
+
+    selftest = sub.add_parser("selftest", help="the GPU check: build, every test and the GPU figures, one report")
+    add_selftest_arguments(selftest)
+    selftest.set_defaults(func=run_selftest)
     return parser
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "add_bench_arguments",
     "add_isa_argument",
     "add_linear_arguments",
+    "add_semi24_arguments",
     "positive_float",
     "positive_int",
     "run_bench",
@@ -160,6 +161,37 @@ def add_micro_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_semi24_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``sparsekern bench semi24`` besides the shared ones."""
+    parser.add_argument(
+        "--isa",
+        action="append",
+        choices=("avx512", "avx2", "baseline", "all"),
+        help="instruction set the C++ CPU kernels run, a row each; repeatable; all: every one this CPU has "
+        "(default: the one they run now, see `sparsekern info`)",
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        type=size_pair("INxOUT", "4096x11008"),  # the weight of nn.Linear(IN, OUT), as in `bench linear`
+        metavar="INxOUT",
+        help="nn.Linear(IN, OUT); repeatable (default: every shape of the table in sparsekern/bench/semi24.py)",
+    )
+    parser.add_argument(
+        "--batch",
+        action="append",
+        type=positive_int,
+        metavar="B",
+        help="rows (tokens) of x in the GPU F.linear part; repeatable (default: each shape's own, 1 16 128 2048)",
+    )
+    parser.add_argument(
+        "--backend",
+        action="append",
+        choices=("cpu", "triton", "cuda", "reference"),
+        help="sparsekern backend whose conversions are timed; repeatable (default: every one that runs here)",
+    )
+
+
 _BENCHES: dict[str, _Bench] = {
     "semi24": _Bench(
         module="sparsekern.bench.semi24",
@@ -173,13 +205,7 @@ _BENCHES: dict[str, _Bench] = {
             "Exit code 1 when a conversion fails or is not bit-identical."
         ),
         dtypes=("fp16", "bf16", "int8", "fp32"),
-        add_arguments=lambda p: p.add_argument(
-            "--isa",
-            action="append",
-            choices=("avx512", "avx2", "baseline", "all"),
-            help="instruction set the C++ CPU kernels run, a row each; repeatable; all: every one this CPU has "
-            "(default: the one they run now, see `sparsekern info`)",
-        ),
+        add_arguments=lambda p: add_semi24_arguments(p),
     ),
     "linear": _Bench(
         module="sparsekern.bench.linear",

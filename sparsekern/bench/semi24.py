@@ -580,6 +580,20 @@ def run_semi24(
     return (1 if failed else 0), markdown
 
 
+def select_weights(
+    default: Sequence[Weight], shapes: Sequence[tuple[int, int]] | None, batches: Sequence[int] | None
+) -> list[Weight]:
+    """The weights of ``--shape`` (INxOUT; a shape of WEIGHTS keeps its name), else ``default``; ``--batch``
+    replaces every weight's token counts."""
+    weights = list(default)
+    if shapes:
+        named = {(w.in_features, w.out_features): w for w in WEIGHTS}
+        weights = [named.get(s, Weight("", s[1], s[0])) for s in dict.fromkeys(shapes)]
+    if batches:
+        weights = [dataclasses.replace(w, tokens=tuple(dict.fromkeys(batches))) for w in weights]
+    return weights
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sparsekern bench semi24``."""
     quick = args.quick
@@ -598,7 +612,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"sparsekern bench semi24: --isa {isa}: this CPU runs {have}", file=sys.stderr)
             return 2
     code, markdown = run_semi24(
-        weights=QUICK_WEIGHTS if quick else WEIGHTS,
+        weights=select_weights(QUICK_WEIGHTS if quick else WEIGHTS, args.shape, args.batch),
+        backends=args.backend,
         dtypes=list(dict.fromkeys(dtypes)),
         settings=settings,
         out=args.out,
