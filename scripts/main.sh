@@ -6,4 +6,6 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-exec "${SPARSEKERN_VENV:-.venv}/bin/sparsekern" demo "$@"
+venv=${SPARSEKERN_VENV:-.venv}
+if [ "$venv" = none ]; then py=${PYTHON:-python3}; else py=$venv/bin/python; fi
+exec "$py" -m sparsekern demo "$@"

@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-py=${SPARSEKERN_VENV:-.venv}/bin/python
+venv=${SPARSEKERN_VENV:-.venv}
+if [ "$venv" = none ]; then py=${PYTHON:-python3}; else py=$venv/bin/python; fi
 
 if "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   interpret=0
