@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 from .._csr import sorted_contains
+from .._distributed import verify_masks_across_ranks
 from ..nn.sparse_linear import SparseLinear, TopologyUpdate
 from .drop_grow import CompressedLayer, as_layer, flat_mask
 from .schedule import MAX_PRUNE_ROUNDS, prune_counts
-from .sparsifier import Sparsifier, _verify_across_ranks, check_generator_state
+from .sparsifier import Sparsifier, check_generator_state
 from .sparsify import SparsityReport, _unwrap, check_layout, sparse_layers, sparsify, sparsity_report
 
 SCOPES = ("global", "layer")
@@ -409,7 +410,7 @@ class IMP:
                 dense = [_fresh_init(layer, self.generator) for layer in layers]
             else:
                 dense = self._rewind["dense"]
-            _verify_across_ranks("IMP.end_round", self.group, dict(zip(self._names, keeps, strict=True)))
+            verify_masks_across_ranks("IMP.end_round", self.group, dict(zip(self._names, keeps, strict=True)))
             swaps = [
                 _stage_topology(layer, keep, weight) for layer, keep, weight in zip(layers, keeps, dense, strict=True)
             ]

@@ -10,6 +10,7 @@ import weakref
 import torch
 from torch import nn
 
+from .._distributed import verify_masks_across_ranks
 from ._optim_state import check_optimizer, check_state, snapshot_step
 from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer, check_precision
 from .schedule import UpdateSchedule
@@ -35,30 +36,6 @@ def check_generator_state(fn: str, saved, generator: torch.Generator) -> None:
     current = generator.get_state()
     if not (isinstance(saved, torch.Tensor) and saved.dtype == current.dtype and saved.shape == current.shape):
         raise ValueError(f"{fn}: the generator state must be a {current.dtype} tensor of shape {tuple(current.shape)}")
-
-
-def _checksum(active: torch.Tensor) -> torch.Tensor:
-    """A cheap int64 fingerprint of a set of flat indices (count, sum, a mixed sum)."""
-    a = active.to(torch.int64)
-    return torch.stack([a.new_tensor(a.numel()), a.sum(), (a * (a % 65521 + 1)).sum()])
-
-
-def _verify_across_ranks(fn: str, group, actives: dict[str, torch.Tensor]) -> None:
-    """Raise RuntimeError on every rank of ``group`` unless all ranks hold the same new masks ``actives``
-    ({layer name: flat indices}), compared by checksums; call it before anything changes. No-op without a group."""
-    if group is None or not actives:
-        return
-    import torch.distributed as dist
-
-    local = torch.cat([_checksum(actives[name]) for name in sorted(actives)])
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    for rank, other in enumerate(gathered):
-        if not torch.equal(other, gathered[0]):
-            raise RuntimeError(
-                f"{fn}: the new masks of rank {rank} differ from rank 0's (checksums {other.tolist()} vs "
-                f"{gathered[0].tolist()}); are the weights synchronised (DDP)? nothing changed"
-            )
 
 
 class Sparsifier:
@@ -132,7 +109,9 @@ class Sparsifier:
         updated = self.is_update_step(t)
         if updated:
             plans = self._plan(t)
-            _verify_across_ranks(f"{type(self).__name__}.step", self.group, {n: p.active for n, p in plans.items()})
+            verify_masks_across_ranks(
+                f"{type(self).__name__}.step", self.group, {n: p.active for n, p in plans.items()}
+            )
             # All or nothing: stage every layer (where memory can run out), then swap them all in. The optimizer
             # step changes tensors in place, so with it a copy of what it touches is kept until the swap.
             restore = snapshot_step(self.optimizer) if self.keep_optimizer_step else None
