@@ -37,7 +37,7 @@ else
     echo "setup: creating $venv"
     "$python" -m venv "$venv"
   fi
-  py="$venv/bin/python"
+  py="$(cd "$venv" && pwd)/bin/python"  # absolute: the import checks below run from /
   stamps=$venv
 
   # torch and triton come from this machine's disk (pip's configured mirror); never an isolated build env,
@@ -70,8 +70,9 @@ if [ "$(cat "$stamps/.build-stamp" 2>/dev/null)" != "$build_hash" ] || ! (cd / &
   rm -f sparsekern/_C*.so
   MAX_JOBS=${MAX_JOBS:-$(nproc)} "$py" -m pip install --quiet --disable-pip-version-check \
     --no-build-isolation --no-deps -e . 2>&1 | grep -v "^WARNING: Location" || true
-  if ! (cd / && "$py" -c "import sparsekern") 2>/dev/null; then
-    echo "setup: installing sparsekern into $py failed (see pip's messages above; an 'externally managed'" \
+  if ! import_error=$(cd / && "$py" -c "import sparsekern" 2>&1); then
+    echo "$import_error" | tail -20 >&2
+    echo "setup: installing sparsekern into $py failed (see the messages above; an 'externally managed'" \
          "interpreter needs a venv: python3 -m venv --system-site-packages DIR keeps its torch)" >&2
     exit 1
   fi
