@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import ROOT
 
-from sparsekern import cli, selftest
+from sparsekern import _extension, cli, selftest
 from sparsekern.ops.sparse_linear import DENSITY_CROSSOVER, Crossover
 
 NO_GPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(ROOT)}
@@ -283,6 +283,11 @@ def test_sweep_plan_covers_issue_12():
             assert args.bench == sweep.json_name
 
 
+# These run `bench` on the C++ CPU kernels, which CI's second pass switches off (SPARSEKERN_DISABLE_EXTENSION).
+needs_extension = pytest.mark.skipif(not _extension.available(), reason=f"extension: {_extension.unavailable_reason}")
+
+
+@needs_extension
 def test_semi24_shape_and_batch_options(tmp_path):
     from sparsekern.bench import semi24
 
@@ -298,6 +303,7 @@ def test_semi24_shape_and_batch_options(tmp_path):
     assert data["skipped_backends"]["reference"] == "not selected"
 
 
+@needs_extension
 def test_sweeps_stage_runs_and_reads_back(tmp_path):
     plan = [
         selftest.Sweep(
