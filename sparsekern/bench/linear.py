@@ -53,7 +53,11 @@ MODES = ("fwd", "fwdbwd")
 IMPLS = ("dense", "sparse", "auto", "torch_csr", "sparseprop")  # the keys of every row's "results", in timing order
 QUANTITIES = {"fwd": ("y",), "fwdbwd": ("y", "dX", "dW")}
 
-SPARSEPROP_MISSING = "SparseProp: not installed (pip install --no-build-isolation sparseprop scipy pybind11)"
+# Two steps: SparseProp's sdist builds against pybind11 without declaring it, so pybind11 must be there first.
+SPARSEPROP_MISSING = (
+    "SparseProp: not installed (pip install --no-build-isolation pybind11 scipy, then "
+    "pip install --no-build-isolation --no-deps sparseprop)"
+)
 
 
 @dataclass(frozen=True)
