@@ -39,6 +39,7 @@ from torch.sparse import _semi_structured_conversions as torch_conversions
 
 import sparsekern
 from sparsekern import _extension, _semi24
+from sparsekern._csr import as_bits
 from sparsekern.ops import _backend
 from sparsekern.ops.semi24_mask import group_topk_mask
 
@@ -118,9 +119,7 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-for-bit equality (so -0.0 vs 0.0 and NaN payloads count)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    fmt = _semi24.FORMATS.get(a.dtype)
-    bits = fmt.bits if fmt is not None else a.dtype
-    return torch.equal(a.view(bits), b.view(bits))
+    return torch.equal(as_bits(a), as_bits(b))
 
 
 def pruned_weight(shape: tuple[int, int], dtype: torch.dtype, device: str | torch.device = "cpu", seed: int = 0):
