@@ -15,7 +15,19 @@ from .ops import (
     semi24_mask,
     to_semi_structured,
 )
-from .training import IMP, SET, SNIP, RigL, Static, drop_and_grow, snip_scores, sparsify, sparsity_report
+from .training import (
+    IMP,
+    SET,
+    SNIP,
+    RigL,
+    Static,
+    drop_and_grow,
+    flops_report,
+    small_dense,
+    snip_scores,
+    sparsify,
+    sparsity_report,
+)
 
 __version__ = "0.1.0"
 
@@ -29,11 +41,13 @@ __all__ = [
     "SNIP",
     "Static",
     "drop_and_grow",
+    "flops_report",
     "nn",
     "outer_topk",
     "semi24_compress",
     "semi24_decompress",
     "semi24_mask",
+    "small_dense",
     "snip_scores",
     "sparsify",
     "sparsity_report",

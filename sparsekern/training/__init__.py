@@ -2,8 +2,10 @@
 
 from .distribution import DISTRIBUTIONS, layer_nnz
 from .drop_grow import DropGrowPlan, drop_and_grow
+from .flops import FlopsReport, LayerFlops, flops_report
 from .imp import IMP, IMPRound
 from .schedule import UpdateSchedule
+from .small_dense import small_dense
 from .sparsifier import SET, SNIP, RigL, Sparsifier, Static
 from .sparsify import (
     LAYOUTS,
@@ -24,6 +26,8 @@ __all__ = [
     "SET",
     "SNIP",
     "DropGrowPlan",
+    "FlopsReport",
+    "LayerFlops",
     "RigL",
     "Sparsifier",
     "SparsityReport",
@@ -31,10 +35,12 @@ __all__ = [
     "UpdateSchedule",
     "compress",
     "drop_and_grow",
+    "flops_report",
     "keep_masks",
     "layer_nnz",
     "snip_scores",
     "sparsify",
+    "small_dense",
     "sparsity_report",
     "to_sparse_linear",
 ]

@@ -39,6 +39,8 @@ class IMPRound:
 class _RoundSparsifier(Sparsifier):
     """Static masks; in round 0 it also saves the rewind point after ``rewind_step`` optimizer steps."""
 
+    flops_rule = "sparse"
+
     def __init__(self, imp: IMP, model, optimizer):
         super().__init__(model, optimizer, group=imp.group)
         self._imp = imp

@@ -13,6 +13,7 @@ from torch import nn
 from .._distributed import verify_masks_across_ranks
 from ._optim_state import check_optimizer, check_state, snapshot_step
 from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer, check_precision
+from .flops import FlopsReport, flops_report
 from .schedule import UpdateSchedule
 from .sparsify import SparsityReport, _unwrap, sparse_layers, sparsity_report
 
@@ -73,6 +74,9 @@ class Sparsifier:
     _saved_before: dict = {}
 
     keep_optimizer_step = False  # RigL/SET: also step the optimizer on update steps
+    # what a training step costs in FLOPs (flops.RULES: "sparse", "rigl", "dense_gradient", "schedule"); every
+    # sparsifier class declares its own, so a new one cannot inherit a wrong count
+    flops_rule: str | None = None
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None):
         fn = type(self).__name__
@@ -149,6 +153,11 @@ class Sparsifier:
     def report(self) -> SparsityReport:
         return sparsity_report(self.model)
 
+    def flops_report(self, example_input=None) -> FlopsReport:
+        """Inference and training FLOPs of the model as fractions of dense, under this sparsifier's ``flops_rule``
+        (:func:`sparsekern.flops_report`; ``example_input`` gives the positions of conv layers and sequences)."""
+        return flops_report(self.model, self, example_input=example_input)
+
     def _config(self) -> dict:
         return {}
 
@@ -217,6 +226,7 @@ class Sparsifier:
 
 class Static(Sparsifier):
     __doc__ = Sparsifier.__doc__
+    flops_rule = "sparse"
 
 
 class SNIP(Sparsifier):
@@ -235,6 +245,8 @@ class SNIP(Sparsifier):
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         >>> sparsifier = sparsekern.SNIP(model, optimizer)         # then step() as with Static
     """
+
+    flops_rule = "sparse"
 
 
 class _DropGrow(Sparsifier):
@@ -314,6 +326,7 @@ class SET(_DropGrow):
     """
 
     grow = "random"
+    flops_rule = "sparse"  # the random grow needs no gradient: SET costs what static training costs
 
     def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
                  keep_optimizer_step=False, seed: int = 0, group=None):  # fmt: skip
@@ -398,6 +411,7 @@ class RigL(_DropGrow):
 
     # a state saved before RigL took `precision` grew by exact scores: it resumes on RigL(precision="exact")
     _saved_before = {"precision": "exact"}
+    flops_rule = "rigl"
 
     def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
                  keep_optimizer_step=False, precision: str = "fast", group=None):  # fmt: skip

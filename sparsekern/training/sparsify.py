@@ -144,6 +144,14 @@ class SparsityReport:
         return 1.0 - self.nnz / self.numel if self.numel else 0.0
 
     @property
+    def inference_fraction(self) -> float:
+        """Forward FLOPs of the sparse layers as a fraction of the same layers dense, Σ nnz·positions / Σ
+        numel·positions, with one position per weight (the report does not know a conv's H·W or a sequence's
+        tokens), which makes it the density. :func:`flops_report` measures the positions from an example input
+        and also counts the layers left dense."""
+        return self.nnz / self.numel if self.numel else 1.0
+
+    @property
     def zeros(self) -> int | None:
         counts = [layer.zeros for layer in self.layers]
         return None if None in counts else sum(counts)
