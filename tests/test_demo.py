@@ -12,7 +12,7 @@ import torch
 from sparsekern import cli
 from sparsekern.data import load_digits
 from sparsekern.training import demo
-from sparsekern.training.demo import METHODS, WIDE_METHODS
+from sparsekern.training.demo import DEFAULT_METHODS, METHODS, WIDE_METHODS
 
 
 def test_digits_data():
@@ -32,19 +32,20 @@ def test_demo_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     small, wide_text = out.split("wide MLP, where the sparse layers pay off")
     table = [line for line in small.splitlines() if line.split()[:1] and line.split()[0] in METHODS]
-    assert [line.split()[0] for line in table][-len(METHODS) :] == list(METHODS)
+    assert [line.split()[0] for line in table][-len(DEFAULT_METHODS) :] == list(DEFAULT_METHODS)
     results = json.loads((tmp_path / "results.json").read_text())
     by_method = {r["method"]: r for r in results["results"]}
-    assert set(by_method) == set(METHODS)
+    assert set(by_method) == set(DEFAULT_METHODS)
     assert results["config"]["epochs"] == 3 and results["config"]["sparsity"] == 0.9
     for method, r in by_method.items():
         assert len(r["curve"]) == 3 and 0 <= r["accuracy"] <= 100 and r["wall_s"] > 0 and r["layer_ms"] > 0
-        if method == "dense":
+        if method in ("dense", "small_dense"):
             assert r["report"] is None
         else:
             assert abs(r["report"]["overall"]["sparsity"] - 0.9) < 1e-3
             assert [layer["layout"] for layer in r["report"]["layers"]] == ["sparse"] * 3
     assert [row["round"] for row in by_method["imp"]["extra"]["rounds"]] == [0, 1, 2, 3]
+    _check_flops(by_method, table)
     assert by_method["dense"]["accuracy"] > 50  # 3 epochs already learn the digits
     png = (tmp_path / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
@@ -70,6 +71,35 @@ def test_demo_quick(tmp_path, capsys):
             assert layer["nnz"] == round(0.05 * 256 * 256) and layer["shape"] == [256, 256]
             assert run["mask_updates"] == 4 and run["mask_moved"] > 0
     assert wide["results"][0]["accuracy"] > 50
+
+
+def _check_flops(by_method, table):
+    """The FLOPs column and JSON against the rules, from the quick run's own nonzero counts (hidden 64, ΔT 10)."""
+    dense_weights = 64 * 64 + 64 * 64 + 64 * 10
+    flops = {method: r["flops"] for method, r in by_method.items()}
+    assert flops["dense"]["training"] == flops["dense"]["inference"] == 1.0 and flops["dense"]["rule"] == "dense"
+    for method in ("static", "snip", "set", "rigl", "imp"):
+        nnz = by_method[method]["report"]["overall"]["nnz"]  # flat inputs: one position per weight
+        assert flops[method]["inference"] == pytest.approx(nnz / dense_weights, rel=1e-12)
+    for method in ("static", "snip", "set"):
+        assert flops[method]["training"] == flops[method]["inference"] and flops[method]["rule"] == "sparse"
+    f_s = flops["rigl"]["inference"]
+    assert flops["rigl"]["training"] == pytest.approx((3 * f_s * 10 + 2 * f_s + 1) / 11 / 3, rel=1e-12)
+    # IMP: the sum of its rounds, each a full run at its round's density (round 0 dense: at least 1)
+    rounds = by_method["imp"]["extra"]["rounds"]
+    assert flops["imp"]["rule"] == "sparse x 4 rounds" and rounds[0]["sparsity"] == 0
+    assert flops["imp"]["training"] == pytest.approx(sum(1 - row["sparsity"] for row in rounds), rel=1e-12)
+    small = by_method["small_dense"]
+    assert small["extra"]["weights"] == sum(
+        a * b for a, b in zip([64, *small["extra"]["widths"]], small["extra"]["widths"], strict=False)
+    )
+    assert (
+        flops["small_dense"]["training"]
+        == flops["small_dense"]["inference"]
+        == small["extra"]["weights"] / dense_weights
+    )
+    rows = {line.split()[0]: line.split() for line in table}
+    assert rows["rigl"][5] == f"{flops['rigl']['training']:.3f}x" and rows["rigl"][6] == f"{f_s:.3f}x"
 
 
 def test_demo_no_wide(tmp_path, capsys):
@@ -123,7 +153,7 @@ def no_training(monkeypatch):
         (["--sparsity", "nan"], "--sparsity must lie in (0, 1), got nan"),
         (["--seed", "-1"], "--seed must be an int in [0, 2**32), got -1"),
         (["--seed", str(2**64)], f"--seed must be an int in [0, 2**32), got {2**64}"),
-        (["--methods", ","], "--methods must name some of dense,static,snip,set,rigl,imp, got ','"),
+        (["--methods", ","], f"--methods must name some of {','.join(METHODS)}, got ','"),
         (["--wide-epochs", "0"], "--wide-epochs must be a positive int, got 0"),
         (["--wide-seeds", "-2"], "--wide-seeds must be a positive int, got -2"),
     ],

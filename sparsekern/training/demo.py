@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("dense", "static", "snip", "set", "rigl", "imp")
+# the default run: the paper's headline comparison and today's methods (every name in METHODS runs with --methods)
+DEFAULT_METHODS = ("dense", "small_dense", "static", "snip", "set", "rigl", "imp")
 OUT_FILES = ("results.json", "accuracy.png")  # what the demo writes into --out
 
 
@@ -42,7 +43,7 @@ class Config:
     imp_prune_fraction: float = 0.2
     seed: int = 0
     seeds: int = 3  # runs per method (seed, seed + 1, ...; each with its own data split); the table shows the mean
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = DEFAULT_METHODS
 
     @classmethod
     def quick(cls, **overrides) -> Config:
@@ -114,6 +115,7 @@ class Result:
     layer_ms: float = 0.0  # forward+backward time of the Linear layers for one batch (first seed's model)
     accuracies: list[float] = field(default_factory=list)  # one per seed
     extra: dict = field(default_factory=dict)
+    flops: dict = field(default_factory=dict)  # training/inference FLOPs as fractions of dense (mean over the seeds)
 
     @property
     def accuracy_sd(self) -> float:
@@ -210,49 +212,166 @@ def layer_time_ms(model: nn.Module, x: torch.Tensor, repeats: int = 20) -> float
     return 1000.0 * float(np.median(times))
 
 
-def run_method(method: str, cfg: Config, data) -> Result:
-    from . import IMP, SET, SNIP, RigL, Static, snip_scores, sparsify, sparsity_report, to_sparse_linear
+# -- the methods: each one small function (model, data, cfg) -> _Trained, registered under its --methods name -----
 
+
+@dataclass
+class _Trained:
+    curve: list[float]  # test accuracy after each epoch
+    flops: dict  # {"training", "inference": fractions of dense, "rule": how training was counted, "report": ...}
+    extra: dict = field(default_factory=dict)
+    model: nn.Module | None = None  # the model trained, when it is not the one the method was given (small-dense)
+
+
+_REGISTRY: dict[str, Callable[[nn.Module, tuple, Config], _Trained]] = {}
+
+
+def _method(name: str):
+    def register(fn):
+        _REGISTRY[name] = fn
+        return fn
+
+    return register
+
+
+def _flops(report, *, training: float | None = None, rule: str | None = None) -> dict:
+    """The FLOPs entry of a result from a :class:`FlopsReport` (training overridable: IMP's rounds add up)."""
+    return {
+        "training": report.training_fraction if training is None else training,
+        "inference": report.inference_fraction,
+        "rule": rule or report.rule,
+        "report": report.to_dict(),
+    }
+
+
+def _with_sparsifier(model, data, cfg, factory, desc) -> _Trained:
+    """Train with the sparsifier ``factory(model, optimizer, total_steps)`` builds; FLOPs under its rule."""
+    made = []
+
+    def keep(m, o, total):
+        made.append(factory(m, o, total))
+        return made[-1]
+
+    curve = train(model, data, cfg, sparsifier_factory=keep, desc=desc)
+    return _Trained(curve, _flops(made[0].flops_report(example_input=data[2][:2])))
+
+
+def _sparse_start(model, cfg):
+    """RigL's start for every sparse-to-sparse method: ERK, random positions, the sparsity-aware rescale."""
+    from . import sparsify
+
+    sparsify(model, cfg.sparsity, generator=torch.Generator().manual_seed(cfg.seed), rescale=True)
+
+
+def _score_batch(cfg, data):
+    """The batch pruning-at-initialisation scores use: 4 batches' worth of training images, seeded."""
     x_train, y_train = data[0], data[1]
+    idx = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.batch * 4]
+    return x_train[idx], y_train[idx]
+
+
+@_method("dense")
+def _dense(model, data, cfg):
+    from . import flops_report
+
+    curve = train(model, data, cfg, desc="dense")
+    return _Trained(curve, _flops(flops_report(model, example_input=data[2][:2])))
+
+
+@_method("small_dense")
+def _small_dense(model, data, cfg):
+    from . import flops_report, small_dense
+
+    # the RigL paper's baseline: as many weights as the sparse models' nonzeros, in a narrower dense model; its
+    # FLOPs are those of the narrow model over the wide one's
+    small = small_dense(model, cfg.sparsity)
+    x = data[2][:2]
+    fraction = flops_report(small, example_input=x).dense_forward / flops_report(model, example_input=x).dense_forward
+    curve = train(small, data, cfg, desc="small_dense")
+    widths = [m.out_features for m in small if isinstance(m, nn.Linear)]
+    flops = {"training": fraction, "inference": fraction, "rule": "dense (narrow)", "report": None}
+    weights = sum(m.weight.numel() for m in small if isinstance(m, nn.Linear))
+    return _Trained(curve, flops, {"widths": widths, "weights": weights}, model=small)
+
+
+@_method("static")
+def _static(model, data, cfg):
+    from . import Static
+
+    _sparse_start(model, cfg)
+    return _with_sparsifier(model, data, cfg, lambda m, o, total: Static(m, o), "static")
+
+
+@_method("snip")
+def _snip(model, data, cfg):
+    from . import SNIP, snip_scores, sparsify
+
+    # SNIP's saliency on a batch of the dense initial model, global top-k
+    x, y = _score_batch(cfg, data)
+    scores = snip_scores(model, lambda m: F.cross_entropy(m(x), y))
+    sparsify(model, cfg.sparsity, distribution="global", scores=scores, rescale=True)
+    return _with_sparsifier(model, data, cfg, lambda m, o, total: SNIP(m, o), "snip")
+
+
+@_method("set")
+def _set(model, data, cfg):
+    from . import SET
+
+    _sparse_start(model, cfg)
+    factory = lambda m, o, total: SET(m, o, total_steps=total, delta_t=cfg.delta_t, seed=cfg.seed)  # noqa: E731
+    return _with_sparsifier(model, data, cfg, factory, "set")
+
+
+@_method("rigl")
+def _rigl(model, data, cfg):
+    from . import RigL
+
+    _sparse_start(model, cfg)
+    factory = lambda m, o, total: RigL(m, o, total_steps=total, delta_t=cfg.delta_t)  # noqa: E731
+    return _with_sparsifier(model, data, cfg, factory, "rigl")
+
+
+@_method("imp")
+def _imp(model, data, cfg):
+    from . import IMP, to_sparse_linear
+
+    # masked dense weights while the rounds are nearly dense; the final ticket then moves to SparseLinear
+    imp = IMP(model, cfg.sparsity, prune_fraction=cfg.imp_prune_fraction, layout="masked")
+    rounds = []
+    for r in range(imp.rounds):
+        holder = {}
+
+        def factory(m, o, total, holder=holder):
+            holder["s"] = imp.start_round(o)
+            return holder["s"]
+
+        curve = train(model, data, cfg, sparsifier_factory=factory, desc=f"imp {r + 1}/{imp.rounds}")
+        rounds.append(holder["s"].flops_report(example_input=data[2][:2]))
+        imp.end_round(accuracy=curve[-1])
+    extra = {"rounds": [{"round": row.round, "sparsity": row.report.sparsity, **row.metrics} for row in imp.history]}
+    to_sparse_linear(model)
+    # every round is a full training run: IMP's training FLOPs are the rounds' sum (over one dense run's)
+    training = sum(report.training_fraction for report in rounds)
+    return _Trained(curve, _flops(rounds[-1], training=training, rule=f"sparse x {len(rounds)} rounds"), extra)
+
+
+METHODS = tuple(_REGISTRY)
+
+
+def run_method(method: str, cfg: Config, data) -> Result:
+    from . import sparsity_report
+    from .sparsify import sparse_layers
+
+    if method not in _REGISTRY:
+        raise ValueError(f"demo: method must be one of {METHODS}, got {method!r}")
     model = make_mlp(cfg.hidden, cfg.seed)
     start = time.perf_counter()
-    extra = {}
-    if method == "dense":
-        curve = train(model, data, cfg, desc=method)
-    elif method in ("static", "set", "rigl"):
-        sparsify(model, cfg.sparsity, generator=torch.Generator().manual_seed(cfg.seed), rescale=True)
-        factory = {
-            "static": lambda m, o, total: Static(m, o),
-            "set": lambda m, o, total: SET(m, o, total_steps=total, delta_t=cfg.delta_t, seed=cfg.seed),
-            "rigl": lambda m, o, total: RigL(m, o, total_steps=total, delta_t=cfg.delta_t),
-        }[method]
-        curve = train(model, data, cfg, sparsifier_factory=factory, desc=method)
-    elif method == "snip":
-        # SNIP's saliency on one batch of the dense initial model, global top-k
-        idx = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.batch * 4]
-        scores = snip_scores(model, lambda m: F.cross_entropy(m(x_train[idx]), y_train[idx]))
-        sparsify(model, cfg.sparsity, distribution="global", scores=scores, rescale=True)
-        curve = train(model, data, cfg, sparsifier_factory=lambda m, o, total: SNIP(m, o), desc=method)
-    elif method == "imp":
-        # masked dense weights while the rounds are nearly dense; the final ticket then moves to SparseLinear
-        imp = IMP(model, cfg.sparsity, prune_fraction=cfg.imp_prune_fraction, layout="masked")
-        for r in range(imp.rounds):
-            holder = {}
-
-            def factory(m, o, total, holder=holder):
-                holder["s"] = imp.start_round(o)
-                return holder["s"]
-
-            curve = train(model, data, cfg, sparsifier_factory=factory, desc=f"imp {r + 1}/{imp.rounds}")
-            imp.end_round(accuracy=curve[-1])
-        extra["rounds"] = [{"round": row.round, "sparsity": row.report.sparsity, **row.metrics} for row in imp.history]
-        to_sparse_linear(model)
-    else:
-        raise ValueError(f"demo: method must be one of {METHODS}, got {method!r}")
+    done = _REGISTRY[method](model, data, cfg)
     wall = time.perf_counter() - start
-    report = None if method == "dense" else sparsity_report(model).to_dict()
-    layer_ms = layer_time_ms(model, x_train[: cfg.batch])
-    return Result(method, curve[-1], curve, wall, report, layer_ms, [curve[-1]], extra)
+    model = done.model or model
+    report = sparsity_report(model).to_dict() if sparse_layers(model) else None
+    layer_ms = layer_time_ms(model, data[0][: cfg.batch])
+    return Result(method, done.curve[-1], done.curve, wall, report, layer_ms, [done.curve[-1]], done.extra, done.flops)
 
 
 def run_seeds(method: str, cfg: Config) -> Result:
@@ -271,6 +390,7 @@ def run_seeds(method: str, cfg: Config) -> Result:
         first.layer_ms,
         [r.accuracy for r in runs],
         first.extra,
+        {**first.flops, **{k: float(np.mean([r.flops[k] for r in runs])) for k in ("training", "inference")}},
     )
 
 
@@ -281,8 +401,8 @@ def format_table(results: list[Result]) -> str:
         for layer in (r.report or {}).get("layers", []):
             if layer["name"] not in layer_names:
                 layer_names.append(layer["name"])
-    head = ["method", "test acc %", "vs dense", *[f"sp {n}" for n in layer_names], "sp overall", "wall s",
-            "layers ms/batch", "vs dense"]  # fmt: skip
+    head = ["method", "test acc %", "vs dense", "train FLOPs", "infer FLOPs", *[f"sp {n}" for n in layer_names],
+            "sp overall", "wall s", "layers ms/batch", "vs dense"]  # fmt: skip
     rows = [head]
     for r in results:
         by_name = {layer["name"]: layer["sparsity"] for layer in (r.report or {}).get("layers", [])}
@@ -290,6 +410,8 @@ def format_table(results: list[Result]) -> str:
             r.method,
             f"{r.accuracy:.2f} ± {r.accuracy_sd:.2f}",
             f"{r.accuracy - dense.accuracy:+.2f}" if dense else "",
+            f"{r.flops['training']:.3f}x",
+            f"{r.flops['inference']:.3f}x",
             *[f"{by_name[n]:.3f}" if n in by_name else "0" for n in layer_names],
             f"{r.report['overall']['sparsity']:.3f}" if r.report else "0",
             f"{r.wall_s:.1f}",
@@ -710,6 +832,10 @@ def run_demo(
     table = format_table(results)
     echo(table)
     echo(
+        "train/infer FLOPs: training and inference FLOPs over the dense model's, counted as the RigL paper does "
+        "(forward = Σ nnz·positions of the weight layers, backward 2x forward; RigL: a dense gradient every ΔT "
+        "steps; SNFS, STE, SR-STE: a dense weight gradient every step; GMP: summed over its pruning schedule; IMP: "
+        "all its rounds, each a full run; small-dense: the narrow model's FLOPs); mean over the seeds. "
         "wall s: training time of one run (IMP: all its rounds). layers ms/batch: forward+backward of the Linear "
         f"layers alone for one batch of {cfg.batch} (SparseLinear for the sparse methods; median of 20); "
         "vs dense below 1x means the sparse layers are faster"
@@ -782,7 +908,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed, help="first seed")
     parser.add_argument("--seeds", type=int, default=None, help=f"runs per method, averaged (default {d.seeds})")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    methods = f"comma-separated subset of {','.join(METHODS)} (default {','.join(DEFAULT_METHODS)})"
+    parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=methods)
     parser.add_argument("--out", type=Path, default=Path("sparsekern-demo"), help="output folder (JSON, PNG)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run (small MLPs, few epochs)")
