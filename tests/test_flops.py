@@ -232,5 +232,7 @@ def test_errors():
 
     attention = Attention()
     sparsify(attention, 0.5, layout="masked", include="attn")
-    with pytest.raises(ValueError, match=r"attn.in_proj_weight is a MultiheadAttention projection"):
+    with pytest.raises(ValueError, match=r"attn is a MultiheadAttention, whose projections are not counted"):
         flops_report(attention)
+    with pytest.raises(ValueError, match=r"attn is a MultiheadAttention"):  # dense too: no hook sees its work
+        flops_report(Attention())

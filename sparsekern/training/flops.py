@@ -11,7 +11,7 @@ from torch import nn
 
 from ..nn.sparse_linear import SparseLinear
 from .drop_grow import as_layer
-from .sparsify import MaskedParameter, _table, _unwrap, is_conv1d, sparse_layers
+from .sparsify import _table, _unwrap, is_conv1d, sparse_layers
 
 # How a sparsifier's training step costs, in forward FLOPs f_S (the sparse model) and f_D (the same model dense):
 RULES = {
@@ -133,14 +133,14 @@ class FlopsReport:
 def _counted_layers(model: nn.Module) -> dict[str, tuple[nn.Module, int, tuple[int, ...]]]:
     """{weight name: (module, nnz, weight shape)} of every weight layer, sparse or dense, in model order."""
     sparse = {name: as_layer(m) for name, m in sparse_layers(model).items()}
-    for name, layer in sparse.items():
-        if isinstance(layer.module, MaskedParameter):
-            raise ValueError(
-                f"flops_report: {name} is a MultiheadAttention projection, whose positions are not counted; "
-                "flops_report counts Linear, Conv and SparseLinear layers (and transformers' Conv1D)"
-            )
     counted = {}
     for module_name, module in model.named_modules():
+        if isinstance(module, nn.MultiheadAttention):
+            # its fused forward reads the projection weights directly: no hook sees their work
+            raise ValueError(
+                f"flops_report: {module_name} is a MultiheadAttention, whose projections are not counted; "
+                "flops_report counts Linear, Conv and SparseLinear layers (and transformers' Conv1D)"
+            )
         name = f"{module_name}.weight" if module_name else "weight"
         if name in sparse:
             counted[name] = (module, sparse[name].count(), tuple(sparse[name].shape))
@@ -240,8 +240,9 @@ def flops_report(
     - "schedule": 3 f_S(t) averaged over steps 1..``total_steps`` of the sparsifier's ``counts_at(t)`` (GMP);
     - "dense": 3 f_D.
 
-    Layers left dense (not sparsified) count at full cost in f_S too. Biases, norms and activations are not
-    counted (the paper's figures are the weight layers').
+    Layers left dense (not sparsified) count at full cost in f_S too. Only the weights of Linear, Conv1d/2d/3d,
+    SparseLinear and transformers' Conv1D layers are counted (the paper's figures are these layers'): not biases,
+    norms, activations, or recurrent layers.
 
     Args:
         model: the model (a DDP wrapper is looked through): sparsified or dense.
@@ -256,7 +257,7 @@ def flops_report(
         ``print`` for the table.
 
     Raises:
-        ValueError: no layer to count, a MultiheadAttention projection among the sparse layers, an unknown rule,
+        ValueError: no layer to count, a MultiheadAttention in the model, an unknown rule,
             a rule or ΔT together with a sparsifier, "rigl" without a positive int ΔT, "schedule" without a
             sparsifier that has ``counts_at`` and ``total_steps``.
         TypeError: a sparsifier that is not one, an example input with no batched tensor.
