@@ -15,7 +15,21 @@ from .ops import (
     semi24_mask,
     to_semi_structured,
 )
-from .training import IMP, SET, SNIP, RigL, Static, drop_and_grow, snip_scores, sparsify, sparsity_report
+from .training import (
+    IMP,
+    SET,
+    SNIP,
+    GraSP,
+    RigL,
+    Static,
+    SynFlow,
+    drop_and_grow,
+    grasp_scores,
+    snip_scores,
+    sparsify,
+    sparsity_report,
+    synflow_scores,
+)
 
 __version__ = "0.1.0"
 
@@ -23,12 +37,15 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "CSRIndex",
+    "GraSP",
     "IMP",
     "RigL",
     "SET",
     "SNIP",
     "Static",
+    "SynFlow",
     "drop_and_grow",
+    "grasp_scores",
     "nn",
     "outer_topk",
     "semi24_compress",
@@ -37,5 +54,6 @@ __all__ = [
     "snip_scores",
     "sparsify",
     "sparsity_report",
+    "synflow_scores",
     "to_semi_structured",
 ]

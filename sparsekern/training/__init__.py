@@ -3,6 +3,7 @@
 from .distribution import DISTRIBUTIONS, layer_nnz
 from .drop_grow import DropGrowPlan, drop_and_grow
 from .imp import IMP, IMPRound
+from .prune_init import GraSP, SynFlow, grasp_scores, synflow_scores
 from .schedule import UpdateSchedule
 from .sparsifier import SET, SNIP, RigL, Sparsifier, Static
 from .sparsify import (
@@ -24,17 +25,21 @@ __all__ = [
     "SET",
     "SNIP",
     "DropGrowPlan",
+    "GraSP",
     "RigL",
     "Sparsifier",
     "SparsityReport",
     "Static",
+    "SynFlow",
     "UpdateSchedule",
     "compress",
     "drop_and_grow",
+    "grasp_scores",
     "keep_masks",
     "layer_nnz",
     "snip_scores",
     "sparsify",
     "sparsity_report",
+    "synflow_scores",
     "to_sparse_linear",
 ]
