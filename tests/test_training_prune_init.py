@@ -87,6 +87,17 @@ def top_masks(scores: dict, count: int) -> dict:
     return out
 
 
+class Pair(nn.Module):
+    """A model whose output is not a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(7, 5)
+
+    def forward(self, x):
+        return self.fc(x), x
+
+
 # -- GraSP ----------------------------------------------------------------------------------------------------------
 
 
@@ -180,14 +191,6 @@ def test_grasp_callable_and_temperature_hook():
         assert_bits_equal(mixed[key], pairs[key])
     assert len(model._forward_hooks) == 0  # the temperature hook is removed
 
-    class Pair(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.Linear(7, 5)
-
-        def forward(self, x):
-            return self.fc(x), x
-
     with pytest.raises(TypeError, match=r"temperature=200 divides the model's output, which must then be a tensor"):
         grasp_scores(Pair(), lambda m: m(x)[0].sum())
     pair = Pair()
@@ -227,6 +230,11 @@ def test_grasp_errors():
         grasp_scores(nn.Sequential(nn.ReLU()), lambda m: torch.zeros(()))
     with pytest.raises(TypeError, match="grasp_scores: model must be an nn.Module"):
         grasp_scores("model", [(x, y)])
+    model[2].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"\['2.weight'\] do not require grad; GraSP differentiates the loss twice"):
+        grasp_scores(model, [(x, y)])
+    assert sorted(grasp_scores(model, [(x, y)], exclude="2")) == ["0.weight", "4.weight"]
+    model[2].weight.requires_grad_(True)
     with pytest.raises(ValueError, match="Hessian-gradient product of '0.weight' holds inf or NaN"):
         grasp_scores(model, lambda m: m(x).sum() * float("nan"), temperature=1)
 
@@ -339,6 +347,8 @@ def test_synflow_errors():
         synflow_scores(model, torch.randn(1, 7), sparsity=0.5, dtype=torch.int32)
     with pytest.raises(ValueError, match="synflow_scores: no weight to score"):
         synflow_scores(nn.Sequential(nn.ReLU()), torch.randn(1, 7), sparsity=0.5)
+    with pytest.raises(TypeError, match="synflow_scores: the model must return a tensor, got tuple"):
+        synflow_scores(Pair(), torch.randn(1, 7), sparsity=0.5)
     with pytest.raises(ValueError, match="include pattern 'nothing' matches no layer"):
         synflow_scores(model, torch.randn(1, 7), sparsity=0.5, include="nothing")
 

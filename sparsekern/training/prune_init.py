@@ -124,7 +124,8 @@ def grasp_scores(
     Raises:
         TypeError: a loss_fn that is neither callable nor a list of batches, a bad temperature, or a model output
             that is not a tensor while ``temperature != 1``.
-        ValueError: no weight to score, a loss that is not a scalar, a non-finite Hessian-gradient product, or a
+        ValueError: no weight to score, a scored weight that does not require grad, a loss that is not a scalar, a
+            non-finite Hessian-gradient product, or a
             rank of ``group`` that failed.
 
     Example::
@@ -150,6 +151,10 @@ def grasp_scores(
     if not targets:
         raise ValueError(f"{fn}: no weight to score ({SUPPORTED})")
     weights = [getattr(module, param) for module, param in targets.values()]
+    frozen = [key for key, w in zip(targets, weights, strict=True) if not w.requires_grad]
+    if frozen:
+        raise ValueError(f"{fn}: {frozen} do not require grad; GraSP differentiates the loss twice by every scored "
+                         "weight (exclude= them, or requires_grad_() first)")  # fmt: skip
 
     def scale(module, args, output):
         if not isinstance(output, torch.Tensor):
