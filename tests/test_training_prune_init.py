@@ -322,6 +322,7 @@ def test_synflow_restores_the_model_and_float64_avoids_overflow():
     scores = synflow_scores(deep, torch.randn(1, 64), sparsity=0.5, rounds=2)
     assert all(bool(torch.isfinite(s).all()) for s in scores.values())
     assert scores["0.weight"].dtype == torch.float64
+    assert synflow_scores(mlp(), torch.randn(1, 7), sparsity=0.5, dtype=None)["0.weight"].dtype == torch.float32
 
 
 def test_synflow_errors():

@@ -298,8 +298,8 @@ def synflow_scores(
     params = {name: linear(p) for name, p in model.named_parameters()}
     keys = {name: names[id(p)] for name, p in model.named_parameters() if id(p) in names}
     buffers = {name: linear(b) for name, b in model.named_buffers()}
-    first = next(iter(params.values())) if params else example_input
-    ones = torch.ones((1, *example_input.shape[1:]), dtype=dtype or example_input.dtype, device=first.device)
+    first = next(iter(params.values()))  # the scored weights are parameters: there is one
+    ones = torch.ones((1, *example_input.shape[1:]), dtype=first.dtype, device=first.device)
     numel = {key: getattr(m, p).numel() for key, (m, p) in targets.items()}
     keep = {key: torch.ones(getattr(m, p).shape, dtype=torch.bool, device=first.device)
             for key, (m, p) in targets.items()}  # fmt: skip
