@@ -325,10 +325,14 @@ def synflow_scores(
             for key, s in scores.items():
                 if not bool(torch.isfinite(s).all()):
                     raise ValueError(f"{fn}: the scores of {key!r} hold inf or NaN; use dtype=torch.float64")
-            # Pruned weights rank below every kept one, so the mask only shrinks.
-            flat = torch.cat([torch.where(keep[key], scores[key], -math.inf).reshape(-1) for key in targets])
-            kept = _top_mask(flat, count).split(list(numel.values()))
-            keep = {key: k.view(keep[key].shape) for key, k in zip(targets, kept, strict=True)}
+            # The mask only shrinks: select among the weights still kept (ascending flat indices, so ties still go
+            # to the lower flat index), which also sorts fewer scores each round.
+            alive = torch.cat([keep[key].reshape(-1) for key in targets]).nonzero().squeeze(1)
+            flat = torch.cat([scores[key].reshape(-1) for key in targets])
+            chosen = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
+            chosen[alive[_top_mask(flat[alive], count)]] = True
+            parts = chosen.split(list(numel.values()))
+            keep = {key: part.view(keep[key].shape) for key, part in zip(targets, parts, strict=True)}
     finally:
         for module, training in modes:
             module.training = training
