@@ -15,7 +15,7 @@ from .ops import (
     semi24_mask,
     to_semi_structured,
 )
-from .training import IMP, SET, SNIP, RigL, Static, drop_and_grow, snip_scores, sparsify, sparsity_report
+from .training import IMP, SET, SNFS, SNIP, RigL, Static, drop_and_grow, snip_scores, sparsify, sparsity_report
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,7 @@ __all__ = [
     "IMP",
     "RigL",
     "SET",
+    "SNFS",
     "SNIP",
     "Static",
     "drop_and_grow",

@@ -4,6 +4,7 @@ from .distribution import DISTRIBUTIONS, layer_nnz
 from .drop_grow import DropGrowPlan, drop_and_grow
 from .imp import IMP, IMPRound
 from .schedule import UpdateSchedule
+from .snfs import SNFS
 from .sparsifier import SET, SNIP, RigL, Sparsifier, Static
 from .sparsify import (
     LAYOUTS,
@@ -22,6 +23,7 @@ __all__ = [
     "IMPRound",
     "LAYOUTS",
     "SET",
+    "SNFS",
     "SNIP",
     "DropGrowPlan",
     "RigL",
