@@ -330,7 +330,7 @@ def redistribute(budget: int, weights: list[float], capacity: list[int]) -> list
         raise ValueError(f"redistribute: a budget of {budget} exceeds the total capacity {sum(capacity)}")
     total = math.fsum(weights)
     if not 0 < total < math.inf:
-        raise ValueError(f"redistribute: the weights must have a positive sum, got {weights}")
+        raise ValueError(f"redistribute: the weights must have a positive finite sum, got {weights}")
     target = [budget * w / total for w in weights]
     capped = [False] * len(target)
     while True:

@@ -213,6 +213,9 @@ class SNFS(_DropGrow):
     def _plan(self, step: int) -> dict[str, DropGrowPlan]:
         if self._next is None:
             raise RuntimeError("SNFS._plan: only step() plans (it holds this step's momentum)")
+        for name, m in self._next.items():
+            if not bool(torch.isfinite(m).all()):
+                raise ValueError(f"SNFS.step: the momentum of {name!r} holds inf or NaN; no connection was changed")
         return super()._plan(step)
 
     # -- checkpoints -----------------------------------------------------------------------------------------

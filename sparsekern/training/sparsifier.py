@@ -270,6 +270,15 @@ class _DropGrow(Sparsifier):
             raise TypeError(f"{fn}: keep_optimizer_step must be a bool, got {keep_optimizer_step!r}")
         self.keep_optimizer_step = keep_optimizer_step
         self.redistribution = redistribution
+        wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
+        if redistribution is not None and wrapped and any(isinstance(x, CompressedLayer) for x in self.layers.values()):
+            # DDP keeps each parameter's gradient accumulator, with its size, from when it was built
+            raise ValueError(
+                f"{fn}: moving nonzeros between layers changes the size of SparseLinear.values, which a "
+                "DistributedDataParallel wrapper cannot follow (it fixes every parameter's size when it is built); "
+                "under DDP use sparsify(layout='masked'), or pass the model itself with group= and average the "
+                "gradients across ranks yourself before step()"
+            )
         # {layer name: density} after each update that may move counts between layers (redistribution on)
         self.density_history: list[dict[str, float]] = []
         self._capturing = self.is_update_step(1)
