@@ -47,13 +47,16 @@ class SNFS(_DropGrow):
     every sparse layer (one dense float32 tensor per layer): M ← ``momentum`` · M + ∂L/∂W at every optimizer step
     (SGD's momentum buffer, as the reference code reads it from SGD over the dense masked weights). Inactive
     weights need it, so SNFS costs a dense weight gradient every step: on masked layers it is the gradient autograd
-    computes anyway (read before it is masked); on SparseLinear layers it is formed as Σ gᵀx from the layer inputs
-    and output gradients recorded at every step (gradient accumulation exact), an n_out × n_in GEMM per layer and
-    step. Hence ``flops_rule = "dense_gradient"`` (2 f_S + f_D per step). No nnz-sized shortcut is exact here: the
-    optimizer's momentum equals M at the active weights only for SGD with the same momentum, no dampening, Nesterov
-    or weight decay, and only for weights active since the start (grown weights start with zero optimizer state).
-    Under DDP, masked layers' gradients are all-reduced by DDP and SparseLinear's dense gradient is all-reduced
-    (averaged) over ``group``, so M and the masks are identical on every rank (checked by mask checksums).
+    computes anyway (read before it is masked); on SparseLinear layers a hook (RigL's recording, on at every step)
+    adds gᵀx of each backward pass (layer input x, output gradient g; micro-batches summed) into one dense buffer,
+    an n_out × n_in GEMM per layer and backward pass. Hence ``flops_rule = "dense_gradient"`` (2 f_S + f_D per step).
+    No nnz-sized shortcut is exact here: the optimizer's momentum equals M at the active weights only for SGD with
+    the same momentum, no dampening, Nesterov or weight decay, and only for weights active since the start (grown
+    weights start with zero optimizer state), so both the statistic and the grow read M.
+    Under DDP (masked layers) the gradients are all-reduced by DDP; SparseLinear layers change their nonzero counts,
+    which a DDP wrapper cannot follow, so there pass the model itself with ``group=`` and average the gradients
+    yourself: the dense gradient is then all-reduced (averaged) over ``group``. M and the masks are identical on
+    every rank (checked by mask checksums).
 
     Each update takes the optimizer step first and then changes the masks from the weights after it, as the
     reference code does at the end of an epoch (a failed update undoes that step too: update steps hold a copy of
@@ -74,8 +77,9 @@ class SNFS(_DropGrow):
         dense_momentum: {layer name: M}, dense, of the weight's shape (part of ``state_dict()``).
 
     Raises:
-        as :class:`Static`; ValueError for schedule values or a momentum out of range; ``step()`` raises ValueError
-        on non-finite momentum, leaving the model, masks, optimizer, momentum and step count unchanged.
+        as :class:`Static`; ValueError for schedule values or a momentum out of range, or a DDP wrapper around
+        SparseLinear layers; ``step()`` raises ValueError on non-finite momentum, leaving the model, masks,
+        optimizer, momentum and step count unchanged.
 
     Example::
 
@@ -120,11 +124,19 @@ class SNFS(_DropGrow):
             for name, layer in self.layers.items()
         }
         self._next: dict[str, torch.Tensor] | None = None  # M of the step being taken, until it is installed
+        self._gradients: dict[str, torch.Tensor] = {}  # SparseLinear dense gradients of the step being taken
         self._record_inputs()
         self._capturing = True  # the dense gradient is needed at every step
 
     def _config(self) -> dict:
-        return {**super()._config(), "momentum": self.momentum}
+        schedule = self.schedule
+        return {
+            "total_steps": schedule.total_steps,
+            "delta_t": schedule.delta_t,
+            "prune_rate": schedule.alpha,
+            "t_end": schedule.t_end,
+            "momentum": self.momentum,
+        }
 
     def prune_rate(self, step: int) -> float:
         """The prune rate p of an update at optimizer step ``step``."""
@@ -159,37 +171,38 @@ class SNFS(_DropGrow):
         self.dense_momentum = momentum
         self.steps = t
         self._records.clear()
+        self._gradients.clear()
         return updated
 
     def _momentum_step(self) -> dict[str, torch.Tensor]:
         """{layer: β · M + this step's dense weight gradient}, as new tensors."""
+        beta = self.momentum
         out = {}
-        for name in self.layers:
+        for name, layer in self.layers.items():
             m = self.dense_momentum[name]
-            grad = self._dense_gradient(name, m)
-            out[name] = m * self.momentum if grad is None else torch.add(grad, m, alpha=self.momentum)
+            if not isinstance(layer, CompressedLayer):
+                grad = layer.param.grad  # dense, accumulated over micro-batches, all-reduced by DDP; not yet masked
+                out[name] = m * beta if grad is None else torch.add(grad.to(m.dtype), m, alpha=beta)
+                continue
+            # Σ gᵀx over this step's backward passes (see _record); left as it is, so a failed step can be retried
+            grad = self._gradients.get(name)
+            if self.group is not None:
+                grad = torch.zeros_like(m) if grad is None else grad.clone()  # every rank joins the all-reduce
+                dist.all_reduce(grad, group=self.group)
+                grad.div_(dist.get_world_size(self.group))  # DDP averages the ranks' gradients
+            out[name] = m * beta if grad is None else torch.add(grad, m, alpha=beta)
         return out
 
-    def _dense_gradient(self, name: str, like: torch.Tensor) -> torch.Tensor | None:
-        layer = self.layers[name]
-        if not isinstance(layer, CompressedLayer):
-            grad = layer.param.grad  # dense, accumulated over micro-batches, all-reduced by DDP; not yet masked
-            return None if grad is None else grad.to(like.dtype)
-        batches = self._records.get(name, [])
-        distributed = self.group is not None and dist.is_available() and dist.is_initialized()
-        if not batches and not distributed:
-            return None
-        if batches:
-            # Σ over micro-batches of gᵀx is the concatenation's gᵀx: one GEMM, exact accumulation
-            x = torch.cat([b[0] for b in batches]).to(like.dtype)
-            g = torch.cat([b[1] for b in batches]).to(like.dtype)
-            grad = g.t() @ x
+    def _record(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Add one backward pass's dense weight gradient gᵀx of a SparseLinear to this step's (an n_out × n_in GEMM
+        into one buffer: nothing of the batch is kept)."""
+        m = self.dense_momentum[name]
+        x, g = x.to(m.dtype), g.to(m.dtype)
+        grad = self._gradients.get(name)
+        if grad is None:
+            self._gradients[name] = g.t() @ x
         else:
-            grad = torch.zeros_like(like)  # every rank joins the all-reduce, whatever it recorded
-        if distributed:
-            dist.all_reduce(grad, group=self.group)
-            grad.div_(dist.get_world_size(self.group))  # DDP averages the ranks' gradients
-        return grad
+            grad.addmm_(g.t(), x)
 
     def _drop_counts(self, step: int, statistics: dict[str, float] | None) -> dict[str, int]:
         p = self.prune_rate(step)
@@ -241,6 +254,7 @@ class SNFS(_DropGrow):
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
+        self._gradients.clear()
         self._capturing = True
 
 

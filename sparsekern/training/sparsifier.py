@@ -410,6 +410,10 @@ class _DropGrow(Sparsifier):
             if isinstance(layer, CompressedLayer):
                 self._hooks.append(layer.module.register_forward_hook(self._recorder(name)))
 
+    def _record(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Keep one backward pass's (x, g) of a SparseLinear (copies: the batch may be reused in place)."""
+        self._records.setdefault(name, []).append((x.clone(), g.clone()))
+
     def _recorder(self, name: str):
         slot = next(_SLOTS)
         _RECORDERS[slot] = (weakref.ref(self), name)
@@ -426,7 +430,7 @@ class _DropGrow(Sparsifier):
             # Not a tensor hook: one on an output then changed in place (ReLU(inplace=True)) never fires.
             if torch.compiler.is_compiling():
                 return _RecordGrad.apply(output, args[0], slot)
-            if _capturing(slot) is not None:
+            if _capturer(slot) is not None:
                 # a 2-D SparseLinear output is a same-shape view; marking a view dirty would cost a copy
                 return _RecordGrad.apply(output._base if _same_view(output) else output, args[0], slot)
             return None
@@ -529,7 +533,9 @@ class RigL(_DropGrow):
             weights, each layer capped at dense (sparse momentum's rule, :class:`SNFS`). Layer densities then drift,
             and so do the training and inference FLOPs: RigL's constant cost no longer holds (the point the RigL
             reproducibility report makes). The densities after each update are kept in ``density_history`` (a list
-            of {layer name: density}, part of ``state_dict()``). Dense layers then take part in updates.
+            of {layer name: density}, part of ``state_dict()``). Dense layers then take part in updates. Under DDP
+            it needs masked layers: a DDP wrapper cannot follow SparseLinear's changing nonzero counts (pass the
+            model itself with ``group=`` and average the gradients yourself there).
 
     Raises:
         as :class:`Static`, and ValueError for bad schedule values, precision or redistribution; ``step()`` raises
@@ -573,13 +579,13 @@ _RECORDERS: dict[int, tuple[weakref.ref, str]] = {}
 _SLOTS = itertools.count()
 
 
-def _capturing(slot: int) -> list | None:
-    """The record list of ``slot``'s layer while its RigL captures an update step, else None."""
+def _capturer(slot: int) -> tuple[_DropGrow, str] | None:
+    """(sparsifier, layer name) of ``slot`` while that sparsifier captures (RigL: an update step), else None."""
     owner = _RECORDERS.get(slot)
-    rigl = owner[0]() if owner is not None else None
-    if rigl is None or not rigl._capturing:
+    sparsifier = owner[0]() if owner is not None else None
+    if sparsifier is None or not sparsifier._capturing:
         return None
-    return rigl._records.setdefault(owner[1], [])
+    return sparsifier, owner[1]
 
 
 @torch.library.custom_op("sparsekern::rigl_record", mutates_args=())
@@ -587,9 +593,10 @@ def rigl_record(x: torch.Tensor, g: torch.Tensor, slot: int) -> None:
     """Hand one backward pass's layer input ``x`` and output gradient ``g`` to the RigL of ``slot``, kept (copied, as
     (B, in_features) and (B, out_features)) only while it captures an update step. Opaque to torch.compile and
     declared side-effectful below, so compiled graphs keep it and never depend on the capture state."""
-    records = _capturing(slot)
-    if records is not None:
-        records.append((x.detach().reshape(-1, x.shape[-1]).clone(), g.detach().reshape(-1, g.shape[-1]).clone()))
+    capturer = _capturer(slot)
+    if capturer is not None:
+        sparsifier, name = capturer
+        sparsifier._record(name, x.detach().reshape(-1, x.shape[-1]), g.detach().reshape(-1, g.shape[-1]))
 
 
 @rigl_record.register_fake
