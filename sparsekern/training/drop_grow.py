@@ -154,9 +154,9 @@ class _Layer(abc.ABC):
         """Apply a plan to the layer and, if given, the optimizer state."""
         self.stage(plan, optimizer)()
 
+    @abc.abstractmethod
     def active_of(self, tensor: torch.Tensor) -> torch.Tensor:
         """The entries of a parameter-shaped tensor (the parameter's gradient or optimizer state) at ``active()``."""
-        return tensor
 
     def plan(
         self,
@@ -213,6 +213,9 @@ class CompressedLayer(_Layer):
 
     def active_values(self) -> torch.Tensor:
         return self.module.values
+
+    def active_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # nnz-sized, in CSR order: ascending flat index, as active()
 
     def mask(self) -> torch.Tensor:
         return self.module.mask
