@@ -162,6 +162,24 @@ def test_snfs_each_stage_follows_the_reference_rule(monkeypatch, layout):
     assert counts_moved  # the redistribution did move connections between layers
 
 
+def test_snfs_on_a_masked_convolution_follows_the_reference_rule(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 6, 3), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 3)).double()
+    sparsify(model, 0.6, distribution="uniform", layout="masked", generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    snfs = SNFS(model, opt, total_steps=STEPS, delta_t=DELTA_T, prune_rate=0.4)
+    seen = spy_plans(monkeypatch, snfs, lambda n: snfs._next[n])
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(DELTA_T):
+        x = torch.randn(5, 2, 6, 6, generator=gen, dtype=torch.float64)
+        nn.functional.mse_loss(model(x), x[:, 0, :3, 0]).backward()
+        moved = snfs.step()
+        opt.zero_grad()
+    assert moved and snfs.masks()["0.weight"].shape == (6, 2, 3, 3)
+    expected = reference_update(seen[0], prune_rate(DELTA_T, 0.4))
+    assert all(torch.equal(snfs.masks()[n], expected[n]) for n in expected)
+
+
 def test_snfs_momentum_is_the_dense_gradient_average_and_layouts_agree(monkeypatch):
     _, masked, _, masked_history, grads = run_snfs(monkeypatch, "masked")
     reference = {n: torch.zeros(layer.shape, dtype=torch.float64) for n, layer in masked.layers.items()}
