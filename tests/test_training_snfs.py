@@ -217,6 +217,34 @@ def test_snfs_gradient_accumulation_and_bfloat16_momentum_dtype():
     assert all(m.dtype == torch.float32 for m in snfs.dense_momentum.values())
 
 
+@pytest.mark.skipif(
+    not sparsekern._extension.available(), reason=f"extension: {sparsekern._extension.unavailable_reason}"
+)
+def test_compiled_snfs_records_every_step_and_updates_as_eager():
+    """The backward hook's dense gradient reaches SNFS through the same opaque op in a compiled model (the nonzero
+    counts change, so the graph may recompile: no claim about that), and the masks follow the eager run's."""
+    import torch._dynamo
+
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = build("sparse", dtype=torch.float32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        snfs = SNFS(model, opt, total_steps=STEPS, delta_t=DELTA_T)
+        run = torch.compile(model, backend="aot_eager") if compiled else model
+        for step in range(1, 2 * DELTA_T + 1):
+            x, y = batch(step, dtype=torch.float32)
+            nn.functional.mse_loss(run(x), y).backward()
+            snfs.step()
+            opt.zero_grad()
+        runs.append((snfs.masks(), snfs.dense_momentum, snfs.density_history))
+    torch._dynamo.reset()
+    assert all(torch.equal(runs[0][0][n], runs[1][0][n]) for n in runs[0][0])
+    for name, m in runs[0][1].items():
+        torch.testing.assert_close(runs[1][1][name], m, rtol=1e-5, atol=1e-6)
+    assert runs[0][2] == runs[1][2] and len(runs[0][2]) == 2
+
+
 def test_snfs_prune_rate_schedule_by_formula():
     model = build("masked")
     snfs = SNFS(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=1000, delta_t=100, prune_rate=0.4)
