@@ -45,7 +45,8 @@ class SNFS(_DropGrow):
 
     The momentum M is a **dense** exponential average of the dense weight gradient, kept by this sparsifier for
     every sparse layer (one dense float32 tensor per layer): M ← ``momentum`` · M + ∂L/∂W at every optimizer step
-    (SGD's momentum buffer, as the reference code reads it from SGD over the dense masked weights). Inactive
+    (SGD's momentum buffer, as the reference code reads it from SGD over the dense masked weights; with Adam that
+    code reads Adam's exp_avg / sqrt(exp_avg_sq) instead, while this M is the same whatever the optimizer). Inactive
     weights need it, so SNFS costs a dense weight gradient every step: on masked layers it is the gradient autograd
     computes anyway (read before it is masked); on SparseLinear layers a hook (RigL's recording, on at every step)
     adds gᵀx of each backward pass (layer input x, output gradient g; micro-batches summed) into one dense buffer,
