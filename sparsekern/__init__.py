@@ -18,6 +18,7 @@ from .ops import (
 from .training import (
     IMP,
     SET,
+    SNFS,
     SNIP,
     GraSP,
     RigL,
@@ -41,6 +42,7 @@ __all__ = [
     "IMP",
     "RigL",
     "SET",
+    "SNFS",
     "SNIP",
     "Static",
     "SynFlow",

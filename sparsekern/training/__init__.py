@@ -5,6 +5,7 @@ from .drop_grow import DropGrowPlan, drop_and_grow
 from .imp import IMP, IMPRound
 from .prune_init import GraSP, SynFlow, grasp_scores, synflow_scores
 from .schedule import UpdateSchedule
+from .snfs import SNFS
 from .sparsifier import SET, SNIP, RigL, Sparsifier, Static
 from .sparsify import (
     LAYOUTS,
@@ -23,6 +24,7 @@ __all__ = [
     "IMPRound",
     "LAYOUTS",
     "SET",
+    "SNFS",
     "SNIP",
     "DropGrowPlan",
     "GraSP",
