@@ -4,8 +4,10 @@ from .distribution import DISTRIBUTIONS, layer_nnz
 from .drop_grow import DropGrowPlan, drop_and_grow
 from .flops import FlopsReport, LayerFlops, flops_report
 from .imp import IMP, IMPRound
+from .prune_init import GraSP, SynFlow, grasp_scores, synflow_scores
 from .schedule import UpdateSchedule
 from .small_dense import small_dense
+from .snfs import SNFS
 from .sparsifier import SET, SNIP, RigL, Sparsifier, Static
 from .sparsify import (
     LAYOUTS,
@@ -24,23 +26,28 @@ __all__ = [
     "IMPRound",
     "LAYOUTS",
     "SET",
+    "SNFS",
     "SNIP",
     "DropGrowPlan",
     "FlopsReport",
     "LayerFlops",
+    "GraSP",
     "RigL",
     "Sparsifier",
     "SparsityReport",
     "Static",
+    "SynFlow",
     "UpdateSchedule",
     "compress",
     "drop_and_grow",
     "flops_report",
+    "grasp_scores",
     "keep_masks",
     "layer_nnz",
     "snip_scores",
     "sparsify",
     "small_dense",
     "sparsity_report",
+    "synflow_scores",
     "to_sparse_linear",
 ]

@@ -20,6 +20,7 @@ the grow score grow the lower flat index first.
 from __future__ import annotations
 
 import abc
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,19 +154,40 @@ class _Layer(abc.ABC):
         """Apply a plan to the layer and, if given, the optimizer state."""
         self.stage(plan, optimizer)()
 
+    @abc.abstractmethod
+    def active_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The entries of a parameter-shaped tensor (the parameter's gradient or optimizer state) at ``active()``."""
+
     def plan(
-        self, n: int, grow: str, *, batches=None, generator=None, group=None, precision: str = "fast"
+        self,
+        n: int,
+        grow: str,
+        *,
+        batches=None,
+        generator=None,
+        group=None,
+        precision: str = "fast",
+        n_grow: int | None = None,
+        scores: torch.Tensor | None = None,
     ) -> DropGrowPlan:
-        """The update, the new topology included, computed once and without changing anything."""
+        """The update, the new topology included, computed once and without changing anything. ``n_grow`` (default
+        ``n``) grows another number than the drop removes (a redistributed budget); ``grow="scores"`` grows the
+        largest |scores| (a dense tensor of the weight's shape) among the positions not kept."""
         active = self.active()
         if not 0 <= n <= active.numel():
             raise ValueError(f"drop_and_grow: n must lie in [0, active connections={active.numel()}], got {n}")
+        n_grow = n if n_grow is None else n_grow
+        free = self.numel - active.numel() + n
+        if not 0 <= n_grow <= free:
+            raise ValueError(f"drop_and_grow: cannot grow {n_grow} connections among {free} free positions")
         drop = select_drop(self.active_values(), n)
         dropped, kept = active[drop], active[~drop]  # boolean selection keeps the ascending order
         if grow == "gradient":
-            grown = self.grow_by_gradient(kept, n, batches, group, precision)
+            grown = self.grow_by_gradient(kept, n_grow, batches, group, precision)
+        elif grow == "scores":
+            grown = grow_from_scores(scores, kept, n_grow)
         else:
-            grown = grow_random(kept, self.numel, n, generator)
+            grown = grow_random(kept, self.numel, n_grow, generator)
         # A dropped connection grown again keeps its slot (and value); the others are added.
         regrown = sorted_contains(dropped, grown)
         keep = ~drop
@@ -191,6 +213,9 @@ class CompressedLayer(_Layer):
 
     def active_values(self) -> torch.Tensor:
         return self.module.values
+
+    def active_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor  # nnz-sized, in CSR order: ascending flat index, as active()
 
     def mask(self) -> torch.Tensor:
         return self.module.mask
@@ -248,6 +273,9 @@ class MaskedLayer(_Layer):
     def mask(self) -> torch.Tensor:
         return self.module.weight_mask.clone()
 
+    def active_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(-1)[self.module.weight_mask.reshape(-1)]
+
     def grow_by_gradient(self, kept, n, batches, group, precision) -> torch.Tensor:
         grad = self.module.weight.grad
         if grad is None:
@@ -282,6 +310,54 @@ class MaskedLayer(_Layer):
     def apply_mask(self) -> None:
         with torch.no_grad():
             self.module.weight.mul_(self.module.weight_mask)
+
+
+def redistribute(budget: int, weights: list[float], capacity: list[int]) -> list[int]:
+    """Split ``budget`` connections across layers in proportion to ``weights`` (sparse momentum's redistribution,
+    Dettmers & Zettlemoyer 2019), no layer above its ``capacity`` (the positions it can grow into: dense).
+
+    A layer whose share reaches its capacity is capped there and the overflow is spread evenly over the layers
+    not capped, until none overflows (sparse_learning's residual loop, capped at dense rather than at 0.99 of it).
+    The real-valued shares are then rounded down and the connections left over go one each to the layers with the
+    largest fractional parts (ties: the lower layer index), so the counts sum to ``budget`` exactly.
+
+    Raises:
+        ValueError: a budget above the total capacity, or weights that do not have a positive finite sum.
+
+    Example::
+
+        >>> redistribute(10, [1.0, 3.0], [100, 100]), redistribute(10, [1.0, 3.0], [100, 4])
+        ([3, 7], [6, 4])
+    """
+    if budget > sum(capacity):
+        raise ValueError(f"redistribute: a budget of {budget} exceeds the total capacity {sum(capacity)}")
+    total = math.fsum(weights)
+    if not 0 < total < math.inf:
+        raise ValueError(f"redistribute: the weights must have a positive finite sum, got {weights}")
+    target = [budget * w / total for w in weights]
+    capped = [False] * len(target)
+    while True:
+        over = [i for i, t in enumerate(target) if not capped[i] and t >= capacity[i]]
+        if not over:
+            break
+        overflow = math.fsum(target[i] - capacity[i] for i in over)
+        for i in over:
+            target[i], capped[i] = float(capacity[i]), True
+        free = [i for i in range(len(target)) if not capped[i]]
+        if not free:
+            break  # everything is dense: the budget was the total capacity
+        for i in free:
+            target[i] += overflow / len(free)
+    counts = [min(math.floor(t), c) for t, c in zip(target, capacity, strict=True)]
+    order = sorted(range(len(target)), key=lambda i: (-(target[i] - math.floor(target[i])), i))
+    left = budget - sum(counts)
+    for i in itertools.cycle(order):
+        if left <= 0:
+            break
+        if counts[i] < capacity[i]:
+            counts[i] += 1
+            left -= 1
+    return counts
 
 
 def flat_mask(active: torch.Tensor, shape: tuple[int, ...], device) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import operator
 import weakref
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from .._distributed import verify_masks_across_ranks
 from ._optim_state import check_optimizer, check_state, snapshot_step
-from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer, check_precision
+from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer, check_precision, redistribute
 from .flops import FlopsReport, flops_report
 from .schedule import UpdateSchedule
 from .sparsify import SparsityReport, _unwrap, sparse_layers, sparsity_report
@@ -249,9 +250,15 @@ class SNIP(Sparsifier):
     flops_rule = "sparse"
 
 
+REDISTRIBUTIONS = (None, "momentum", "magnitude")
+
+
 class _DropGrow(Sparsifier):
     grow = "gradient"
     precision = "fast"  # outer_topk's, for a gradient grow on SparseLinear layers
+    flops_rule = "rigl"
+    # a state saved before redistribution= existed kept every layer's count
+    _saved_before = {"redistribution": None}
 
     def __init__(
         self,
@@ -263,43 +270,184 @@ class _DropGrow(Sparsifier):
         alpha: float = 0.3,
         t_end: float | int = 0.75,
         keep_optimizer_step: bool = False,
+        redistribution: str | None = None,
         group=None,
     ):
+        fn = type(self).__name__
+        if redistribution not in REDISTRIBUTIONS:
+            raise ValueError(f"{fn}: redistribution must be one of {REDISTRIBUTIONS}, got {redistribution!r}")
         self.schedule = UpdateSchedule(total_steps, delta_t, alpha, t_end)
         super().__init__(model, optimizer, group=group)
         if not isinstance(keep_optimizer_step, bool):
-            raise TypeError(f"{type(self).__name__}: keep_optimizer_step must be a bool, got {keep_optimizer_step!r}")
+            raise TypeError(f"{fn}: keep_optimizer_step must be a bool, got {keep_optimizer_step!r}")
         self.keep_optimizer_step = keep_optimizer_step
+        self.redistribution = redistribution
+        wrapped = isinstance(model, nn.parallel.DistributedDataParallel)
+        if redistribution is not None and wrapped and any(isinstance(x, CompressedLayer) for x in self.layers.values()):
+            # DDP keeps each parameter's gradient accumulator, with its size, from when it was built
+            raise ValueError(
+                f"{fn}: moving nonzeros between layers changes the size of SparseLinear.values, which a "
+                "DistributedDataParallel wrapper cannot follow (it fixes every parameter's size when it is built); "
+                "under DDP use sparsify(layout='masked'), or pass the model itself with group= and average the "
+                "gradients across ranks yourself before step()"
+            )
+        # {layer name: density} after each update that may move counts between layers (redistribution on)
+        self.density_history: list[dict[str, float]] = []
         self._capturing = self.is_update_step(1)
 
     def is_update_step(self, step: int) -> bool:
         return self.schedule.is_update(step)
 
     def _config(self) -> dict:
-        return {**dataclasses.asdict(self.schedule), "keep_optimizer_step": self.keep_optimizer_step}
+        return {
+            **dataclasses.asdict(self.schedule),
+            "keep_optimizer_step": self.keep_optimizer_step,
+            "redistribution": self.redistribution,
+        }
+
+    def step(self) -> bool:
+        updated = super().step()
+        if updated and self.redistribution is not None:
+            self.density_history.append(self._densities())
+        return updated
+
+    def _densities(self) -> dict[str, float]:
+        return {name: layer.count() / layer.numel for name, layer in self.layers.items()}
 
     def _plan(self, step: int) -> dict[str, DropGrowPlan]:
         check_state(f"{type(self).__name__}.step", self.optimizer, [layer.param for layer in self.layers.values()])
-        plans = {}
-        for name, layer in self.layers.items():
-            if layer.count() == layer.numel:
-                continue  # a dense layer: the grow could only give back what the drop took
-            n = self.schedule.n_drop(step, layer.count())
-            plans[name] = layer.plan(
+        statistics = self._statistics() if self.redistribution is not None else None
+        n_drop = self._drop_counts(step, statistics)
+        n_grow = self._grow_counts(n_drop, statistics)
+        return {
+            name: self.layers[name].plan(
                 n,
                 self.grow,
+                n_grow=n_grow[name],
                 batches=self._batches(name),
                 generator=self._generator(),
                 group=self.group,
                 precision=self.precision,
+                scores=self._scores(name),
             )
-        return plans
+            for name, n in n_drop.items()
+        }
+
+    def _drop_counts(self, step: int, statistics: dict[str, float] | None) -> dict[str, int]:
+        counts = {}
+        for name, layer in self.layers.items():
+            if self.redistribution is None and layer.count() == layer.numel:
+                continue  # a dense layer: the grow could only give back what the drop took
+            counts[name] = self.schedule.n_drop(step, layer.count())
+        return counts
+
+    def _grow_counts(self, n_drop: dict[str, int], statistics: dict[str, float] | None) -> dict[str, int]:
+        """Without redistribution every layer grows what it dropped; with it, the dropped total is split across the
+        layers in proportion to their statistic, each capped at dense (sparse momentum's redistribution)."""
+        if statistics is None or not math.fsum(statistics[name] for name in n_drop) > 0:
+            return n_drop  # no statistic to go by (all zero): every layer regrows what it dropped
+        names = list(n_drop)
+        capacity = [self.layers[name].numel - self.layers[name].count() + n_drop[name] for name in names]
+        counts = redistribute(sum(n_drop.values()), [statistics[name] for name in names], capacity)
+        return dict(zip(names, counts, strict=True))
+
+    def _statistics(self) -> dict[str, float]:
+        """{layer: mean |momentum| (or |w|) over its active weights}, sparse_learning's redistribution statistic."""
+        fn = f"{type(self).__name__}.step"
+        out = {}
+        for name, layer in self.layers.items():
+            values = layer.active_values() if self.redistribution == "magnitude" else self._active_momentum(name)
+            value = float(values.detach().double().abs().mean()) if values.numel() else 0.0
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"{fn}: the {self.redistribution} of {name!r} holds inf or NaN; no connection was changed"
+                )
+            out[name] = value
+        return out
+
+    def _active_momentum(self, name: str) -> torch.Tensor:
+        """The optimizer's momentum at the active weights (nnz-sized reads): SGD's momentum_buffer, or Adam's
+        exp_avg / (sqrt(exp_avg_sq) + 1e-8), as sparse_learning reads it."""
+        layer = self.layers[name]
+        state = self.optimizer.state.get(layer.param) or {}
+        if isinstance(state.get("exp_avg"), torch.Tensor) and isinstance(state.get("exp_avg_sq"), torch.Tensor):
+            return layer.active_of(state["exp_avg"]) / (layer.active_of(state["exp_avg_sq"]).sqrt() + 1e-8)
+        if isinstance(state.get("momentum_buffer"), torch.Tensor):
+            return layer.active_of(state["momentum_buffer"])
+        raise ValueError(
+            f"{type(self).__name__}.step: redistribution='momentum' reads the optimizer's momentum (SGD's "
+            f"momentum_buffer or Adam's exp_avg and exp_avg_sq), which {type(self.optimizer).__name__} does not hold "
+            f"for {name!r}; use SGD with momentum > 0 or Adam/AdamW and take an optimizer step before the first "
+            "update, or redistribution='magnitude'; no connection was changed"
+        )
 
     def _batches(self, name: str):
-        return None
+        # One (x, g) per backward pass: a forward without a backward adds nothing to the gradient or the scores.
+        return self._records.get(name, [])
 
     def _generator(self):
         return None
+
+    def _scores(self, name: str):
+        return None
+
+    def _extra_state(self) -> dict:
+        if self.redistribution is None:
+            return {}
+        return {"density_history": [dict(entry) for entry in self.density_history]}
+
+    def _check_extra_state(self, fn: str, state: dict) -> None:
+        if self.redistribution is None:
+            return
+        history = state["density_history"]
+        if not (
+            isinstance(history, list)
+            and all(
+                isinstance(entry, dict)
+                and set(entry) == set(self.layers)
+                and all(isinstance(v, float) and 0 <= v <= 1 for v in entry.values())
+                for entry in history
+            )
+        ):
+            raise ValueError(f"{fn}: density_history must be a list of {{layer name: density in [0, 1]}}")
+
+    def _load_extra_state(self, state: dict) -> None:
+        if self.redistribution is not None:
+            self.density_history = [dict(entry) for entry in state["density_history"]]
+
+    def _record_inputs(self) -> None:
+        """Hooks that record every SparseLinear's inputs and output gradients while ``_capturing`` (RigL: on update
+        steps, for outer_topk; SNFS: every step, for its dense momentum)."""
+        for name, layer in self.layers.items():
+            if isinstance(layer, CompressedLayer):
+                self._hooks.append(layer.module.register_forward_hook(self._recorder(name)))
+
+    def _record(self, name: str, x: torch.Tensor, g: torch.Tensor) -> None:
+        """Keep one backward pass's (x, g) of a SparseLinear (copies: the batch may be reused in place)."""
+        self._records.setdefault(name, []).append((x.clone(), g.clone()))
+
+    def _recorder(self, name: str):
+        slot = next(_SLOTS)
+        _RECORDERS[slot] = (weakref.ref(self), name)
+        weakref.finalize(self, _RECORDERS.pop, slot, None)
+        target = self.layers[name].module
+
+        # Compiled: records on every training forward (the opaque op reads _capturing when the backward runs), so
+        # torch.compile traces one graph with no guard on the schedule and no Python side effect in it. Eager: only
+        # on capture steps (nothing is traced, so the check costs nothing and other steps get no extra node).
+        def record(module, args, output):
+            # copy.deepcopy(model) copies this hook: it records only on the module it was put on
+            if module is not target or not torch.is_grad_enabled() or not output.requires_grad:
+                return None
+            # Not a tensor hook: one on an output then changed in place (ReLU(inplace=True)) never fires.
+            if torch.compiler.is_compiling():
+                return _RecordGrad.apply(output, args[0], slot)
+            if _capturer(slot) is not None:
+                # a 2-D SparseLinear output is a same-shape view; marking a view dirty would cost a copy
+                return _RecordGrad.apply(output._base if _same_view(output) else output, args[0], slot)
+            return None
+
+        return record
 
 
 class SET(_DropGrow):
@@ -314,6 +462,7 @@ class SET(_DropGrow):
         keep_optimizer_step: also take the optimizer step on update steps (default: skip it, as RigL does; with
             it, update steps hold a copy of the optimizer's parameters and state, to undo a failed update).
         seed: the generator's seed (its state is part of ``state_dict()``).
+        redistribution: as :class:`RigL` (default None: every layer keeps its count).
 
     Example::
 
@@ -329,11 +478,12 @@ class SET(_DropGrow):
     flops_rule = "sparse"  # the random grow needs no gradient: SET costs what static training costs
 
     def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
-                 keep_optimizer_step=False, seed: int = 0, group=None):  # fmt: skip
+                 keep_optimizer_step=False, seed: int = 0, redistribution=None, group=None):  # fmt: skip
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"SET: seed must be an int, got {seed!r}")
         super().__init__(model, optimizer, total_steps=total_steps, delta_t=delta_t, alpha=alpha, t_end=t_end,
-                         keep_optimizer_step=keep_optimizer_step, group=group)  # fmt: skip
+                         keep_optimizer_step=keep_optimizer_step, redistribution=redistribution,
+                         group=group)  # fmt: skip
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -344,12 +494,14 @@ class SET(_DropGrow):
         return self.generator
 
     def _extra_state(self) -> dict:
-        return {"generator": self.generator.get_state()}
+        return {**super()._extra_state(), "generator": self.generator.get_state()}
 
     def _check_extra_state(self, fn: str, state: dict) -> None:
+        super()._check_extra_state(fn, state)
         check_generator_state(fn, state["generator"], self.generator)
 
     def _load_extra_state(self, state: dict) -> None:
+        super()._load_extra_state(state)
         self.generator.set_state(state["generator"])
 
     def step(self) -> bool:
@@ -386,11 +538,21 @@ class RigL(_DropGrow):
             "fast" (default: the fastest of the device, the same bits run to run and on every rank, within a
             stated rounding bound of float64) or "exact" (one rounding order, bit-identical on every backend and
             device). Part of ``state_dict()``'s configuration; masked layers use their dense gradient either way.
+        redistribution: None (default: every layer grows what it dropped, so its density and the FLOPs stay
+            constant), "momentum" or "magnitude": the connections all layers dropped are grown again across the
+            layers in proportion to each layer's mean |momentum| (the optimizer's: SGD's momentum_buffer or Adam's
+            exp_avg / (sqrt(exp_avg_sq) + 1e-8), read at the active weights only) or mean |w| over its active
+            weights, each layer capped at dense (sparse momentum's rule, :class:`SNFS`). Layer densities then drift,
+            and so do the training and inference FLOPs: RigL's constant cost no longer holds (the point the RigL
+            reproducibility report makes). The densities after each update are kept in ``density_history`` (a list
+            of {layer name: density}, part of ``state_dict()``). Dense layers then take part in updates. Under DDP
+            it needs masked layers: a DDP wrapper cannot follow SparseLinear's changing nonzero counts (pass the
+            model itself with ``group=`` and average the gradients yourself there).
 
     Raises:
-        as :class:`Static`, and ValueError for bad schedule values or precision; ``step()`` raises ValueError
-        when an update step has no recorded gradient (no backward) or non-finite scores, leaving everything
-        unchanged.
+        as :class:`Static`, and ValueError for bad schedule values, precision or redistribution; ``step()`` raises
+        ValueError when an update step has no recorded gradient (no backward), non-finite scores or statistics, or
+        (redistribution="momentum") an optimizer without momentum state, leaving everything unchanged.
 
     Example::
 
@@ -410,47 +572,19 @@ class RigL(_DropGrow):
     """
 
     # a state saved before RigL took `precision` grew by exact scores: it resumes on RigL(precision="exact")
-    _saved_before = {"precision": "exact"}
+    _saved_before = {**_DropGrow._saved_before, "precision": "exact"}
     flops_rule = "rigl"
 
     def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
-                 keep_optimizer_step=False, precision: str = "fast", group=None):  # fmt: skip
+                 keep_optimizer_step=False, precision: str = "fast", redistribution=None, group=None):  # fmt: skip
         self.precision = check_precision("RigL", precision)
         super().__init__(model, optimizer, total_steps=total_steps, delta_t=delta_t, alpha=alpha, t_end=t_end,
-                         keep_optimizer_step=keep_optimizer_step, group=group)  # fmt: skip
-        for name, layer in self.layers.items():
-            if isinstance(layer, CompressedLayer):
-                self._hooks.append(layer.module.register_forward_hook(self._recorder(name)))
+                         keep_optimizer_step=keep_optimizer_step, redistribution=redistribution,
+                         group=group)  # fmt: skip
+        self._record_inputs()
 
     def _config(self) -> dict:
         return {**super()._config(), "precision": self.precision}
-
-    def _recorder(self, name: str):
-        slot = next(_SLOTS)
-        _RECORDERS[slot] = (weakref.ref(self), name)
-        weakref.finalize(self, _RECORDERS.pop, slot, None)
-        target = self.layers[name].module
-
-        # Compiled: records on every training forward (the opaque op reads _capturing when the backward runs), so
-        # torch.compile traces one graph with no guard on the schedule and no Python side effect in it. Eager: only
-        # on capture steps (nothing is traced, so the check costs nothing and other steps get no extra node).
-        def record(module, args, output):
-            # copy.deepcopy(model) copies this hook: it records only on the module it was put on
-            if module is not target or not torch.is_grad_enabled() or not output.requires_grad:
-                return None
-            # Not a tensor hook: one on an output then changed in place (ReLU(inplace=True)) never fires.
-            if torch.compiler.is_compiling():
-                return _RecordGrad.apply(output, args[0], slot)
-            if _capturing(slot) is not None:
-                # a 2-D SparseLinear output is a same-shape view; marking a view dirty would cost a copy
-                return _RecordGrad.apply(output._base if _same_view(output) else output, args[0], slot)
-            return None
-
-        return record
-
-    def _batches(self, name: str):
-        # One (x, g) per backward pass: a forward without a backward adds nothing to the gradient or the scores.
-        return self._records.get(name, [])
 
 
 # RigL's recording hooks by slot: (weak reference to the RigL, layer name); a slot outlives neither.
@@ -458,13 +592,13 @@ _RECORDERS: dict[int, tuple[weakref.ref, str]] = {}
 _SLOTS = itertools.count()
 
 
-def _capturing(slot: int) -> list | None:
-    """The record list of ``slot``'s layer while its RigL captures an update step, else None."""
+def _capturer(slot: int) -> tuple[_DropGrow, str] | None:
+    """(sparsifier, layer name) of ``slot`` while that sparsifier captures (RigL: an update step), else None."""
     owner = _RECORDERS.get(slot)
-    rigl = owner[0]() if owner is not None else None
-    if rigl is None or not rigl._capturing:
+    sparsifier = owner[0]() if owner is not None else None
+    if sparsifier is None or not sparsifier._capturing:
         return None
-    return rigl._records.setdefault(owner[1], [])
+    return sparsifier, owner[1]
 
 
 @torch.library.custom_op("sparsekern::rigl_record", mutates_args=())
@@ -472,9 +606,10 @@ def rigl_record(x: torch.Tensor, g: torch.Tensor, slot: int) -> None:
     """Hand one backward pass's layer input ``x`` and output gradient ``g`` to the RigL of ``slot``, kept (copied, as
     (B, in_features) and (B, out_features)) only while it captures an update step. Opaque to torch.compile and
     declared side-effectful below, so compiled graphs keep it and never depend on the capture state."""
-    records = _capturing(slot)
-    if records is not None:
-        records.append((x.detach().reshape(-1, x.shape[-1]).clone(), g.detach().reshape(-1, g.shape[-1]).clone()))
+    capturer = _capturer(slot)
+    if capturer is not None:
+        sparsifier, name = capturer
+        sparsifier._record(name, x.detach().reshape(-1, x.shape[-1]), g.detach().reshape(-1, g.shape[-1]))
 
 
 @rigl_record.register_fake
