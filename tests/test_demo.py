@@ -102,6 +102,37 @@ def _check_flops(by_method, table):
     assert rows["rigl"][5] == f"{flops['rigl']['training']:.3f}x" and rows["rigl"][6] == f"{f_s:.3f}x"
 
 
+def test_demo_quick_new_methods(tmp_path, capsys):
+    """The rows of the other methods of the literature, and their FLOPs under each one's rule."""
+    threads = torch.get_num_threads()
+    new = ["grasp", "synflow", "snfs"]
+    try:
+        argv = ["demo", "--quick", "--no-wide", "--no-plot", "--threads", "1", "--methods", ",".join(new)]
+        assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines() if line.split()[:1] and line.split()[0] in new] == new
+    by_method = {r["method"]: r for r in json.loads((tmp_path / "results.json").read_text())["results"]}
+    dense_weights = 64 * 64 + 64 * 64 + 64 * 10
+    for method, r in by_method.items():
+        assert len(r["curve"]) == 3 and 0 <= r["accuracy"] <= 100
+        layers = r["report"]["layers"]
+        assert [layer["layout"] for layer in layers] == ["sparse"] * 3
+        f_s = r["report"]["overall"]["nnz"] / dense_weights
+        assert r["flops"]["inference"] == pytest.approx(f_s, rel=1e-12)
+        expected = {
+            "grasp": ("sparse", f_s),
+            "synflow": ("sparse", f_s),
+            "snfs": ("dense_gradient", (2 * f_s + 1) / 3),
+        }
+        if method in expected:
+            rule, training = expected[method]
+            assert r["flops"]["rule"] == rule and r["flops"]["training"] == pytest.approx(training, rel=1e-12)
+    for method in new:
+        assert abs(by_method[method]["report"]["overall"]["sparsity"] - 0.9) < 1e-3
+
+
 def test_demo_no_wide(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
