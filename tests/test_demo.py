@@ -184,7 +184,8 @@ def no_training(monkeypatch):
         (["--sparsity", "nan"], "--sparsity must lie in (0, 1), got nan"),
         (["--seed", "-1"], "--seed must be an int in [0, 2**32), got -1"),
         (["--seed", str(2**64)], f"--seed must be an int in [0, 2**32), got {2**64}"),
-        (["--methods", ","], f"--methods must name some of {','.join(METHODS)}, got ','"),
+        (["--methods", ","], f"--methods must name some of {','.join(METHODS)} (or all), got ','"),
+        (["--methods", "all,dense"], f"--methods must name some of {','.join(METHODS)} (or all), got 'all,dense'"),
         (["--wide-epochs", "0"], "--wide-epochs must be a positive int, got 0"),
         (["--wide-seeds", "-2"], "--wide-seeds must be a positive int, got -2"),
     ],
@@ -198,6 +199,19 @@ def test_demo_refuses_bad_values_before_training(tmp_path, capsys, no_training, 
     assert str(exc.value) == f"sparsekern demo: {message}"
     assert capsys.readouterr().out == ""  # nothing printed, nothing run
     assert not out.exists()  # checked before the output folder is even made
+
+
+def test_demo_methods_all(tmp_path, monkeypatch):
+    ran = []
+
+    def record(method, cfg):
+        ran.append(cfg.methods)
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(demo, "run_seeds", record)
+    with pytest.raises(AssertionError, match="training started"):
+        cli.main(["demo", "--quick", "--no-plot", "--methods", "all", "--out", str(tmp_path)])
+    assert ran == [METHODS] and set(DEFAULT_METHODS) < set(METHODS)
 
 
 def _bad_folders(tmp_path):
