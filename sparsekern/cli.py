@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
-    demo = sub.add_parser("demo", help="train an MLP on the UCI digits: dense, RigL, SET, SNIP, static and IMP")
+    demo = sub.add_parser("demo", help="train an MLP on the UCI digits with every sparse-training method, FLOPs too")
     from .training.demo import add_demo_arguments
 
     add_demo_arguments(demo)
