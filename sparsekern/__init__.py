@@ -15,7 +15,7 @@ from .ops import (
     semi24_mask,
     to_semi_structured,
 )
-from .training import IMP, SET, SNIP, RigL, Static, drop_and_grow, snip_scores, sparsify, sparsity_report
+from .training import IMP, SET, SNIP, SRSTE, STE, RigL, Static, drop_and_grow, snip_scores, sparsify, sparsity_report
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,8 @@ __all__ = [
     "RigL",
     "SET",
     "SNIP",
+    "SRSTE",
+    "STE",
     "Static",
     "drop_and_grow",
     "nn",

@@ -15,6 +15,7 @@ from .sparsify import (
     sparsity_report,
     to_sparse_linear,
 )
+from .ste import SRSTE, STE, nm_mask
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -23,6 +24,8 @@ __all__ = [
     "LAYOUTS",
     "SET",
     "SNIP",
+    "SRSTE",
+    "STE",
     "DropGrowPlan",
     "RigL",
     "Sparsifier",
@@ -33,6 +36,7 @@ __all__ = [
     "drop_and_grow",
     "keep_masks",
     "layer_nnz",
+    "nm_mask",
     "snip_scores",
     "sparsify",
     "sparsity_report",
