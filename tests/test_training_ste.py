@@ -116,7 +116,8 @@ def weights_of(model):
 # -- nm_mask -----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize(
-    "shape, n, m, dim", [((5, 12), 2, 4, 1), ((3, 16), 1, 4, -1), ((6, 8, 3, 3), 2, 4, 1), ((8, 5), 2, 8, 0)]
+    "shape, n, m, dim",
+    [((5, 12), 2, 4, 1), ((3, 16), 1, 4, -1), ((6, 8, 3, 3), 2, 4, 1), ((8, 5), 2, 8, 0), ((3, 64), 5, 32, 1)],
 )
 def test_nm_mask_matches_reference(shape, n, m, dim, dtype):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(len(shape) * 7 + n)).to(dtype)
