@@ -589,3 +589,43 @@ def test_non_finite_scores_are_refused():
         model(batch(1)[0])
     assert model[2].weight.__class__ is nn.Parameter  # the forward put the Parameters back
     assert ste.steps == 0
+
+
+class Encoder(nn.Module):
+    def __init__(self, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.layer(x)
+        return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+
+@pytest.mark.parametrize("method", ["srste", "ste"])
+def test_weights_read_by_attention_and_fused_encoder_are_masked(method):
+    """out_proj's weight is read by MultiheadAttention's forward, linear1/linear2's by the encoder's fused eval path:
+    they are masked too (hooks on those readers), in training and in the no-grad eval fast path."""
+    model = Encoder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sparsifier = SRSTE(model, opt) if method == "srste" else STE(model, opt, sparsity=0.5)
+    names = set(sparsifier.masks())
+    assert {"layer.self_attn.in_proj_weight", "layer.self_attn.out_proj.weight", "layer.linear1.weight",
+            "attn.out_proj.weight", "head.weight"} <= names  # fmt: skip
+    x = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(0))
+    model(x).square().mean().backward()
+    sparsifier.step()
+    masks = sparsifier.masks()
+    reference = Encoder(seed=1)
+    reference.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(("_mask", "_scores"))})
+    with torch.no_grad():
+        for name, mask in masks.items():
+            reference.get_parameter(name).mul_(mask)
+    assert torch.allclose(model(x), reference(x), atol=1e-6)
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        assert torch.allclose(model(x), reference(x), atol=1e-6)
+        assert all(type(model.get_parameter(name)) is nn.Parameter for name in masks)  # all put back

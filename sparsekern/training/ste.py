@@ -106,7 +106,7 @@ class _ScoreRule:
 
 
 _KEYS = "_sparsekern_ste_keys"  # module attribute: {attr: (version, data_ptr) of the source the mask was made from}
-_LATENT = "_sparsekern_ste_latent"  # module attribute during a forward: {attr: the latent Parameter}
+_LATENT = "_sparsekern_ste_latent"  # owner attribute while swapped: {attr: the latent Parameter}
 
 
 def _refresh(module: nn.Module, attr: str, rule) -> torch.Tensor:
@@ -121,28 +121,50 @@ def _refresh(module: nn.Module, attr: str, rule) -> torch.Tensor:
     return mask
 
 
-class _MaskHook:
-    """Forward pre-hook and forward hook of one module: swap ``w ⊙ mask`` in for each latent weight, then back."""
+_SWAPPED = "_sparsekern_ste_swapped"  # reader attribute during its forward: the (owner, attr) it swapped
 
-    def __init__(self, rules: dict[str, object]):
-        self.rules = rules
+
+class _MaskHook:
+    """Forward pre-hook and forward hook of a module that reads latent weights: put ``w ⊙ mask`` in each weight's
+    place for the forward, then the Parameter back. Installed on each weight's own module and on the modules whose
+    forward reads their children's weights directly (MultiheadAttention's out_proj, the encoder layer's fast path);
+    the outermost one swaps, inner ones find the weight swapped and leave it."""
+
+    def __init__(self, entries: list[tuple[nn.Module, str, object]]):
+        self.entries = entries  # (owner module, Parameter name, mask rule)
 
     def before(self, module: nn.Module, args) -> None:
-        if _LATENT in module.__dict__:
-            return  # a call inside its own forward: the weights are swapped already
-        latent = {}
+        if _SWAPPED in module.__dict__:
+            return  # a call inside its own forward
+        swapped = []
         try:
-            for attr, rule in self.rules.items():
-                weight = module._parameters[attr]
-                module._parameters[attr] = _StraightThrough.apply(weight, _refresh(module, attr, rule))
+            for owner, attr, rule in self.entries:
+                latent = owner.__dict__.setdefault(_LATENT, {})
+                if attr in latent:
+                    continue  # an enclosing reader swapped it already
+                weight = owner._parameters[attr]
+                owner._parameters[attr] = _StraightThrough.apply(weight, _refresh(owner, attr, rule))
                 latent[attr] = weight
+                swapped.append((owner, attr))
         except BaseException:
-            module._parameters.update(latent)
+            _restore(swapped)
             raise
-        module.__dict__[_LATENT] = latent
+        module.__dict__[_SWAPPED] = swapped
 
     def after(self, module: nn.Module, args, output) -> None:
-        module._parameters.update(module.__dict__.pop(_LATENT, {}))
+        _restore(module.__dict__.pop(_SWAPPED, []))
+
+
+def _restore(swapped: list[tuple[nn.Module, str]]) -> None:
+    for owner, attr in swapped:
+        latent = owner.__dict__[_LATENT]
+        owner._parameters[attr] = latent.pop(attr)
+        if not latent:
+            del owner.__dict__[_LATENT]
+
+
+# modules whose forward reads the weights of their children itself (fused kernels, F.multi_head_attention_forward)
+_READERS = (nn.MultiheadAttention, nn.TransformerEncoderLayer)
 
 
 def _input_dim(module: nn.Module) -> int:
@@ -201,13 +223,15 @@ class _LatentMask(Sparsifier):
                 module.register_buffer(f"{attr}_mask", mask.clone())
         self._finalized = False
         super().__init__(model, optimizer, group=group)
-        by_module: dict[int, tuple[nn.Module, dict]] = {}
-        for (module, attr), rule in zip(targets.values(), self._rules.values(), strict=True):
-            by_module.setdefault(id(module), (module, {}))[1][attr] = rule
-        for module, rules in by_module.values():
-            hook = _MaskHook(rules)
-            self._hooks.append(module.register_forward_pre_hook(hook.before))
-            self._hooks.append(module.register_forward_hook(hook.after, always_call=True))
+        entries = [(module, attr, self._rules[name]) for name, (module, attr) in targets.items()]
+        readers = {id(owner): owner for owner, _, _ in entries}
+        readers.update({id(m): m for m in inner.modules() if isinstance(m, _READERS)})
+        for reader in readers.values():
+            inside = {id(m) for m in reader.modules()}
+            hook = _MaskHook([entry for entry in entries if id(entry[0]) in inside])
+            if hook.entries:
+                self._hooks.append(reader.register_forward_pre_hook(hook.before))
+                self._hooks.append(reader.register_forward_hook(hook.after, always_call=True))
         self.refresh()
 
     _export = ""  # other conversions named in the SparseLinear refusal
