@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from helpers import spawn_ranks
+from test_training_imp import same
 from torch import nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -402,16 +403,6 @@ def test_resume_is_bit_identical(method, masked):
 def snapshot(model, opt, sparsifier):
     grads = [p.grad.clone() if p.grad is not None else None for g in opt.param_groups for p in g["params"]]
     return copy.deepcopy((model.state_dict(), opt.state_dict(), sparsifier.state_dict(), grads))
-
-
-def same(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
-    return a == b
 
 
 @pytest.mark.parametrize("method", ["srste", "ste"])
