@@ -271,7 +271,8 @@ class _LatentMask(Sparsifier):
         if self._finalized:
             raise ValueError(f"{fn}: finalize() was called; keep training the masked model with Static")
         self.refresh()  # the masks of the weights the forward saw (a no-op unless something changed them since)
-        verify_masks_across_ranks(fn, self.group, {name: layer.active() for name, layer in self.layers.items()})
+        if self.group is not None:
+            verify_masks_across_ranks(fn, self.group, {name: layer.active() for name, layer in self.layers.items()})
         swaps = []
         for name, (module, attr) in self._targets.items():
             weight = module._parameters[attr]
