@@ -307,6 +307,17 @@ def test_ste_masks_and_gradients_match_edge_popup():
         assert s.grad.count_nonzero() > reference[i].weight.grad.count_nonzero()  # scores learn off the mask too
 
 
+def test_ste_rescale_scales_each_layer_by_its_density():
+    model = mlp()
+    before = [model[i].weight.detach().clone() for i in (0, 2, 4)]
+    ste = STE(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.7, rescale=True, score_init="magnitude")
+    counts = layer_nnz([(16, 12), (8, 16), (3, 8)], 0.7, "erk")
+    for i, w, count in zip((0, 2, 4), before, counts, strict=True):
+        assert torch.equal(model[i].weight, w * (w.numel() / count) ** 0.5)
+        assert torch.equal(model[i].weight_mask, top_reference(w, count))  # magnitude scores: rescaling keeps order
+    assert ste.report().nnz == sum(counts)
+
+
 def test_ste_masks_follow_the_scores_and_keep_counts():
     model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -535,6 +546,7 @@ def test_refuses_sparse_linear_layers():
         (lambda m, o: STE(m, o, sparsity=0.5, distribution="global"), ValueError, r"STE: distribution must be one"),
         (lambda m, o: STE(m, o, sparsity=0.5, score_init="zeros"), ValueError, r"STE: score_init must be one of"),
         (lambda m, o: STE(m, o, sparsity=0.5, seed=1.5), TypeError, r"STE: seed must be an int"),
+        (lambda m, o: STE(m, o, sparsity=0.5, rescale=1), TypeError, r"STE: rescale must be a bool, got 1"),
         (lambda m, o: STE(m, o, sparsity=0.5, score_options={"params": []}), TypeError, r"STE: score_options must"),
         (
             lambda m, o: STE(m, torch.optim.SGD(m[0].parameters(), lr=0.1), sparsity=0.5),
