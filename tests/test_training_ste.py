@@ -307,6 +307,27 @@ def test_ste_masks_and_gradients_match_edge_popup():
         assert s.grad.count_nonzero() > reference[i].weight.grad.count_nonzero()  # scores learn off the mask too
 
 
+def test_ste_on_conv_layers_gradients_by_formula():
+    """Conv, Conv1D and Linear weights: weight grad G ⊙ m and score grad G ⊙ w ⊙ sign(s), with G = ∂L/∂(w ⊙ m)
+    taken by autograd on the effective weights as leaves (float64)."""
+    model = ConvNet().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ste = STE(model, opt, sparsity=0.6, distribution="uniform")
+    x, y = batch(1, conv=True)
+    x = x.double()
+    conv, proj, head = model.conv, model.proj, model.head
+    effective = [(m.weight * m.weight_mask).detach().requires_grad_() for m in (conv, proj, head)]
+    h = F.relu(F.conv2d(x, effective[0], conv.bias, padding=1)).mean((2, 3))
+    F.cross_entropy(F.linear(F.relu(h @ effective[1] + proj.bias), effective[2], head.bias), y).backward()
+    F.cross_entropy(model(x), y).backward()
+    ste.step()
+    for module, eff in zip((conv, proj, head), effective, strict=True):
+        g, w, s = eff.grad, module.weight.detach(), module.weight_scores
+        assert torch.equal(module.weight.grad, g * module.weight_mask)
+        assert torch.equal(s.grad, g * w * s.sgn())
+        assert int(module.weight_mask.sum()) == round(0.4 * w.numel())
+
+
 def test_ste_rescale_scales_each_layer_by_its_density():
     model = mlp()
     before = [model[i].weight.detach().clone() for i in (0, 2, 4)]
