@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import sparsekern
 from sparsekern.training import SRSTE, STE, layer_nnz, nm_mask, sparsify, to_sparse_linear
+from sparsekern.training.ste import _top_abs
 
 FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -161,6 +162,23 @@ def test_nm_mask_refuses_non_finite():
     w[1, 2] = float("nan")
     with pytest.raises(ValueError, match="nm_mask: weight contains NaN"):
         nm_mask(w, 2, 4, dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_ste_selection_with_a_threshold_hint_is_exact(dtype):
+    """STE narrows each step's selection with last step's threshold; whatever the hint, the result is the rule's."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(40, 30, generator=gen).to(dtype)
+    scores.view(-1)[::7] = 0.25  # ties at many positions, some at the threshold
+    for count in (1, 37, 300, 301, 1199, 1200):
+        expected = top_reference(scores, count)
+        exact, threshold = _top_abs(scores, count)
+        assert torch.equal(exact, expected)
+        for hint in (None, threshold, threshold * 1.001, threshold * 0.9, -0.25, 0.0, -1e6, 1e6, threshold + 1e-12):
+            mask, _ = _top_abs(scores, count, hint)
+            assert torch.equal(mask, expected), (count, hint)
+    moved = scores + 0.01 * torch.randn(scores.shape, generator=gen).to(dtype)  # the next step's scores
+    assert torch.equal(_top_abs(moved, 300, threshold)[0], top_reference(moved, 300))
 
 
 # -- SR-STE ------------------------------------------------------------------------------------------------------

@@ -63,12 +63,35 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, *, dim: int = -1) -> torch.Ten
     return group_topk_mask(weight.movedim(dim, -1), n, m).movedim(-1, dim).contiguous()
 
 
-def _top_abs(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """bool mask of the ``count`` largest |scores| (ties: lower flat index), in O(numel) (no full sort)."""
+def _top_abs(scores: torch.Tensor, count: int, hint: float | None = None) -> tuple[torch.Tensor, float | None]:
+    """bool mask of the ``count`` largest |scores| (ties: lower flat index) in O(numel), no sort; and the selection's
+    threshold, which as the next call's ``hint`` narrows the search (the result never depends on the hint)."""
     keys = scores.detach().abs().reshape(-1)
     if keys.element_size() < 4:
         keys = keys.float()  # exact, and kthvalue covers it everywhere
-    return smallest(keys.neg_(), count).view(scores.shape)
+    keys = keys.neg_()  # the count largest |s| are the count smallest -|s|
+    if count == 0:
+        return smallest(keys, 0).view(scores.shape), None
+    threshold = _kth_smallest(keys, count, hint)
+    return smallest(keys, count, threshold).view(scores.shape), float(threshold)
+
+
+def _kth_smallest(keys: torch.Tensor, n: int, hint: float | None) -> torch.Tensor:
+    """The n-th smallest of the 1-D ``keys`` (1-based), exactly. Scores move little per step, so last step's
+    threshold (``hint``) brackets this one closely: two counting passes check a band [lo, hi] around it holds the
+    n-th smallest (fewer than n below lo, at least n up to hi), and kthvalue runs on the band alone (a full
+    kthvalue is several times slower than the counting passes). A band that misses is widened; then the full one."""
+    if hint is not None:
+        width = abs(hint) * 2.0**-6 + 2.0**-100
+        for _ in range(3):
+            lo, hi = hint - width, hint + width
+            below = int(torch.count_nonzero(keys < lo))
+            if below < n:
+                upto = keys <= hi
+                if n <= int(torch.count_nonzero(upto)):
+                    return torch.kthvalue(keys[upto & (keys >= lo)], n - below).values
+            width *= 16
+    return torch.kthvalue(keys, n).values
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -107,9 +130,12 @@ class _ScoreRule:
     def compute(self, module: nn.Module, attr: str) -> torch.Tensor:
         scores = module._buffers[f"{attr}_scores"]
         check_finite_weight("STE", f"the scores of {attr}", scores)
-        return _top_abs(scores, self.count)
+        hints = module.__dict__.setdefault(_HINTS, {})
+        mask, hints[attr] = _top_abs(scores, self.count, hints.get(attr))
+        return mask
 
 
+_HINTS = "_sparsekern_ste_hints"  # module attribute: {attr: the last selection threshold of its scores}
 _KEYS = "_sparsekern_ste_keys"  # module attribute: {attr: (version, data_ptr) of the source the mask was made from}
 _LATENT = "_sparsekern_ste_latent"  # owner attribute while swapped: {attr: the latent Parameter}
 
@@ -329,6 +355,7 @@ class _LatentMask(Sparsifier):
                     if isinstance(value, torch.Tensor) and value.shape == weight.shape:
                         value.masked_fill_(~mask, 0)
                 module.__dict__.pop(_KEYS, None)
+                module.__dict__.pop(_HINTS, None)
         self.remove()
         self._finalized = True
         return super().report()
