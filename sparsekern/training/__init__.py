@@ -17,6 +17,7 @@ from .sparsify import (
     sparsity_report,
     to_sparse_linear,
 )
+from .ste import SRSTE, STE, nm_mask
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -26,6 +27,8 @@ __all__ = [
     "SET",
     "SNFS",
     "SNIP",
+    "SRSTE",
+    "STE",
     "DropGrowPlan",
     "GraSP",
     "RigL",
@@ -39,6 +42,7 @@ __all__ = [
     "grasp_scores",
     "keep_masks",
     "layer_nnz",
+    "nm_mask",
     "snip_scores",
     "sparsify",
     "sparsity_report",
