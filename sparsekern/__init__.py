@@ -15,7 +15,7 @@ from .ops import (
     semi24_mask,
     to_semi_structured,
 )
-from .training import IMP, SET, SNIP, RigL, Static, drop_and_grow, snip_scores, sparsify, sparsity_report
+from .training import GMP, IMP, SET, SNIP, RigL, Static, drop_and_grow, snip_scores, sparsify, sparsity_report
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "CSRIndex",
+    "GMP",
     "IMP",
     "RigL",
     "SET",

@@ -1,7 +1,8 @@
-"""Sparse training methods: sparsify(), layer-wise densities, RigL, SET, SNIP, static masks and IMP (DESIGN §4)."""
+"""Sparse training methods: sparsify(), layer-wise densities, RigL, SET, SNIP, static masks, GMP and IMP (DESIGN §4)."""
 
 from .distribution import DISTRIBUTIONS, layer_nnz
 from .drop_grow import DropGrowPlan, drop_and_grow
+from .gmp import GMP, GMPSchedule
 from .imp import IMP, IMPRound
 from .schedule import UpdateSchedule
 from .sparsifier import SET, SNIP, RigL, Sparsifier, Static
@@ -18,12 +19,14 @@ from .sparsify import (
 
 __all__ = [
     "DISTRIBUTIONS",
+    "GMP",
     "IMP",
     "IMPRound",
     "LAYOUTS",
     "SET",
     "SNIP",
     "DropGrowPlan",
+    "GMPSchedule",
     "RigL",
     "Sparsifier",
     "SparsityReport",
