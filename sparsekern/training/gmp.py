@@ -350,6 +350,9 @@ def prune_plan(layer, drop: torch.Tensor) -> DropGrowPlan:
     True and adds none: what :meth:`_Layer.stage` installs (the layer and its optimizer state shrink)."""
     active = layer.active()
     keep = ~drop
+    new_active = active[keep]  # still ascending: no merge (and no sort) as a grow would need
+    old_to_new = torch.full_like(active, -1).masked_scatter_(
+        keep, torch.arange(new_active.numel(), device=active.device)
+    )
     none = active.new_empty(0)
-    new_active, update = TopologyUpdate.merge(active, keep, none)
-    return DropGrowPlan(active[drop], none, new_active, update)
+    return DropGrowPlan(active[drop], none, new_active, TopologyUpdate(old_to_new, none, new_active.numel()))
