@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..nn.sparse_linear import TopologyUpdate
+from ._optim_state import check_state
 from .distribution import DISTRIBUTIONS, layer_nnz
 from .drop_grow import CompressedLayer, DropGrowPlan, select_drop
 from .sparsifier import MAX_STEPS, Sparsifier
@@ -189,9 +190,8 @@ class GMP(Sparsifier):
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
             raise ValueError(f"{fn}: sparsity must be a number in (0, 1), got {sparsity!r}")
         if initial_sparsity is not None:
-            if isinstance(initial_sparsity, bool) or not isinstance(initial_sparsity, (int, float)):
-                raise ValueError(f"{fn}: initial_sparsity must be None or a number in [0, 1), got {initial_sparsity!r}")
-            if not 0 <= initial_sparsity < 1:
+            number = not isinstance(initial_sparsity, bool) and isinstance(initial_sparsity, (int, float))
+            if not (number and 0 <= initial_sparsity < 1):
                 raise ValueError(f"{fn}: initial_sparsity must be None or a number in [0, 1), got {initial_sparsity!r}")
             initial_sparsity = float(initial_sparsity)
             if initial_sparsity > sparsity:
@@ -274,6 +274,7 @@ class GMP(Sparsifier):
     def _plan(self, step: int) -> dict[str, DropGrowPlan]:
         names = list(self.layers)
         layers = [self.layers[name] for name in names]
+        check_state("GMP.step", self.optimizer, [layer.param for layer in layers])
         if self.scope == "layer":
             targets = self.scheduled_counts(step)
             drops = [
@@ -282,7 +283,8 @@ class GMP(Sparsifier):
             ]
         else:
             # one ranking over all layers, in float64 (exact for every dtype); ties: the earlier layer, lower index
-            magnitudes = [layer.active_values().detach().double().cpu() for layer in layers]
+            device = layers[0].param.device
+            magnitudes = [layer.active_values().detach().to(device, torch.float64) for layer in layers]
             (target,) = self.scheduled_counts(step)
             chosen = select_drop(torch.cat(magnitudes), max(0, sum(m.numel() for m in magnitudes) - target))
             bounds = [0, *itertools.accumulate(m.numel() for m in magnitudes)]
