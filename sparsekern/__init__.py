@@ -16,6 +16,7 @@ from .ops import (
     to_semi_structured,
 )
 from .training import (
+    GMP,
     IMP,
     SET,
     SNFS,
@@ -40,6 +41,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "CSRIndex",
+    "GMP",
     "GraSP",
     "IMP",
     "RigL",

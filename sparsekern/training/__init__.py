@@ -1,7 +1,9 @@
-"""Sparse training methods: sparsify(), layer-wise densities, RigL, SET, SNIP, static masks and IMP (DESIGN §4)."""
+"""Sparse training methods (DESIGN §4): sparsify() and layer-wise densities; static, SNIP, GraSP, SynFlow (fixed
+masks); SET, RigL, SNFS (drop and grow); GMP and IMP (pruning); STE and SR-STE (learned masks)."""
 
 from .distribution import DISTRIBUTIONS, layer_nnz
 from .drop_grow import DropGrowPlan, drop_and_grow
+from .gmp import GMP, GMPSchedule
 from .imp import IMP, IMPRound
 from .prune_init import GraSP, SynFlow, grasp_scores, synflow_scores
 from .schedule import UpdateSchedule
@@ -21,6 +23,7 @@ from .ste import SRSTE, STE, nm_mask
 
 __all__ = [
     "DISTRIBUTIONS",
+    "GMP",
     "IMP",
     "IMPRound",
     "LAYOUTS",
@@ -31,6 +34,7 @@ __all__ = [
     "STE",
     "DropGrowPlan",
     "GraSP",
+    "GMPSchedule",
     "RigL",
     "Sparsifier",
     "SparsityReport",
