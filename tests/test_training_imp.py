@@ -4,6 +4,7 @@ changes nothing; every round needs a new optimizer; the docstring example runs."
 
 from __future__ import annotations
 
+import copy
 import doctest
 import io
 import itertools
@@ -279,3 +280,237 @@ def test_numpy_metrics_give_a_state_dict_that_loads_with_weights_only():
     with pytest.raises(TypeError, match="metric 'when' must be a number, string, bool, None, tensor, numpy value"):
         imp.end_round(when=object())
     assert imp.round == 0 and imp.history == [] and imp.state_dict()["in_round"]  # refused before anything changed
+
+
+# -- learning-rate rewinding (Renda et al. 2020) and scheduler replay ---------------------------------------------
+T, K = 8, 3  # round 0 trains T steps and saves the schedule at step K; later rounds train the remaining T - K
+
+SCHEDULERS = {
+    "step": lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+    "onecycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=T),  # cycles momentum
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=T),
+    "lambda": lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step)),
+}
+
+
+def build_lr(layout, rewind="lr", seed=0, scope="global"):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(6, 12), nn.BatchNorm1d(12), nn.ReLU(), nn.Linear(12, 3))
+    return model, IMP(model, 0.7, prune_fraction=0.4, rewind=rewind, rewind_step=K, scope=scope, layout=layout)
+
+
+def run_lr(model, imp, data, schedule, *, stop=None, resume=None, on_end=None):
+    """The remaining rounds with a new optimizer and scheduler each; the (lr, momentum) of every optimizer step per
+    round. ``stop=(round, step)``: return a checkpoint taken before that step instead; ``resume``: a checkpoint's
+    optimizer and scheduler states, loaded after start_round."""
+    rates = []
+
+    def checkpoint(optimizer=None, scheduler=None) -> io.BytesIO:
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optimizer": optimizer and optimizer.state_dict(),
+                    "scheduler": scheduler and scheduler.state_dict(), "imp": imp.state_dict(),
+                    "data": data.get_state(), "rates": rates}, buffer)  # fmt: skip
+        buffer.seek(0)
+        return buffer
+
+    while imp.round < imp.rounds:
+        if stop == (imp.round, None):
+            return checkpoint()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = SCHEDULERS[schedule](optimizer)
+        sparsifier = imp.start_round(optimizer, scheduler)
+        if resume is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+            resume = None
+        rates.append([])
+        for step in range(sparsifier.steps, T if imp.round == 0 else T - K):
+            if stop == (imp.round, step):
+                return checkpoint(optimizer, scheduler)
+            group = optimizer.param_groups[0]
+            rates[-1].append((group["lr"], group["momentum"]))
+            x = torch.randn(8, 6, generator=data)
+            nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long() + (x[:, 1] > 0).long()).backward()
+            sparsifier.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if on_end is not None:
+            on_end(model, imp)
+        imp.end_round()
+    return rates
+
+
+def top_kept(layers_weights, layers_masks, count):
+    """IMP's global prune re-stated: the ``count`` largest |w| among the active weights, ties to the earlier layer
+    and lower flat index."""
+    pairs = zip(layers_weights, layers_masks, strict=True)
+    flat = torch.cat([w.reshape(-1)[m.reshape(-1)].abs().double() for w, m in pairs])
+    keep = torch.zeros(flat.numel(), dtype=torch.bool)
+    keep[torch.sort(flat, descending=True, stable=True).indices[:count]] = True
+    out, start = [], 0
+    for m in layers_masks:
+        mask = torch.zeros(m.numel(), dtype=torch.bool)
+        active = m.reshape(-1).nonzero().reshape(-1)
+        mask[active[keep[start : start + active.numel()]]] = True
+        out.append(mask.view(m.shape))
+        start += active.numel()
+    return out
+
+
+@pytest.mark.parametrize("schedule", SCHEDULERS)
+@pytest.mark.parametrize("rewind", ["lr", "weights"])
+@pytest.mark.parametrize("layout", ["masked", "sparse"])
+def test_rewinding_replays_the_schedule_and_lr_rewinding_keeps_the_weights(layout, rewind, schedule):
+    model, imp = build_lr(layout, rewind)
+    ends = []
+
+    def on_end(model, imp):  # what training left, just before the prune
+        weights = [w.detach().clone() for w in _dense(model)]
+        others = {n: t.detach().clone() for n, t in imp._rewound()["params"].items()}
+        buffers = {n: t.clone() for n, t in imp._rewound()["buffers"].items()}
+        ends.append((weights, imp.masks(), others, buffers))
+
+    rewind_point = {}
+    original = imp._save_rewind_point
+
+    def save():  # the weights at step K of round 0 (rewind="weights")
+        original()
+        rewind_point.update(copy.deepcopy(imp._rewind))
+
+    imp._save_rewind_point = save
+    rates = run_lr(model, imp, torch.Generator().manual_seed(7), schedule, on_end=on_end)
+    assert [len(r) for r in rates] == [T] + [T - K] * (imp.rounds - 1) and imp.rounds == 4
+    for later in rates[1:]:  # step j of a later round runs at round 0's step K + j rate (and momentum)
+        assert later == rates[0][K:]
+    assert len({lr for lr, _ in rates[0]}) > 1  # the schedule does move
+    counts = [row["overall"]["nnz"] for row in imp.report()]
+    assert counts == [108, 65, 39, 33]
+    # replay the prunes: each round's masks keep the largest trained |w|; lr rewinding keeps the trained values,
+    # weight rewinding restores the step-K ones; the other parameters and buffers follow the same rule
+    model2, imp2 = build_lr(layout, rewind)
+    run_lr(model2, imp2, torch.Generator().manual_seed(7), schedule, stop=(1, None))  # right after round 0
+    weights, masks, others, buffers = ends[0]
+    expected = top_kept(weights, list(masks.values()), counts[1])
+    got = imp2.masks()
+    for name, mask in zip(got, expected, strict=True):
+        assert torch.equal(got[name], mask), name
+    source = weights if rewind == "lr" else rewind_point["dense"]
+    for w, s, m in zip(_dense(model2), source, expected, strict=True):
+        assert torch.equal(w.detach(), s * m)
+    kept = {"params": others, "buffers": buffers} if rewind == "lr" else rewind_point
+    for kind, tensors in imp2._rewound().items():
+        for name, t in tensors.items():
+            assert torch.equal(t.detach(), kept[kind][name]), name
+    # the two sources differ, so the checks above tell them apart
+    start = rewind_point["buffers"]["1.running_mean"] if rewind == "weights" else torch.zeros(12)
+    assert not torch.equal(buffers["1.running_mean"], start)
+
+
+def _dense(model):
+    return [m.dense_weight() if hasattr(m, "dense_weight") else m.weight for m in (model[0], model[3])]
+
+
+LR_STOPS = {"round0-step2": (0, 2), "round0-step3": (0, K), "before-round1": (1, None), "round2-step2": (2, 2)}
+
+
+@pytest.mark.parametrize("stop", LR_STOPS.values(), ids=LR_STOPS.keys())
+@pytest.mark.parametrize("layout", ["masked", "sparse"])
+def test_lr_rewinding_resume_reproduces_uninterrupted_run(layout, stop):
+    model, imp = build_lr(layout)
+    rates = run_lr(model, imp, torch.Generator().manual_seed(7), "onecycle")
+    expected = {k: v.clone() for k, v in model.state_dict().items()}, imp.masks(), imp.report()
+
+    model, imp = build_lr(layout)
+    state = torch.load(run_lr(model, imp, torch.Generator().manual_seed(7), "onecycle", stop=stop))
+    assert (state["imp"]["lr_rewind"] is None) == (stop[0] == 0)  # saved when step K + 1 of round 0 begins
+
+    model, imp = build_lr(layout, seed=1)
+    model.load_state_dict(state["model"])
+    imp.load_state_dict(state["imp"])
+    data = torch.Generator()
+    data.set_state(state["data"])
+    in_round = state["imp"]["in_round"]
+    resumed = run_lr(model, imp, data, "onecycle", resume=state if in_round else None)
+    done = state["rates"]
+    if in_round:  # the interrupted round's rates continue where they stopped
+        resumed[0] = done.pop() + resumed[0]
+    assert done + resumed == rates
+    got = model.state_dict(), imp.masks(), imp.report()
+    for key, value in expected[0].items():
+        assert torch.equal(got[0][key], value), key
+    assert same(got[1], expected[1]) and got[2] == expected[2]
+
+
+def test_lr_rewinding_bad_arguments_change_nothing():
+    with pytest.raises(ValueError, match=r"rewind must be one of \('weights', 'lr'\), got 'both'"):
+        IMP(nn.Sequential(nn.Linear(4, 4)), 0.5, rewind="both")
+    for control in ("reinit", "random_mask"):
+        with pytest.raises(ValueError, match=f"control='{control}' replaces the rewound weights .* rewind='lr' keeps"):
+            IMP(nn.Sequential(nn.Linear(4, 4)), 0.5, rewind="lr", control=control)
+
+    model, imp = build_lr("masked")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    other = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(TypeError, match="scheduler must be a torch.optim.lr_scheduler scheduler built on this round"):
+        imp.start_round(optimizer, torch.optim.lr_scheduler.StepLR(other, 1))
+    with pytest.raises(TypeError, match="scheduler must be a torch.optim.lr_scheduler scheduler built on this round"):
+        imp.start_round(optimizer, "cosine")
+    assert not imp.state_dict()["in_round"]
+
+    for first, later, message in [
+        (True, False, "round 0 was trained with a learning-rate scheduler; pass a new one"),
+        (False, True, "round 0 was trained without a learning-rate scheduler .* no schedule to replay"),
+    ]:
+        model, imp = build_lr("masked")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        sparsifier = imp.start_round(optimizer, SCHEDULERS["step"](optimizer) if first else None)
+        for _ in range(K + 1):
+            model(torch.randn(4, 6)).sum().backward()
+            sparsifier.step()
+            optimizer.zero_grad()
+        imp.end_round()
+        before = imp.state_dict()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with pytest.raises(ValueError, match=message):
+            imp.start_round(optimizer, SCHEDULERS["step"](optimizer) if later else None)
+        assert same(imp.state_dict(), before) and optimizer.param_groups[0]["lr"] == 0.1
+
+    # round 0 that ends before step K has no rewind point, in either mode
+    for rewind in ("lr", "weights"):
+        model, imp = build_lr("masked", rewind)
+        sparsifier = imp.start_round(torch.optim.SGD(model.parameters(), lr=0.1))
+        model(torch.randn(4, 6)).sum().backward()
+        sparsifier.step()
+        with pytest.raises(ValueError, match="round 0 ended before step rewind_step=3, so there is no rewind point"):
+            imp.end_round()
+
+
+def test_lr_rewinding_load_state_dict_checks_the_schedule_point():
+    model, imp = build_lr("masked")
+    state = torch.load(run_lr(model, imp, torch.Generator().manual_seed(7), "step", stop=(1, 1)))["imp"]
+    assert state["rewind"] is None and state["config"]["rewind"] == "lr"
+    early = torch.load(run_lr(*build_lr("masked"), torch.Generator().manual_seed(7), "step", stop=(0, 1)))["imp"]
+    bad = [
+        ({**state, "lr_rewind": None}, "expected a learning-rate rewind point at round 1, step 1"),
+        ({**state, "lr_rewind": {"scheduler": 3, "groups": []}}, "lr_rewind must be None or"),
+        ({**state, "lr_rewind": {**state["lr_rewind"], "groups": [{"params": []}]}}, "lr_rewind must be None or"),
+        ({**state, "rewind": {"params": {}, "buffers": {}, "dense": []}}, "expected no rewind point at round 1"),
+        ({**state, "config": {**state["config"], "rewind": "weights"}}, "configuration .* differs"),
+    ]
+    before = imp.state_dict()
+    for broken, message in bad:
+        with pytest.raises(ValueError, match=message):
+            imp.load_state_dict(broken)
+        assert same(imp.state_dict(), before), message
+    model, imp = build_lr("masked")
+    with pytest.raises(ValueError, match="expected no learning-rate rewind point at round 0, step 1"):
+        imp.load_state_dict({**early, "lr_rewind": state["lr_rewind"]})
+    # a state saved before rewind= existed (no "rewind" in its config, no "lr_rewind") loads as weight rewinding
+    model, imp = build("masked")
+    old = torch.load(run(model, imp, torch.Generator().manual_seed(7), stop=(1, 2)))
+    old["imp"]["config"].pop("rewind")
+    old["imp"].pop("lr_rewind")
+    fresh_model, fresh = build("masked", seed=1)
+    fresh_model.load_state_dict(old["model"])
+    fresh.load_state_dict(old["imp"])
+    assert fresh.round == 1 and fresh.state_dict()["lr_rewind"] is None

@@ -1,8 +1,10 @@
-"""Sparse training methods: sparsify(), layer-wise densities, RigL, SET, SNIP, static masks and IMP (DESIGN §4)."""
+"""Sparse training methods (DESIGN §4): sparsify() and layer-wise densities; static, SNIP, GraSP, SynFlow (fixed
+masks); SET, RigL, SNFS (drop and grow); GMP and IMP (pruning); STE and SR-STE (learned masks)."""
 
 from .distribution import DISTRIBUTIONS, layer_nnz
 from .drop_grow import DropGrowPlan, drop_and_grow
 from .flops import FlopsReport, LayerFlops, flops_report
+from .gmp import GMP, GMPSchedule
 from .imp import IMP, IMPRound
 from .prune_init import GraSP, SynFlow, grasp_scores, synflow_scores
 from .schedule import UpdateSchedule
@@ -19,19 +21,24 @@ from .sparsify import (
     sparsity_report,
     to_sparse_linear,
 )
+from .ste import SRSTE, STE, nm_mask
 
 __all__ = [
     "DISTRIBUTIONS",
+    "GMP",
     "IMP",
     "IMPRound",
     "LAYOUTS",
     "SET",
     "SNFS",
     "SNIP",
+    "SRSTE",
+    "STE",
     "DropGrowPlan",
     "FlopsReport",
     "LayerFlops",
     "GraSP",
+    "GMPSchedule",
     "RigL",
     "Sparsifier",
     "SparsityReport",
@@ -44,6 +51,7 @@ __all__ = [
     "grasp_scores",
     "keep_masks",
     "layer_nnz",
+    "nm_mask",
     "snip_scores",
     "sparsify",
     "small_dense",

@@ -67,14 +67,16 @@ class DropGrowPlan:
         return self.dropped.numel()
 
 
-def smallest(keys: torch.Tensor, n: int) -> torch.Tensor:
+def smallest(keys: torch.Tensor, n: int, threshold: torch.Tensor | None = None) -> torch.Tensor:
     """bool aligned with the 1-D ``keys``: True at the n smallest, ties to the lower index. O(numel), no sort:
-    everything below the n-th smallest key, then the lowest-index ties at it."""
+    everything below the n-th smallest key, then the lowest-index ties at it. ``threshold``: that n-th smallest
+    key, when the caller has it already (STE finds it faster from the previous step's)."""
     if n == 0:
         return torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
-    threshold = torch.kthvalue(keys, n).values
+    if threshold is None:
+        threshold = torch.kthvalue(keys, n).values
     chosen = keys < threshold
-    ties = (keys == threshold).nonzero().reshape(-1)[: n - int(chosen.sum())]
+    ties = (keys == threshold).nonzero().reshape(-1)[: n - int(torch.count_nonzero(chosen))]
     chosen[ties] = True
     return chosen
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Iterable
@@ -20,6 +21,9 @@ from .sparsify import SparsityReport, _unwrap, check_layout, sparse_layers, spar
 
 SCOPES = ("global", "layer")
 CONTROLS = (None, "reinit", "random_mask")
+REWINDS = ("weights", "lr")
+# optimizer hyperparameters that torch's LR schedulers set (OneCycleLR and CyclicLR also cycle momentum or betas)
+_SCHEDULED = ("lr", "initial_lr", "max_lr", "min_lr", "momentum", "betas", "base_momentum", "max_momentum")
 _TOPOLOGY = ("weight_mask", "row_ptr", "col_idx", "csc_ptr", "csc_row", "csc_perm")  # the masks' buffers
 _STATE_KEYS = {"kind", "config", "round", "in_round", "sparsifier", "history", "rewind", "generator", "active"}
 
@@ -37,38 +41,53 @@ class IMPRound:
 
 
 class _RoundSparsifier(Sparsifier):
-    """Static masks; in round 0 it also saves the rewind point after ``rewind_step`` optimizer steps."""
+    """Static masks; in round 0 it also saves the rewind points after ``rewind_step`` optimizer steps: the weights
+    (``rewind="weights"``) right after that step, the learning-rate schedule when the next step begins (the loop has
+    stepped its scheduler after the optimizer by then)."""
 
     flops_rule = "sparse"
 
-    def __init__(self, imp: IMP, model, optimizer):
+    def __init__(self, imp: IMP, model, optimizer, scheduler):
         super().__init__(model, optimizer, group=imp.group)
-        self._imp = imp
+        self._imp, self.scheduler = imp, scheduler
 
     def step(self) -> bool:
+        imp = self._imp
+        if imp.round == 0 and self.steps == imp.rewind_step and imp._lr_point is None:
+            imp._save_lr_point(self)
         updated = super().step()
-        if self._imp.round == 0 and self.steps == self._imp.rewind_step:
-            self._imp._save_rewind_point()
+        if imp.round == 0 and self.steps == imp.rewind_step and imp.rewind == "weights":
+            imp._save_rewind_point()
         return updated
 
 
 class IMP:
     """Iterative magnitude pruning with rewinding: train → prune a fraction of the remaining weights by |w| →
-    rewind the survivors to their values at step k of the first round → train again, until the target sparsity.
+    rewind → train again, until the target sparsity. Two rewinds:
 
-    Round 0 trains the dense model (masks all ones); each later round starts from the weights of the rewind point
-    (step ``rewind_step`` of round 0: 0 is the original lottery-ticket rewind to initialisation, k > 0 late
-    rewinding) with the new masks. The optimizer and any learning-rate schedule are reset by creating them anew
-    each round (``start_round`` refuses an optimizer that already has state); all other parameters and buffers
-    are rewound too. The last round prunes to exactly the target count. Controls: ``control="reinit"``
-    re-initialises the survivors randomly instead of rewinding; ``control="random_mask"`` keeps each layer's count
-    but places the connections at random.
+    - ``rewind="weights"`` (lottery tickets; Frankle & Carbin 2019, Frankle et al. 2020): the survivors go back
+      to their values at step k (``rewind_step``) of round 0: 0 is the original rewind to initialisation, k > 0
+      late rewinding. All other parameters and buffers are rewound too.
+    - ``rewind="lr"`` (learning-rate rewinding; Renda et al. 2020): the survivors keep their trained values (so do
+      the other parameters and buffers), and only the learning-rate schedule is replayed from step k.
 
-    Checkpoints: save ``model.state_dict()``, ``optimizer.state_dict()`` and ``imp.state_dict()`` at any step (in a
-    round or between rounds). To resume, build the model and the IMP as before, load the model's state first (it
-    holds the masks and the sizes of SparseLinear layers), then the IMP's; ``start_round`` then continues an
-    interrupted round (``sparsifier.steps`` says where) and the optimizer's state is loaded after it. The resumed
-    run gives the masks and weights of the run that did not stop.
+    Round 0 trains the dense model (masks all ones); each later round trains the pruned one. The optimizer is reset
+    by creating it anew each round (``start_round`` refuses an optimizer that already has state). A learning-rate
+    scheduler passed to ``start_round`` (built on that round's optimizer, the same way every round) is replayed
+    from step k in every later round, in both modes: its state when step k+1 of round 0 began (so step it after
+    ``sparsifier.step()``, as torch asks) is loaded into the new scheduler, and the optimizer's learning rates
+    (and the momentum or betas that OneCycleLR and CyclicLR set) are set to their values then; so step j of a
+    later round runs at round 0's step k + j rate (train those rounds ``total − k`` steps, as Renda et al.).
+    Without a scheduler, ``rewind="lr"`` still restores the learning rates of step k; ``rewind="weights"`` then
+    leaves the new optimizer as it is (as before schedulers were taken). The last round prunes to exactly the
+    target count. Controls (weight rewinding only): ``control="reinit"`` re-initialises the survivors randomly
+    instead of rewinding; ``control="random_mask"`` keeps each layer's count but places the connections at random.
+
+    Checkpoints: save ``model.state_dict()``, ``optimizer.state_dict()``, the scheduler's and ``imp.state_dict()``
+    at any step (in a round or between rounds). To resume, build the model and the IMP as before, load the model's
+    state first (it holds the masks and the sizes of SparseLinear layers), then the IMP's; ``start_round`` then
+    continues an interrupted round (``sparsifier.steps`` says where) and the optimizer's and scheduler's states are
+    loaded after it. The resumed run gives the masks and weights of the run that did not stop.
 
     Data parallel (DDP): build the model identically on every rank and the IMP on the model itself with ``group=``
     (or on a DDP wrapper when ``layout="masked"``; with "sparse" a wrapper made before IMP would hold the
@@ -94,14 +113,17 @@ class IMP:
         scope: "global" (one magnitude ranking over all layers) or "layer" (each layer pruned by the fraction,
             down to its own ``round((1 - sparsity) * numel)``).
         rewind_step: optimizer steps of round 0 after which the rewind point is saved (0: initialisation).
-        control: None, "reinit" or "random_mask".
+        rewind: "weights" (default) or "lr" (keep the trained weights; replay the learning-rate schedule).
+        control: None, "reinit" or "random_mask" (with ``rewind="weights"`` only: both replace rewound weights).
         layout, include, exclude: as :func:`sparsify` (masked by default: early rounds are nearly dense).
         seed: seeds the controls' random draws.
         group: a ``torch.distributed`` process group (default: the DDP wrapper's, if ``model`` is one).
 
     Raises:
-        ValueError: values out of range or unknown names; ``start_round``/``end_round`` out of order; a DDP
-            wrapper with ``layout="sparse"``.
+        ValueError: values out of range or unknown names; a control with ``rewind="lr"``; ``start_round``/
+            ``end_round`` out of order; a scheduler in a later round where round 0 had none, or none where it had
+            one; a DDP wrapper with ``layout="sparse"``.
+        TypeError: a scheduler that is not a torch LR scheduler of the round's optimizer.
         RuntimeError: ``end_round`` under DDP when the ranks' new masks differ (nothing changes).
 
     Example (runnable; it stops in round 2 and resumes from the checkpoint)::
@@ -144,6 +166,28 @@ class IMP:
         ...     _ = imp.end_round(accuracy=0.0)
         >>> [row.report.nnz for row in imp.history]
         [320, 192, 115, 69, 64]
+
+    Learning-rate rewinding (Renda et al.) with a torch scheduler: later rounds keep the trained weights and train
+    the remaining 20 - 5 steps on round 0's schedule from step 5 (runnable)::
+
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        >>> imp = sparsekern.IMP(model, 0.8, prune_fraction=0.4, rewind="lr", rewind_step=5)
+        >>> first_rates = []
+        >>> while imp.round < imp.rounds:
+        ...     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        ...     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=5, gamma=0.5)
+        ...     sparsifier = imp.start_round(optimizer, scheduler)          # later rounds: rewound to step 5
+        ...     first_rates.append(optimizer.param_groups[0]["lr"])
+        ...     for _ in range(20 if imp.round == 0 else 15):
+        ...         x = torch.randn(64, 8)
+        ...         nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+        ...         _ = sparsifier.step()
+        ...         scheduler.step()                                        # after the optimizer's step
+        ...         optimizer.zero_grad()
+        ...     _ = imp.end_round()
+        >>> first_rates                                                     # round 0's rate at step 6
+        [0.1, 0.05, 0.05, 0.05, 0.05]
     """
 
     def __init__(
@@ -154,6 +198,7 @@ class IMP:
         prune_fraction: float = 0.2,
         scope: str = "global",
         rewind_step: int = 0,
+        rewind: str = "weights",
         control: str | None = None,
         layout: str = "masked",
         include: str | Iterable[str] | None = None,
@@ -174,6 +219,13 @@ class IMP:
             raise ValueError(f"{fn}: scope must be one of {SCOPES}, got {scope!r}")
         if control not in CONTROLS:
             raise ValueError(f"{fn}: control must be one of {CONTROLS}, got {control!r}")
+        if rewind not in REWINDS:
+            raise ValueError(f"{fn}: rewind must be one of {REWINDS}, got {rewind!r}")
+        if rewind == "lr" and control is not None:
+            raise ValueError(
+                f"{fn}: control={control!r} replaces the rewound weights (a control of weight rewinding); "
+                "rewind='lr' keeps the trained weights, so it takes control=None"
+            )
         if isinstance(rewind_step, bool) or not isinstance(rewind_step, int) or rewind_step < 0:
             raise ValueError(f"{fn}: rewind_step must be an int >= 0, got {rewind_step!r}")
         layout = check_layout(fn, layout)
@@ -190,6 +242,7 @@ class IMP:
         self.model = _unwrap(model)
         self.sparsity, self.prune_fraction, self.scope = float(sparsity), float(prune_fraction), scope
         self.rewind_step, self.control, self.layout, self.seed = rewind_step, control, layout, seed
+        self.rewind = rewind
         self.group = group
         self.generator = torch.Generator().manual_seed(seed)
         sparsify(self.model, 0.0, distribution="uniform", layout=layout, include=include, exclude=exclude)
@@ -216,27 +269,64 @@ class IMP:
         self._in_round = False
         self._sparsifier: _RoundSparsifier | None = None  # the current round's
         self._resume: dict | None = None  # a loaded round's sparsifier state, for the next start_round
-        self._rewind = None
-        if rewind_step == 0:
+        self._rewind = None  # the weights' rewind point (rewind="weights")
+        self._lr_point = None  # the learning-rate schedule's, saved when step k + 1 of round 0 begins
+        if rewind_step == 0 and rewind == "weights":
             self._save_rewind_point()
 
     # -- the rounds -------------------------------------------------------------------------------------------
-    def start_round(self, optimizer: torch.optim.Optimizer) -> Sparsifier:
-        """Begin the current round with a new ``optimizer`` (without state: the reset); returns the sparsifier to
-        step during it. After :meth:`load_state_dict` in the middle of a round, continues that round."""
+    def start_round(self, optimizer: torch.optim.Optimizer, scheduler=None) -> Sparsifier:
+        """Begin the current round with a new ``optimizer`` (without state: the reset) and, optionally, a new
+        learning-rate ``scheduler`` built on it; returns the sparsifier to step during it. In rounds after the
+        first, the learning-rate schedule is rewound to step ``rewind_step`` of round 0 (see the class). After
+        :meth:`load_state_dict` in the middle of a round, continues that round (load the optimizer's and
+        scheduler's states after this call)."""
         fn = "IMP.start_round"
         if self._in_round and self._resume is None:
             raise ValueError(f"{fn}: round already started; call end_round() first")
         if self.round >= self.rounds:
             raise ValueError(f"{fn}: all {self.rounds} rounds are done")
-        sparsifier = _RoundSparsifier(self, self.model, optimizer)
+        if scheduler is not None and not (
+            callable(getattr(scheduler, "state_dict", None))
+            and callable(getattr(scheduler, "load_state_dict", None))
+            and getattr(scheduler, "optimizer", None) is optimizer
+        ):
+            raise TypeError(
+                f"{fn}: scheduler must be a torch.optim.lr_scheduler scheduler built on this round's optimizer, got "
+                f"{type(scheduler).__name__}"
+            )
+        sparsifier = _RoundSparsifier(self, self.model, optimizer, scheduler)
         if self._resume is None and any(optimizer.state.values()):
             raise ValueError(
                 f"{fn}: the optimizer already has state; IMP resets the optimizer every round, so create a new one "
                 "(when resuming in a round, load the optimizer's state after start_round)"
             )
+        replay = self._resume is None and self.round > 0 and self._lr_point is not None
+        if self._resume is None and self.round > 0:
+            saved = self._lr_point["scheduler"] if self._lr_point is not None else None
+            if saved is not None and scheduler is None:
+                raise ValueError(
+                    f"{fn}: round 0 was trained with a learning-rate scheduler; pass a new one, built on this "
+                    f"optimizer as round 0's was, so that its schedule is replayed from step {self.rewind_step}"
+                )
+            if saved is None and scheduler is not None:
+                raise ValueError(
+                    f"{fn}: round 0 was trained without a learning-rate scheduler (none was saved at step "
+                    f"{self.rewind_step}), so there is no schedule to replay; pass none, or train round 0 with one"
+                )
+            if replay and len(self._lr_point["groups"]) != len(optimizer.param_groups):
+                raise ValueError(
+                    f"{fn}: the optimizer has {len(optimizer.param_groups)} parameter groups, round 0's had "
+                    f"{len(self._lr_point['groups'])}"
+                )
         if self._resume is not None:
             sparsifier.load_state_dict(self._resume)
+        elif replay and (scheduler is not None or self.rewind == "lr"):
+            # the schedule as it stood at step k: the scheduler's counters and the rates it had set
+            if scheduler is not None:
+                scheduler.load_state_dict(copy.deepcopy(self._lr_point["scheduler"]))
+            for group, hyper in zip(optimizer.param_groups, self._lr_point["groups"], strict=True):
+                group.update(copy.deepcopy(hyper))
         self._sparsifier, self._resume, self._in_round = sparsifier, None, True
         return sparsifier
 
@@ -245,7 +335,10 @@ class IMP:
         If the prune raises (under DDP: masks that differ across ranks), nothing has changed."""
         if not self._in_round:
             raise ValueError("IMP.end_round: no round started; call start_round(optimizer) first")
-        if self._rewind is None:
+        lr_point = self._lr_point
+        if lr_point is None and self.round == 0 and self._sparsifier.steps >= self.rewind_step:
+            lr_point = self._lr_snapshot(self._sparsifier)  # round 0 ended right after step k
+        if (self._rewind if self.rewind == "weights" else lr_point) is None:
             raise ValueError(
                 f"IMP.end_round: round 0 ended before step rewind_step={self.rewind_step}, so there is no rewind "
                 "point; train longer or lower rewind_step"
@@ -253,6 +346,7 @@ class IMP:
         row = IMPRound(self.round, sparsity_report(self.model), {k: _plain(k, v) for k, v in metrics.items()})
         if self.round + 1 < self.rounds:
             self._prune_and_rewind()
+        self._lr_point = lr_point
         self.history.append(row)
         self.round += 1
         self._in_round, self._sparsifier, self._resume = False, None, None
@@ -272,6 +366,7 @@ class IMP:
             "prune_fraction": self.prune_fraction,
             "scope": self.scope,
             "rewind_step": self.rewind_step,
+            "rewind": self.rewind,
             "control": self.control,
             "layout": self.layout,
             "seed": self.seed,
@@ -297,6 +392,7 @@ class IMP:
                 for row in self.history
             ],
             "rewind": self._rewind,
+            "lr_rewind": self._lr_point,
             "generator": self.generator.get_state(),
             "active": {name: layer.active().cpu() for name, layer in zip(self._names, self._layers(), strict=True)},
         }
@@ -315,7 +411,9 @@ class IMP:
             raise ValueError(f"{fn}: expected the state of an IMP, got {got!r}")
         if _STATE_KEYS - state.keys():
             raise ValueError(f"{fn}: the state lacks {sorted(_STATE_KEYS - state.keys())}")
-        if state["config"] != self._config():
+        # states saved before rewind= existed rewound the weights
+        config = {"rewind": "weights", **state["config"]} if isinstance(state["config"], dict) else state["config"]
+        if config != self._config():
             raise ValueError(f"{fn}: configuration {state['config']} differs from this IMP's {self._config()}")
         if list(state["active"]) != self._names:
             raise ValueError(f"{fn}: state has layers {list(state['active'])}, the model has {self._names}")
@@ -340,14 +438,35 @@ class IMP:
                                  f"its sparsifier's state, got round {r} and {type(resume).__name__}")  # fmt: skip
         elif in_round is not False or resume is not None:
             raise ValueError(f"{fn}: in_round must be a bool, and False without sparsifier state, got {in_round!r}")
-        saved = self.rewind_step == 0 or r > 0 or (in_round and resume["steps"] >= self.rewind_step)
+        step = resume["steps"] if in_round else 0
+        saved = self.rewind == "weights" and (self.rewind_step == 0 or r > 0 or step >= self.rewind_step)
         if (rewind is not None) != saved:
             raise ValueError(
-                f"{fn}: expected {'a' if saved else 'no'} rewind point at round {r}, step "
-                f"{resume['steps'] if in_round else 0} with rewind_step={self.rewind_step}"
+                f"{fn}: expected {'a' if saved else 'no'} rewind point at round {r}, step {step} with "
+                f"rewind={self.rewind!r}, rewind_step={self.rewind_step}"
             )
         if rewind is not None:
             self._check_rewind(fn, rewind)
+        lr_point = state.get("lr_rewind")  # absent from states saved before it existed (rewind="weights")
+        # saved when step k + 1 of round 0 begins, or when round 0 ends after step k
+        lr_saved = r > 0 or step > self.rewind_step
+        lr_unsaved = r == 0 and step < self.rewind_step
+        if lr_point is not None and not (
+            isinstance(lr_point, dict)
+            and lr_point.keys() == {"scheduler", "groups"}
+            and (lr_point["scheduler"] is None or isinstance(lr_point["scheduler"], dict))
+            and isinstance(lr_point["groups"], list)
+            and all(isinstance(g, dict) and set(g) <= set(_SCHEDULED) for g in lr_point["groups"])
+        ):
+            raise ValueError(
+                f"{fn}: lr_rewind must be None or {{'scheduler': a scheduler's state_dict or None, 'groups': a list "
+                f"of dicts of {_SCHEDULED}}}, got {lr_point!r}"
+            )
+        if (lr_point is not None and lr_unsaved) or (lr_point is None and lr_saved and self.rewind == "lr"):
+            raise ValueError(
+                f"{fn}: expected {'no' if lr_unsaved else 'a'} learning-rate rewind point at round {r}, step "
+                f"{step} with rewind_step={self.rewind_step}"
+            )
         generator = state["generator"]
         check_generator_state(fn, generator, self.generator)
         history = [
@@ -367,6 +486,7 @@ class IMP:
                 ],
             }
         self._rewind, self.history, self.round, self._in_round = rewind, history, r, in_round
+        self._lr_point = copy.deepcopy(lr_point)
         self._sparsifier, self._resume = None, resume
 
     def _check_rewind(self, fn: str, rewind) -> None:
@@ -392,6 +512,19 @@ class IMP:
             "buffers": {n: b for n, b in self.model.named_buffers() if n.rpartition(".")[2] not in _TOPOLOGY},
         }
 
+    def _lr_snapshot(self, sparsifier: _RoundSparsifier) -> dict:
+        """The learning-rate schedule now: the scheduler's state and the rates (and momenta) it has set."""
+        scheduler = sparsifier.scheduler
+        return {
+            "scheduler": copy.deepcopy(scheduler.state_dict()) if scheduler is not None else None,
+            "groups": [
+                {k: copy.deepcopy(g[k]) for k in _SCHEDULED if k in g} for g in sparsifier.optimizer.param_groups
+            ],
+        }
+
+    def _save_lr_point(self, sparsifier: _RoundSparsifier) -> None:
+        self._lr_point = self._lr_snapshot(sparsifier)
+
     def _save_rewind_point(self) -> None:
         point = {kind: {n: t.detach().clone() for n, t in ts.items()} for kind, ts in self._rewound().items()}
         self._rewind = {**point, "dense": [_dense_weight(layer).clone() for layer in self._layers()]}
@@ -410,6 +543,8 @@ class IMP:
                 ]
             if self.control == "reinit":
                 dense = [_fresh_init(layer, self.generator) for layer in layers]
+            elif self.rewind == "lr":
+                dense = [_dense_weight(layer) for layer in layers]  # the trained weights stay
             else:
                 dense = self._rewind["dense"]
             verify_masks_across_ranks("IMP.end_round", self.group, dict(zip(self._names, keeps, strict=True)))
@@ -420,7 +555,7 @@ class IMP:
             self.generator.set_state(saved)
             raise
         with torch.no_grad():
-            for kind, tensors in self._rewound().items():
+            for kind, tensors in self._rewound().items() if self.rewind == "weights" else ():
                 for name, t in tensors.items():
                     t.copy_(self._rewind[kind][name])
         for swap in swaps:
