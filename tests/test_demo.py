@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import sparsekern
 from sparsekern import cli
 from sparsekern.data import load_digits
 from sparsekern.training import demo
@@ -105,7 +106,7 @@ def _check_flops(by_method, table):
 def test_demo_quick_new_methods(tmp_path, capsys):
     """The rows of the other methods of the literature, and their FLOPs under each one's rule."""
     threads = torch.get_num_threads()
-    new = ["grasp", "synflow", "snfs"]
+    new = ["grasp", "synflow", "gmp", "snfs", "ste", "srste"]
     try:
         argv = ["demo", "--quick", "--no-wide", "--no-plot", "--threads", "1", "--methods", ",".join(new)]
         assert cli.main([*argv, "--out", str(tmp_path)]) == 0
@@ -118,19 +119,31 @@ def test_demo_quick_new_methods(tmp_path, capsys):
     for method, r in by_method.items():
         assert len(r["curve"]) == 3 and 0 <= r["accuracy"] <= 100
         layers = r["report"]["layers"]
-        assert [layer["layout"] for layer in layers] == ["sparse"] * 3
+        assert [layer["layout"] for layer in layers] == ["sparse"] * 3  # STE/SR-STE: converted after finalize()
         f_s = r["report"]["overall"]["nnz"] / dense_weights
         assert r["flops"]["inference"] == pytest.approx(f_s, rel=1e-12)
         expected = {
             "grasp": ("sparse", f_s),
             "synflow": ("sparse", f_s),
             "snfs": ("dense_gradient", (2 * f_s + 1) / 3),
+            "ste": ("dense_gradient", (2 * f_s + 1) / 3),
+            "srste": ("dense_gradient", (2 * f_s + 1) / 3),
         }
         if method in expected:
             rule, training = expected[method]
             assert r["flops"]["rule"] == rule and r["flops"]["training"] == pytest.approx(training, rel=1e-12)
-    for method in new:
+    assert by_method["srste"]["report"]["overall"]["sparsity"] == 0.5  # 2:4 whatever --sparsity says
+    for method in ("grasp", "synflow", "gmp", "snfs", "ste"):
         assert abs(by_method[method]["report"]["overall"]["sparsity"] - 0.9) < 1e-3
+    # GMP: dense at first, pruned on its (per-layer, data-free) schedule: 3 f_S(t) summed over its 135 steps
+    gmp = by_method["gmp"]["flops"]
+    model = demo.make_mlp(64, 0)
+    sparsekern.sparsify(model, 0.0)
+    schedule = sparsekern.GMP(model, torch.optim.SGD(model.parameters(), lr=0.1), sparsity=0.9, total_steps=135,
+                              delta_t=10, distribution="erk")  # fmt: skip
+    expected = sum(sum(schedule.counts_at(t).values()) for t in range(1, 136)) / 135 / dense_weights
+    assert gmp["rule"] == "schedule" and gmp["training"] == pytest.approx(expected, rel=1e-12)
+    assert gmp["inference"] < gmp["training"] < 1.0
 
 
 def test_demo_no_wide(tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""``sparsekern demo``: dense, small-dense, static, SNIP, GraSP, SynFlow, SET, RigL, SNFS and IMP training of an MLP
-on the UCI digits, compared, with their FLOPs.
+"""``sparsekern demo``: dense, small-dense, static, SNIP, GraSP, SynFlow, SET, RigL, GMP, SNFS, STE, SR-STE and IMP
+training of an MLP on the UCI digits, compared, with their FLOPs.
 
 Everything runs on the CPU in a few minutes: the data set ships with the package (sparsekern/data), the sparse
 models use SparseLinear layers (the sparse kernels), and the results are a table, a JSON file and a PNG plot.
@@ -26,7 +26,7 @@ from torch import nn
 
 # The default run: the RigL paper's headline comparison and IMP, about 90 s per seed on one thread of the 2-core
 # machine (IMP's rounds half of it); --methods all adds the rest (GraSP, SynFlow, STE, SR-STE)
-DEFAULT_METHODS = ("dense", "small_dense", "static", "snip", "set", "rigl", "snfs", "imp")
+DEFAULT_METHODS = ("dense", "small_dense", "static", "snip", "set", "rigl", "snfs", "gmp", "imp")
 OUT_FILES = ("results.json", "accuracy.png")  # what the demo writes into --out
 
 
@@ -247,8 +247,9 @@ def _flops(report, *, training: float | None = None, rule: str | None = None) ->
     }
 
 
-def _with_sparsifier(model, data, cfg, factory, desc) -> _Trained:
-    """Train with the sparsifier ``factory(model, optimizer, total_steps)`` builds; FLOPs under its rule."""
+def _with_sparsifier(model, data, cfg, factory, desc, finish=None) -> _Trained:
+    """Train with the sparsifier ``factory(model, optimizer, total_steps)`` builds; FLOPs under its rule; then
+    ``finish(sparsifier)``."""
     made = []
 
     def keep(m, o, total):
@@ -256,7 +257,18 @@ def _with_sparsifier(model, data, cfg, factory, desc) -> _Trained:
         return made[-1]
 
     curve = train(model, data, cfg, sparsifier_factory=keep, desc=desc)
-    return _Trained(curve, _flops(made[0].flops_report(example_input=data[2][:2])))
+    done = _Trained(curve, _flops(made[0].flops_report(example_input=data[2][:2])))
+    if finish is not None:
+        finish(made[0])
+    return done
+
+
+def _latent_done(sparsifier) -> None:
+    """STE/SR-STE trained dense latent weights under masks: zero them off the masks, then SparseLinear layers."""
+    from . import to_sparse_linear
+
+    sparsifier.finalize()
+    to_sparse_linear(sparsifier.model)
 
 
 def _sparse_start(model, cfg):
@@ -357,6 +369,18 @@ def _synflow(model, data, cfg):
     return _with_sparsifier(model, data, cfg, lambda m, o, total: SynFlow(m, o), "synflow")
 
 
+@_method("gmp")
+def _gmp(model, data, cfg):
+    from . import GMP, sparsify
+
+    # dense to sparse: every layer starts dense (SparseLinear holding every weight) and is pruned on the cubic
+    # schedule every ΔT steps until 75% of the run, to ERK's per-layer counts (as the sparse-to-sparse rows)
+    sparsify(model, 0.0)
+    factory = lambda m, o, total: GMP(m, o, sparsity=cfg.sparsity, total_steps=total, delta_t=cfg.delta_t,  # noqa: E731
+                                      distribution="erk")  # fmt: skip
+    return _with_sparsifier(model, data, cfg, factory, "gmp")
+
+
 @_method("snfs")
 def _snfs(model, data, cfg):
     from . import SNFS
@@ -366,6 +390,24 @@ def _snfs(model, data, cfg):
     per_epoch = math.ceil(len(data[1]) / cfg.batch)
     factory = lambda m, o, total: SNFS(m, o, total_steps=total, delta_t=per_epoch, momentum=cfg.momentum)  # noqa: E731
     return _with_sparsifier(model, data, cfg, factory, "snfs")
+
+
+@_method("ste")
+def _ste(model, data, cfg):
+    from . import STE
+
+    # learned scores (edge-popup) with the weights: dense latent weights, ERK counts, then SparseLinear at the end
+    factory = lambda m, o, total: STE(m, o, sparsity=cfg.sparsity, seed=cfg.seed)  # noqa: E731
+    return _with_sparsifier(model, data, cfg, factory, "ste", finish=_latent_done)
+
+
+@_method("srste")
+def _srste(model, data, cfg):
+    from . import SRSTE
+
+    # 2:4 masks from |w| every step with the sparse-refined decay: 50% sparse whatever --sparsity says
+    factory = lambda m, o, total: SRSTE(m, o, n=2, m=4)  # noqa: E731
+    return _with_sparsifier(model, data, cfg, factory, "srste", finish=_latent_done)
 
 
 @_method("imp")
@@ -859,7 +901,7 @@ def run_demo(
     isa = _isa()
     echo(
         f"UCI digits: {len(data[1])} train / {len(data[3])} test images; MLP 64-{cfg.hidden}-{cfg.hidden}-10; "
-        f"sparsity {cfg.sparsity:.0%} (ERK; SNIP, GraSP, SynFlow, IMP: global); "
+        f"sparsity {cfg.sparsity:.0%} (ERK; SNIP, GraSP, SynFlow, IMP: global; GMP: dense to ERK; SR-STE: 2:4); "
         f"{cfg.epochs} epochs; {seeds}; "
         f"{torch.get_num_threads()} threads on {isa['cpu']}; sparse layers on {_kernels()}"
     )
