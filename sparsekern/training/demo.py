@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The default run: the RigL paper's headline comparison and IMP, about 90 s per seed on one thread of the 2-core
-# machine (IMP's rounds half of it); --methods all adds the rest (GraSP, SynFlow, STE, SR-STE)
+# The default run: the RigL paper's headline comparison and IMP, about 40 s per seed on one thread of the 2-core
+# machine, idle (IMP's rounds half of it; the whole default demo with the wide MLP: under 4 minutes); --methods
+# all adds the rest (GraSP, SynFlow, STE, SR-STE)
 DEFAULT_METHODS = ("dense", "small_dense", "static", "snip", "set", "rigl", "snfs", "gmp", "imp")
 OUT_FILES = ("results.json", "accuracy.png")  # what the demo writes into --out
 
