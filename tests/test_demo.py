@@ -271,3 +271,9 @@ def test_config_check_names_fields():
     with pytest.raises(ValueError, match=r"^run: batch must be a positive int, got True$"):
         demo.WideConfig(batch=True).check("run")
     assert demo.Config().check("run") == demo.Config()
+
+
+def test_demo_header_names_only_the_methods_run():
+    assert demo._starts(("dense", "rigl")) == "ERK"
+    assert demo._starts(("synflow", "gmp")) == "ERK; SynFlow: global; GMP: dense to ERK"
+    assert demo._starts(tuple(METHODS)) == "ERK; SNIP, GraSP, SynFlow, IMP: global; GMP: dense to ERK; SR-STE: 2:4"

@@ -885,6 +885,20 @@ def _isa() -> dict:
     }
 
 
+def _starts(methods: Sequence[str]) -> str:
+    """How the run's sparse methods choose their masks, naming only the methods in it."""
+    named = {"snip": "SNIP", "grasp": "GraSP", "synflow": "SynFlow", "imp": "IMP"}
+    parts = ["ERK"]
+    scored = [named[m] for m in methods if m in named]
+    if scored:
+        parts.append(f"{', '.join(scored)}: global")
+    if "gmp" in methods:
+        parts.append("GMP: dense to ERK")
+    if "srste" in methods:
+        parts.append("SR-STE: 2:4")
+    return "; ".join(parts)
+
+
 def run_demo(
     cfg: Config, out: Path, *, make_plot: bool = True, echo=print, wide: WideConfig | None = None
 ) -> tuple[list[Result], list[WideResult] | None]:
@@ -902,7 +916,7 @@ def run_demo(
     isa = _isa()
     echo(
         f"UCI digits: {len(data[1])} train / {len(data[3])} test images; MLP 64-{cfg.hidden}-{cfg.hidden}-10; "
-        f"sparsity {cfg.sparsity:.0%} (ERK; SNIP, GraSP, SynFlow, IMP: global; GMP: dense to ERK; SR-STE: 2:4); "
+        f"sparsity {cfg.sparsity:.0%} ({_starts(cfg.methods)}); "
         f"{cfg.epochs} epochs; {seeds}; "
         f"{torch.get_num_threads()} threads on {isa['cpu']}; sparse layers on {_kernels()}"
     )
