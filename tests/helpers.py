@@ -178,6 +178,13 @@ def spawn_ranks(worker, args: tuple, nprocs: int, timeout_s: float = 180) -> Non
                 process.kill()
 
 
+def rank_results(worker, path, nprocs: int, timeout_s: float = 180) -> list:
+    """Run ``worker(rank, str(path))`` in ``nprocs`` processes (:func:`spawn_ranks`); each saves what it found to
+    ``path / f"rank{rank}.pt"``, returned in rank order."""
+    spawn_ranks(worker, (str(path),), nprocs, timeout_s)
+    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(nprocs)]
+
+
 def isa_params():
     """pytest params for every CPU instruction set this machine runs (widest first), for a test that takes the
     ``cpu_isa`` fixture: an AVX-512 machine tests avx512, avx2 and baseline; an AVX2 one avx2 and baseline. Without

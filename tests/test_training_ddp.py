@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_ranks
+from helpers import rank_results
 from test_training_imp import same
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -158,8 +158,7 @@ def _worker(rank: int, path: str):
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     path = tmp_path_factory.mktemp("ddp")
-    spawn_ranks(_worker, (str(path),), WORLD, TIMEOUT_S)
-    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return rank_results(_worker, path, WORLD, TIMEOUT_S)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

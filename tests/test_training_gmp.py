@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import spawn_ranks
+from helpers import rank_results
 from test_training_atomic import COMMIT_POINTS, Injected, inject, snapshot, without_ids
 from test_training_imp import same
 from torch import nn
@@ -438,8 +438,7 @@ def _worker(rank: int, path: str):
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     path = tmp_path_factory.mktemp("ddp_gmp")
-    spawn_ranks(_worker, (str(path),), WORLD, 180)
-    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return rank_results(_worker, path, WORLD, 180)
 
 
 @pytest.mark.parametrize("scope", SCOPES)

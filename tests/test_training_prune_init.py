@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_bits_equal, spawn_ranks
+from helpers import assert_bits_equal, rank_results
 from torch import nn
 
 import sparsekern
@@ -472,8 +472,7 @@ def _worker(rank: int, path: str):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     path = tmp_path_factory.mktemp("grasp_ddp")
-    spawn_ranks(_worker, (str(path),), WORLD, 180)
-    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return rank_results(_worker, path, WORLD, 180)
 
 
 @pytest.mark.parametrize("layout", ["sparse", "masked"])

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_ranks
+from helpers import rank_results
 from test_training_atomic import Injected, inject, snapshot, without_ids
 from test_training_imp import same
 from torch import nn
@@ -671,8 +671,7 @@ def _ddp_worker(rank: int, path: str):
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     path = tmp_path_factory.mktemp("snfs_ddp")
-    spawn_ranks(_ddp_worker, (str(path),), WORLD, 180)
-    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return rank_results(_ddp_worker, path, WORLD, 180)
 
 
 @pytest.mark.parametrize("method, layout", DDP_CASES)

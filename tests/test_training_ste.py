@@ -9,7 +9,7 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import spawn_ranks
+from helpers import rank_results
 from test_training_imp import same
 from torch import nn
 from torch.nn import functional as F
@@ -523,8 +523,7 @@ def _worker(rank: int, path: str):
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
     path = tmp_path_factory.mktemp("ddp_ste")
-    spawn_ranks(_worker, (str(path),), WORLD, 180)
-    return [torch.load(path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return rank_results(_worker, path, WORLD, 180)
 
 
 @pytest.mark.parametrize("method", ["srste", "ste"])
