@@ -101,7 +101,7 @@ def test_union_of_supports_masked():
     evaluate, seen = _recorder(lambda m: m[0].weight, lambda m: m[0].weight_mask)
     betas = (0.0, 0.3, 1.0)
     interpolate(a, b, evaluate=evaluate, betas=betas)
-    for beta, (weight, mask) in zip(betas, seen):
+    for beta, (weight, mask) in zip(betas, seen, strict=True):
         assert torch.equal(mask, mask_a | mask_b)
         assert torch.equal(weight, (1 - beta) * w_a + beta * w_b)
         assert not weight[~(mask_a | mask_b)].any()
@@ -119,7 +119,7 @@ def test_union_of_supports_sparse_linear():
     interpolate(a, b.state_dict(), evaluate=lambda m: (seen_types.append(type(m[0])), evaluate(m))[1], betas=3)
     assert seen_types == [nn.Linear] * 3  # densified on the scratch copy
     d_a, d_b = dense.weight.detach() * mask_a, dense_b.weight.detach() * mask_b
-    for beta, (weight, bias) in zip((0.0, 0.5, 1.0), seen):
+    for beta, (weight, bias) in zip((0.0, 0.5, 1.0), seen, strict=True):
         expected = ((1 - beta) * d_a.double() + beta * d_b.double()).float()
         assert torch.equal(weight, expected)
         assert torch.equal(bias, ((1 - beta) * dense.bias.double() + beta * dense_b.bias.double()).float())
@@ -146,7 +146,7 @@ def test_batch_norm_recomputed_at_each_beta():
     interpolate(a, b, evaluate=evaluate, betas=betas, bn_data=x)
     plain, seen_plain = _recorder(*stats)
     interpolate(a, b, evaluate=plain, betas=betas)
-    for beta, (mean, var, count), (mean0, var0, count0) in zip(betas, seen, seen_plain):
+    for beta, (mean, var, count), (mean0, var0, count0) in zip(betas, seen, seen_plain, strict=True):
         lin_w = (1 - beta) * a[0].weight + beta * b[0].weight
         lin_b = (1 - beta) * a[0].bias + beta * b[0].bias
         h = x @ lin_w.T + lin_b
@@ -156,6 +156,7 @@ def test_batch_norm_recomputed_at_each_beta():
         # without bn_data: the interpolated running statistics, num_batches_tracked from a
         torch.testing.assert_close(mean0, (1 - beta) * a[1].running_mean + beta * b[1].running_mean)
         assert count0.item() == 10
+        torch.testing.assert_close(var0, (1 - beta) * a[1].running_var + beta * b[1].running_var)
         assert not torch.allclose(mean, mean0)
 
 

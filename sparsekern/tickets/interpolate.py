@@ -6,6 +6,7 @@ the Lottery Ticket Hypothesis"."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def error_barrier(curve: InterpolationCurve, *, reference: str = "linear", metri
     first, last = values[0], values[-1]
     if reference == "max":
         return max(values) - max(first, last)
-    return max(v - ((1.0 - b) * first + b * last) for b, v in zip(betas, values))
+    return max(v - ((1.0 - b) * first + b * last) for b, v in zip(betas, values, strict=True))
 
 
 def _betas(betas) -> tuple[float, ...]:
@@ -82,7 +83,7 @@ def _betas(betas) -> tuple[float, ...]:
     values = tuple(float(b) for b in (betas.tolist() if isinstance(betas, torch.Tensor) else betas))
     if not values or any(not (0.0 <= b <= 1.0) or math.isnan(b) for b in values):
         raise ValueError(f"interpolate: betas must be non-empty and in [0, 1], got {values}")
-    if any(b1 <= b0 for b0, b1 in zip(values, values[1:])):
+    if any(b1 <= b0 for b0, b1 in itertools.pairwise(values)):
         raise ValueError(f"interpolate: betas must be strictly increasing, got {values}")
     return values
 
@@ -179,7 +180,7 @@ def recompute_batch_norm(model: nn.Module, data) -> None:
             model(batch[0] if isinstance(batch, (tuple, list)) else batch)
             seen += 1
     finally:
-        for m, momentum in zip(norms, momenta):
+        for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
         model.eval()
     if not seen:
