@@ -6,7 +6,13 @@ import torch
 from torch import nn
 
 from sparsekern.nn import SparseLinear
-from sparsekern.tickets import InterpolationCurve, error_barrier, interpolate, recompute_batch_norm
+from sparsekern.tickets import (
+    InterpolationCurve,
+    error_barrier,
+    instability,
+    interpolate,
+    recompute_batch_norm,
+)
 from sparsekern.training.sparsify import make_masked
 
 
@@ -257,3 +263,57 @@ def test_errors():
         error_barrier(curve, reference="mean")
     with pytest.raises(ValueError, match="metric must be one of"):
         error_barrier(curve, metric="accuracy")
+
+
+def _noisy_train(model, seed):
+    """A stand-in for training: the step drawn from the global RNG (seeded by instability) and from seed."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, dtype=p.dtype) + seed)
+
+
+def test_instability_matches_manual_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    rewind = {k: v + 1 for k, v in model.state_dict().items()}
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    before, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
+    result = instability(model, _noisy_train, rewind_state=rewind, seeds=(3, 5, 8), data=(x, y), betas=5)
+    assert torch.equal(torch.get_rng_state(), rng)  # the caller's RNG is untouched
+    assert all(torch.equal(before[k], model.state_dict()[k]) for k in before)
+    trained = {}
+    for seed in (3, 5, 8):
+        trained[seed] = copy.deepcopy(model)
+        trained[seed].load_state_dict(rewind)
+        torch.manual_seed(seed)
+        _noisy_train(trained[seed], seed)
+    assert set(result.curves) == {(3, 5), (3, 8), (5, 8)}
+    for (s, t), curve in result.curves.items():
+        assert curve == interpolate(trained[s], trained[t], data=(x, y), betas=5)
+    assert result.barrier == sum(c.barrier for c in result.curves.values()) / 3
+    assert result.barrier_max == sum(c.barrier_max for c in result.curves.values()) / 3
+    assert result.to_dict()["pairs"][0]["seeds"] == [3, 5]
+    # reproducible; train_fn may also return the trained module
+    again = instability(
+        model, lambda m, s: (_noisy_train(m, s), m)[1], rewind_state=rewind, seeds=(3, 5, 8), data=(x, y), betas=5
+    )
+    assert again == result
+
+
+def test_instability_errors():
+    model = nn.Linear(2, 2)
+    data = (torch.randn(4, 2), torch.randint(0, 2, (4,)))
+    with pytest.raises(ValueError, match=r"at least two different ints, got \(1, 1\)"):
+        instability(model, _noisy_train, seeds=(1, 1), data=data)
+    with pytest.raises(ValueError, match=r"at least two different ints, got \(1,\)"):
+        instability(model, _noisy_train, seeds=(1,), data=data)
+    with pytest.raises(TypeError, match="train_fn must be callable"):
+        instability(model, None, data=data)
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        instability(model.state_dict(), _noisy_train, data=data)
+    with pytest.raises(ValueError, match="rewind_state does not fit the model: 'bias' is missing"):
+        instability(model, _noisy_train, rewind_state={"weight": torch.zeros(2, 2)}, data=data)
+    with pytest.raises(TypeError, match="train_fn must return a module or None, got int"):
+        instability(model, lambda m, s: 3, data=data)
+    with pytest.raises(ValueError, match="exactly one of data="):
+        instability(model, _noisy_train)
