@@ -4,7 +4,7 @@ Importing sparsekern never initialises CUDA. Triton kernels are defined on first
 ``TRITON_INTERPRET=1`` may be set any time before the first ``backend="triton"`` call.
 """
 
-from . import _extension, nn  # noqa: F401  (_extension loads the compiled kernels)
+from . import _extension, nn, tickets  # noqa: F401  (_extension loads the compiled kernels)
 from ._csr import CSRIndex
 from .ops import (
     BACKENDS,
@@ -67,5 +67,6 @@ __all__ = [
     "sparsify",
     "sparsity_report",
     "synflow_scores",
+    "tickets",
     "to_semi_structured",
 ]

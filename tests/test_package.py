@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The public modules (ops, layers, training, data): every file there holding a docstring example.
 DOCTEST_MODULES = sorted(
     ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
-    for folder in ("ops", "nn", "training", "data")
+    for folder in ("ops", "nn", "training", "data", "tickets")
     for path in (ROOT / "sparsekern" / folder).glob("*.py")
     if ">>> " in path.read_text()
 )

@@ -271,10 +271,15 @@ def interpolate(
     of ``data`` and ``evaluate`` are given, for bad ``betas`` or ``subsample``, or when ``bn_data`` is given for
     a model without batch norm; ``TypeError`` for arguments of the wrong kind.
 
-    Example::
+    Example:
 
-        curve = sparsekern.tickets.interpolate(model_a, model_b, data=(x_test, y_test), betas=31)
-        print(curve.barrier, curve.barrier_max)
+    >>> a, b = nn.Linear(4, 3), nn.Linear(4, 3)
+    >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    >>> curve = sparsekern.tickets.interpolate(a, b, data=(x, y), betas=5)
+    >>> curve.betas
+    (0.0, 0.25, 0.5, 0.75, 1.0)
+    >>> curve.barrier >= 0 and curve.barrier_max >= 0
+    True
     """
     if (data is None) == (evaluate is None):
         raise ValueError("interpolate: give exactly one of data= ((x, y) or a loader) and evaluate= (a callable)")
