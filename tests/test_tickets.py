@@ -236,6 +236,12 @@ def test_errors():
         interpolate(a, a, data=3)
     with pytest.raises(ValueError, match="x and y differ in length: 4 and 3"):
         interpolate(a, a, data=(data[0], data[1][:3]))
+    with pytest.raises(TypeError, match="data is a one-shot iterator, but it is read once per beta"):
+        interpolate(a, a, data=iter([data]))
+    with pytest.raises(TypeError, match="bn_data is a one-shot iterator"):
+        interpolate(a, a, data=data, bn_data=(x for x in [data[0]]))
+    with pytest.raises(TypeError, match="recompute_batch_norm: data must be a tensor, an"):
+        recompute_batch_norm(_bn_model(0), 3)
     with pytest.raises(ValueError, match="data has no samples"):
         interpolate(a, a, data=[])
     with pytest.raises(ValueError, match=r"subsample must be in \[1, 4\], got 5"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -248,8 +248,9 @@ def interpolate(
     Give exactly one of:
       - ``data``: an ``(x, y)`` tuple of tensors (evaluated in chunks of ``batch_size``; ``subsample=n`` uses one
         fixed random subset of n samples for every β, drawn with ``seed``) or an iterable of ``(x, y)`` batches
-        (a DataLoader; iterated once per β). Loss is ``loss_fn(model(x), y)`` (default cross-entropy) averaged
-        over samples; error is the top-1 misclassification rate.
+        (a DataLoader or a list, not a one-shot iterator: it is read once per β). Loss is ``loss_fn(model(x), y)``
+        (default cross-entropy; it must return the batch mean) averaged over samples; error is the top-1
+        misclassification rate.
       - ``evaluate``: ``evaluate(model) -> (loss, error)``, called once per β under ``torch.no_grad()`` with
         the interpolated scratch model in eval mode.
 
@@ -290,6 +291,12 @@ def interpolate(
     if not isinstance(template, nn.Module):
         raise ValueError("interpolate: a and b are both state_dicts: pass model= (the architecture to load them in)")
     points = _betas(betas)
+    for arg, value in (("data", data), ("bn_data", bn_data)):
+        if isinstance(value, Iterator):
+            raise TypeError(
+                f"interpolate: {arg} is a one-shot iterator, but it is read once per beta: pass tensors, a list of "
+                "batches or a DataLoader"
+            )
     if evaluate is None:
         evaluate = _data_evaluator(data, loss_fn, subsample, seed, batch_size)
     elif not callable(evaluate):
