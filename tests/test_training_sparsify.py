@@ -291,7 +291,7 @@ def mask_of(m):
     return m.mask if isinstance(m, SparseLinear) else m.weight_mask
 
 
-@pytest.mark.parametrize("control", ["reinit", "random_mask"])
+@pytest.mark.parametrize("control", ["reinit_pipeline", "random_pipeline"])
 def test_imp_controls(control):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -310,10 +310,10 @@ def test_imp_controls(control):
     masks = [model[0].weight_mask, model[2].weight_mask]
     assert [int(m.sum()) for m in masks] == [int(m.sum()) for m in magnitude]  # each layer's count is kept
     same = all(torch.equal(a, b) for a, b in zip(masks, magnitude, strict=True))
-    assert same == (control == "reinit")  # reinit keeps the magnitude mask, random_mask places it at random
+    assert same == (control == "reinit_pipeline")  # reinit keeps the magnitude mask, random_mask places it at random
     for layer, w0 in zip((model[0], model[2]), init, strict=True):
         mask = layer.weight_mask
-        if control == "reinit":
+        if control == "reinit_pipeline":
             assert not torch.equal(layer.weight.detach(), w0 * mask)
             bound = 1 / math.sqrt(layer.weight.shape[1])
             assert float(layer.weight.detach().abs().max()) <= bound
