@@ -223,3 +223,32 @@ def test_old_control_names_warn_and_keep_their_behaviour():
         imp2.load_state_dict({**state, "config": {**state["config"], "control": old}})
         assert imp2.round == imp.round
     assert issubclass(Ticket, object)
+
+
+def test_controls_of_a_conv_model_in_float64():
+    """Conv kernels (fan_in = in_channels · kernel size) and the model's dtype; made in the middle of a round."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 5, 3), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 3 * 3, 4)).double()
+    initial = copy.deepcopy(model.state_dict())
+    imp = IMP(model, 0.7, prune_fraction=0.5)
+    data = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        sparsifier = imp.start_round(optimizer)
+        for _ in range(2):
+            x = torch.randn(8, 2, 5, 5, generator=data, dtype=torch.float64)
+            nn.functional.cross_entropy(model(x), torch.arange(8) % 4).backward()
+            sparsifier.step()
+            optimizer.zero_grad()
+        if imp.round == 0:
+            imp.end_round()
+    level = imp.masks()  # round 1 is in progress: level 1's masks are installed
+    reinit, shuffled = imp.control(1, "reinit", seed=0), imp.control(1, "random_mask", seed=0)
+    for name, fan_in in (("0.weight", 2 * 9), ("3.weight", 45)):
+        weight = dense(reinit.model, name)
+        assert weight.dtype == torch.float64 and torch.equal(weight != 0, level[name])
+        assert weight.abs().max() <= 1 / math.sqrt(fan_in) and not torch.equal(weight, initial[name] * level[name])
+        other = shuffled.masks()[name]
+        assert int(other.sum()) == int(level[name].sum())
+        assert torch.equal(dense(shuffled.model, name), initial[name] * other)
+    assert shuffled.model[0].weight.grad is None and reinit.model[3].bias.grad is None
