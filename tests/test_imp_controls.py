@@ -159,20 +159,27 @@ def test_state_dict_carries_the_levels(layout):
     assert fresh.levels == imp.levels
     last = fresh.control(imp.levels - 1, "reinit", seed=0).masks()
     assert all(torch.equal(last[n], imp.masks()[n]) for n in NAMES)
-    with pytest.raises(ValueError, match="level 1's masks were not recorded"):
+    with pytest.raises(ValueError, match=f"level 1's masks were not recorded .* levels from {imp.levels - 1} on"):
         fresh.control(1, "reinit", seed=0)
 
+    levels = state["imp"]["levels"]
+    assert {t.dtype for t in levels["level_of"].values()} == {torch.int16}  # 2 bytes per weight, for all levels
+    top = imp.levels - 1
     bad = [
-        state["imp"]["levels"][:-1],
-        [state["imp"]["levels"][1], *state["imp"]["levels"][1:]],
-        [None, *[{n: t.flip(0) for n, t in level.items()} for level in state["imp"]["levels"][1:]]],
+        {**levels, "known_from": 0},
+        {**levels, "known_from": top + 1},
+        {**levels, "level_of": dict(reversed(levels["level_of"].items()))},
+        {**levels, "level_of": {n: t.int() for n, t in levels["level_of"].items()}},
+        {**levels, "level_of": {n: t[1:] for n, t in levels["level_of"].items()}},
+        {**levels, "level_of": {n: t + 1 for n, t in levels["level_of"].items()}},
+        [None] * imp.levels,
     ]
-    for levels in bad:
-        with pytest.raises(ValueError, match=f"levels must be a list of {imp.levels} entries at round {imp.rounds}"):
-            fresh.load_state_dict({**state["imp"], "levels": levels})
-    swapped = [*state["imp"]["levels"][:-1], state["imp"]["levels"][1]]
+    for broken in bad:
+        with pytest.raises(ValueError, match=rf"levels must be {{'known_from': an int in \[1, {top}\]"):
+            fresh.load_state_dict({**state["imp"], "levels": broken})
+    shifted = {**levels, "level_of": {n: t.clamp(max=top - 1) for n, t in levels["level_of"].items()}}
     with pytest.raises(ValueError, match="the last level's masks differ from the state's masks"):
-        fresh.load_state_dict({**state["imp"], "levels": swapped})
+        fresh.load_state_dict({**state["imp"], "levels": shifted})
     assert fresh.levels == imp.levels  # unchanged by the failed loads
 
 
@@ -252,3 +259,26 @@ def test_controls_of_a_conv_model_in_float64():
         assert int(other.sum()) == int(level[name].sum())
         assert torch.equal(dense(shuffled.model, name), initial[name] * other)
     assert shuffled.model[0].weight.grad is None and reinit.model[3].bias.grad is None
+
+
+def test_levels_survive_a_resume_between_rounds():
+    model, _, imp = build("sparse")
+    data = torch.Generator().manual_seed(3)
+    for _ in range(2):
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        train(model, imp.start_round(optimizer), optimizer, data)
+        imp.end_round()
+    state = copy.deepcopy({"model": model.state_dict(), "imp": imp.state_dict(), "data": data.get_state()})
+    other_model, _, other = build("sparse")
+    other_model.load_state_dict(state["model"])
+    other.load_state_dict(state["imp"])
+    other_data = torch.Generator()
+    other_data.set_state(state["data"])
+    for m, i, d in ((model, imp, data), (other_model, other, other_data)):
+        while i.round < i.rounds:
+            optimizer = torch.optim.SGD(m.parameters(), lr=0.1)
+            train(m, i.start_round(optimizer), optimizer, d)
+            i.end_round()
+    for level in range(1, imp.levels):
+        a, b = imp.control(level, "reinit", seed=level).masks(), other.control(level, "reinit", seed=level).masks()
+        assert all(torch.equal(a[n], b[n]) for n in NAMES)

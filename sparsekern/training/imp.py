@@ -293,8 +293,12 @@ class IMP:
         self._resume: dict | None = None  # a loaded round's sparsifier state, for the next start_round
         self._rewind = None  # the weights' rewind point (rewind="weights")
         self._lr_point = None  # the learning-rate schedule's, saved when step k + 1 of round 0 begins
-        # each level's masks (flat indices), for the controls of its ticket; level 0 is the dense model (no ticket)
-        self._levels: list[dict[str, torch.Tensor] | None] = [None]
+        # the levels' masks, for the controls of their tickets: the last level each weight is in (levels are
+        # nested, so level L's mask is level_of >= L; 2 bytes per weight however many levels), and the first
+        # level known (a state saved before levels were kept knows only its own)
+        self._level_of = {name: torch.zeros(layer.numel, dtype=torch.int16) for name, layer in zip(
+            self._names, self._layers(), strict=True)}  # fmt: skip
+        self._known_from = 1
         if rewind_step == 0 and rewind == "weights":
             self._save_rewind_point()
 
@@ -369,7 +373,7 @@ class IMP:
             )
         row = IMPRound(self.round, sparsity_report(self.model), {k: _plain(k, v) for k, v in metrics.items()})
         if self.round + 1 < self.rounds:
-            self._levels.append(self._prune_and_rewind())
+            self._level_of = self._prune_and_rewind()
         self._lr_point = lr_point
         self.history.append(row)
         self.round += 1
@@ -388,7 +392,7 @@ class IMP:
     def levels(self) -> int:
         """How many levels have masks so far (level 0, the dense model, included); level L's are the masks that
         round L trains."""
-        return len(self._levels)
+        return min(self.round, self.rounds - 1) + 1  # the last round prunes nothing
 
     def ticket(self, level: int) -> Ticket:
         """Level ``level``'s ticket on a copy of the model: its masks and the rewind weights (what round ``level``
@@ -428,15 +432,15 @@ class IMP:
                 f"{fn}: tickets are the masks of weight rewinding with control=None; this IMP has "
                 f"rewind={self.rewind!r}, control={self.pipeline_control!r}"
             )
-        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level < len(self._levels):
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level < self.levels:
             raise ValueError(
-                f"{fn}: level must be an int in [1, {len(self._levels) - 1}] (the levels pruned so far; level 0 is "
+                f"{fn}: level must be an int in [1, {self.levels - 1}] (the levels pruned so far; level 0 is "
                 f"the dense model), got {level!r}"
             )
-        masks = self._levels[level]
-        if masks is None:
+        if level < self._known_from:
             raise ValueError(f"{fn}: level {level}'s masks were not recorded (the IMP state was saved before levels "
-                             "were kept)")  # fmt: skip
+                             f"were kept; levels from {self._known_from} on are known)")  # fmt: skip
+        masks = {name: (level_of >= level).nonzero().squeeze(1) for name, level_of in self._level_of.items()}
         model = copy.deepcopy(self.model)
         modules = sparse_layers(model)
         layers = [as_layer(modules[name]) for name in self._names]
@@ -477,8 +481,8 @@ class IMP:
         }
 
     def state_dict(self) -> dict:
-        """Configuration, round, history, rewind point, the controls' RNG state, the masks (flat indices) and, in a
-        round, its sparsifier's state: with the model's and optimizer's state_dicts, enough to resume. Plain
+        """Configuration, round, history, rewind point, the controls' RNG state, the masks (flat indices), every
+        level's masks (as the last level of each weight, int16) and, in a round, its sparsifier's state: with the model's and optimizer's state_dicts, enough to resume. Plain
         tensors, lists and dicts (``torch.load(weights_only=True)`` reads it)."""
         return {
             "kind": "IMP",
@@ -498,8 +502,11 @@ class IMP:
             "rewind": self._rewind,
             "lr_rewind": self._lr_point,
             "generator": self.generator.get_state(),
-            "active": self._actives(),
-            "levels": [copy.deepcopy(level) for level in self._levels],
+            "active": {name: layer.active().cpu() for name, layer in zip(self._names, self._layers(), strict=True)},
+            "levels": {
+                "known_from": self._known_from,
+                "level_of": {name: t.clone() for name, t in self._level_of.items()},
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -576,7 +583,7 @@ class IMP:
             )
         generator = state["generator"]
         check_generator_state(fn, generator, self.generator)
-        levels = self._check_levels(fn, state.get("levels"), r, state["active"])
+        known_from, level_of = self._check_levels(fn, state.get("levels"), r, state["active"])
         history = [
             IMPRound(
                 row["round"], SparsityReport.from_rows(row["layers"], row.get("skipped", ())), dict(row["metrics"])
@@ -594,33 +601,37 @@ class IMP:
                 ],
             }
         self._rewind, self.history, self.round, self._in_round = rewind, history, r, in_round
-        self._levels = levels
+        self._known_from, self._level_of = known_from, level_of
         self._lr_point = copy.deepcopy(lr_point)
         self._sparsifier, self._resume = None, resume
 
-    def _check_levels(self, fn: str, levels, r: int, active: dict) -> list:
-        """The checked per-level masks of a state at round ``r`` (a copy); a state saved before levels were kept
-        has only the current one (from its masks)."""
-        count = min(r, self.rounds - 1) + 1  # the last round prunes nothing
-        if levels is None:
-            return [None] * (count - 1) + ([{n: t.clone() for n, t in active.items()}] if count > 1 else [None])
+    def _check_levels(self, fn: str, levels, r: int, active: dict) -> tuple[int, dict[str, torch.Tensor]]:
+        """The checked (known_from, level_of) of a state at round ``r`` (copies); a state saved before levels were
+        kept knows only its own level (from its masks)."""
+        last = min(r, self.rounds - 1)
         numel = {name: layer.numel for name, layer in zip(self._names, self._layers(), strict=True)}
-        ok = isinstance(levels, list) and len(levels) == count and levels[0] is None
-        for level in levels[1:] if ok else ():
-            ok = ok and isinstance(level, dict) and list(level) == self._names
-            ok = ok and all(
-                isinstance(t, torch.Tensor) and t.dtype == torch.int64 and t.dim() == 1
-                and (t.numel() == 0 or (0 <= int(t.min()) and int(t.max()) < numel[n] and bool((t.diff() > 0).all())))
-                for n, t in level.items()
-            )  # fmt: skip
+        if levels is None:
+            zeros = {n: torch.zeros(numel[n], dtype=torch.int16) for n in self._names}
+            return max(last, 1), {n: z.index_fill(0, active[n].cpu(), last) for n, z in zeros.items()}
+        ok = isinstance(levels, dict) and levels.keys() == {"known_from", "level_of"}
+        ok = ok and type(levels["known_from"]) is int and 1 <= levels["known_from"] <= max(last, 1)
+        ok = ok and isinstance(levels["level_of"], dict) and list(levels["level_of"]) == self._names
+        ok = ok and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.int16 and t.shape == (numel[n],)
+            and (t.numel() == 0 or (0 <= int(t.min()) and int(t.max()) <= last))
+            for n, t in levels["level_of"].items()
+        )  # fmt: skip
         if not ok:
             raise ValueError(
-                f"{fn}: levels must be a list of {count} entries at round {r}: None (level 0), then per level "
-                f"{{layer name: ascending int64 flat indices}} for layers {self._names}"
+                f"{fn}: levels must be {{'known_from': an int in [1, {max(last, 1)}], 'level_of': {{layer name: int16 "
+                f"tensor of the weight's numel, values in [0, {last}]}}}} at round {r}, for layers {self._names}"
             )
-        if count > 1 and not all(torch.equal(levels[-1][n], active[n].cpu()) for n in self._names):
+        level_of = levels["level_of"]
+        if last > 0 and not all(
+            torch.equal((level_of[n] >= last).nonzero().squeeze(1), active[n].cpu()) for n in self._names
+        ):
             raise ValueError(f"{fn}: the last level's masks differ from the state's masks")
-        return [None] + [{n: t.clone() for n, t in level.items()} for level in levels[1:]]
+        return levels["known_from"], {n: t.clone() for n, t in level_of.items()}
 
     def _check_rewind(self, fn: str, rewind) -> None:
         expected = {kind: {n: t.shape for n, t in ts.items()} for kind, ts in self._rewound().items()}
@@ -633,9 +644,6 @@ class IMP:
             raise ValueError(f"{fn}: the rewind point's tensors have shapes {got}, the model's are {expected}")
 
     # -- internals --------------------------------------------------------------------------------------------
-    def _actives(self) -> dict[str, torch.Tensor]:
-        return {name: layer.active().cpu() for name, layer in zip(self._names, self._layers(), strict=True)}
-
     def _layers(self):
         modules = sparse_layers(self.model)
         return [as_layer(modules[name]) for name in self._names]
@@ -666,6 +674,7 @@ class IMP:
         self._rewind = {**point, "dense": [_dense_weight(layer).clone() for layer in self._layers()]}
 
     def _prune_and_rewind(self) -> dict[str, torch.Tensor]:
+        """Prune and rewind; returns the new level_of (see __init__)."""
         # All or nothing: choose the masks (and compare them across ranks), stage every layer (where memory can
         # run out), and only then swap the layers in and rewind the rest in place (nothing left that can fail).
         layers = self._layers()
@@ -687,7 +696,10 @@ class IMP:
             swaps = [
                 _stage_topology(layer, keep, weight) for layer, keep, weight in zip(layers, keeps, dense, strict=True)
             ]
-            level = {name: keep.cpu() for name, keep in zip(self._names, keeps, strict=True)}  # the new level's masks
+            level_of = {  # the new level's weights
+                name: self._level_of[name].index_fill(0, keep.cpu(), self.round + 1)
+                for name, keep in zip(self._names, keeps, strict=True)
+            }
         except BaseException:
             self.generator.set_state(saved)
             raise
@@ -697,7 +709,7 @@ class IMP:
                     t.copy_(self._rewind[kind][name])
         for swap in swaps:
             swap()
-        return level
+        return level_of
 
     def _select(self, layers) -> list[torch.Tensor]:
         """Each layer's surviving flat indices (ascending): the largest trained |w|, as many as the schedule says."""
