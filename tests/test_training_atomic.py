@@ -140,7 +140,7 @@ def test_failed_update_commit_changes_nothing(method, layout, optimizer, keep, m
     assert tried >= (3 * (3 + n_state) if layout == "sparse" else 3) + keep
 
 
-@pytest.mark.parametrize("control", [None, "reinit"])
+@pytest.mark.parametrize("control", [None, "reinit_pipeline"])
 @pytest.mark.parametrize("scope", ["global", "layer"])
 @pytest.mark.parametrize("layout", ["sparse", "masked"])
 def test_failed_imp_prune_changes_nothing(layout, scope, control, monkeypatch):
@@ -184,4 +184,4 @@ def test_failed_imp_prune_changes_nothing(layout, scope, control, monkeypatch):
             imp_.end_round(loss=1.0)  # the retry prunes as the run that never failed
             assert same(without_ids(state(model, imp_)), without_ids(expected)), (point, k)
             tried += 1
-    assert tried >= 3 * (2 if layout == "sparse" else 1) + (3 if control == "reinit" else 0)
+    assert tried >= 3 * (2 if layout == "sparse" else 1) + (3 if control == "reinit_pipeline" else 0)

@@ -75,7 +75,7 @@ STOPS = {"round0-step1": (0, 1), "before-round1": (1, None), "round2-step3": (2,
 
 
 @pytest.mark.parametrize("stop", STOPS.values(), ids=STOPS.keys())
-@pytest.mark.parametrize("rewind_step, control", [(0, None), (2, None), (2, "reinit"), (0, "random_mask")])
+@pytest.mark.parametrize("rewind_step, control", [(0, None), (2, None), (2, "reinit_pipeline"), (0, "random_pipeline")])
 @pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("layout", ["masked", "sparse"])
 def test_resume_reproduces_uninterrupted_run(layout, scope, rewind_step, control, stop):
@@ -444,7 +444,7 @@ def test_lr_rewinding_resume_reproduces_uninterrupted_run(layout, stop):
 def test_lr_rewinding_bad_arguments_change_nothing():
     with pytest.raises(ValueError, match=r"rewind must be one of \('weights', 'lr'\), got 'both'"):
         IMP(nn.Sequential(nn.Linear(4, 4)), 0.5, rewind="both")
-    for control in ("reinit", "random_mask"):
+    for control in ("reinit_pipeline", "random_pipeline"):
         with pytest.raises(ValueError, match=f"control='{control}' replaces the rewound weights .* rewind='lr' keeps"):
             IMP(nn.Sequential(nn.Linear(4, 4)), 0.5, rewind="lr", control=control)
 

@@ -70,8 +70,27 @@ def test_uniform_counts_and_dense_first():
     assert layer_nnz(shapes, 0.9, "uniform") == [round(0.1 * math.prod(s)) for s in shapes]
     counts = layer_nnz(shapes, 0.9, "uniform", dense=[True, False, False, False])
     assert counts[0] == math.prod(shapes[0]) and counts[1:] == [round(0.1 * math.prod(s)) for s in shapes[1:]]
-    erk = layer_nnz(shapes, 0.9, "erk", dense=[True, False, False, False])
-    assert erk[0] == math.prod(shapes[0]) and sum(erk) == round(0.1 * sum(math.prod(s) for s in shapes))
+    for distribution in ("er", "erk"):  # the dense layer is out of the budget (rigl's custom_sparsity_map)
+        counts = layer_nnz(shapes, 0.9, distribution, dense=[True, False, False, False])
+        assert counts == [math.prod(shapes[0]), *layer_nnz(shapes[1:], 0.9, distribution)]
+        assert sum(counts[1:]) == round(0.1 * sum(math.prod(s) for s in shapes[1:]))
+    assert layer_nnz(shapes, 0.9, "erk", dense=[True] * 4) == [math.prod(s) for s in shapes]
+
+
+@pytest.mark.parametrize("distribution", ["uniform", "er", "erk"])
+@pytest.mark.parametrize("layout", ["masked", "sparse"])
+def test_dense_first_is_exclude_of_the_first_layer(distribution, layout):
+    """google-research/rigl's first layer dense: it is out of the budget, so the other layers get exactly the counts
+    of sparsify(exclude=that layer) and together have the target sparsity."""
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 40), nn.Linear(40, 7))
+
+    first = sparsify(model(), 0.9, distribution=distribution, dense_first=True, layout=layout)
+    excluded = sparsify(model(), 0.9, distribution=distribution, exclude="0", layout=layout)
+    assert first.layers[0].name == "0.weight" and first.layers[0].nnz == first.layers[0].numel
+    assert [(r.name, r.nnz) for r in first.layers[1:]] == [(r.name, r.nnz) for r in excluded.layers]
+    assert sum(r.nnz for r in excluded.layers) == round(0.1 * sum(r.numel for r in excluded.layers))
 
 
 def test_layer_nnz_errors():
@@ -81,8 +100,8 @@ def test_layer_nnz_errors():
         layer_nnz([(4, 4)], 0.5, "gaussian")
     with pytest.raises(ValueError, match="shapes must be a non-empty list"):
         layer_nnz([(4,)], 0.5)
-    with pytest.raises(ValueError, match="fewer than the dense layers need"):
-        layer_nnz([(100, 100), (2, 2)], 0.99, "erk", dense=[True, False])
+    with pytest.raises(ValueError, match=r"dense must have one entry per shape \(1\), got 2"):
+        layer_nnz([(4, 4)], 0.5, dense=[True, False])
 
 
 class Net(nn.Module):
@@ -272,7 +291,7 @@ def mask_of(m):
     return m.mask if isinstance(m, SparseLinear) else m.weight_mask
 
 
-@pytest.mark.parametrize("control", ["reinit", "random_mask"])
+@pytest.mark.parametrize("control", ["reinit_pipeline", "random_pipeline"])
 def test_imp_controls(control):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
@@ -291,10 +310,10 @@ def test_imp_controls(control):
     masks = [model[0].weight_mask, model[2].weight_mask]
     assert [int(m.sum()) for m in masks] == [int(m.sum()) for m in magnitude]  # each layer's count is kept
     same = all(torch.equal(a, b) for a, b in zip(masks, magnitude, strict=True))
-    assert same == (control == "reinit")  # reinit keeps the magnitude mask, random_mask places it at random
+    assert same == (control == "reinit_pipeline")  # reinit keeps the magnitude mask, random_mask places it at random
     for layer, w0 in zip((model[0], model[2]), init, strict=True):
         mask = layer.weight_mask
-        if control == "reinit":
+        if control == "reinit_pipeline":
             assert not torch.equal(layer.weight.detach(), w0 * mask)
             bound = 1 / math.sqrt(layer.weight.shape[1])
             assert float(layer.weight.detach().abs().max()) <= bound

@@ -5,7 +5,7 @@ from .distribution import DISTRIBUTIONS, layer_nnz
 from .drop_grow import DropGrowPlan, drop_and_grow
 from .flops import FlopsReport, LayerFlops, flops_report
 from .gmp import GMP, GMPSchedule
-from .imp import IMP, IMPRound
+from .imp import IMP, IMPRound, Ticket
 from .prune_init import GraSP, SynFlow, grasp_scores, synflow_scores
 from .schedule import UpdateSchedule
 from .small_dense import small_dense
@@ -44,6 +44,7 @@ __all__ = [
     "SparsityReport",
     "Static",
     "SynFlow",
+    "Ticket",
     "UpdateSchedule",
     "compress",
     "drop_and_grow",

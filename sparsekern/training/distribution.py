@@ -3,7 +3,8 @@
 Follows google-research/rigl (``sparse_utils.get_sparsities``): ER/ERK give layer l a density proportional to
 ``Σ dims / Π dims`` (ER: only the output and input channels of a conv kernel), scaled by one ε so the total
 number of nonzeros matches the target; a layer whose density would exceed 1 is made dense and ε is solved again
-without it (the capacity loop).
+without it (the capacity loop). Layers kept dense by choice (``dense=``, as rigl's ``custom_sparsity_map`` with
+sparsity 0, e.g. its first-layer-dense option) are left out of the budget: the other layers alone meet the target.
 """
 
 from __future__ import annotations
@@ -41,15 +42,16 @@ def layer_nnz(
         sparsity: target fraction of zeros in [0, 1).
         distribution: "uniform" (every layer ``round((1 - sparsity) * numel)``), "er" or "erk" (the total is
             ``round((1 - sparsity) * Σ numel)`` exactly; shares from the formula, rounded by largest remainder).
-        dense: per layer, True to keep it dense (uniform's "first layer dense" option; for ER/ERK the dense layers'
-            nonzeros come out of the budget of the others, as in google-research/rigl).
+        dense: per layer, True to keep it dense and out of the budget: the other layers get the counts they
+            would get without it, so their total sparsity is the target (google-research/rigl's
+            ``custom_sparsity_map``, which ``get_sparsities_erdos_renyi`` leaves out of its ε equation).
 
     Returns:
         one int per layer, each in [0, numel].
 
     Raises:
-        ValueError: unknown distribution, sparsity outside [0, 1), empty or non-positive shapes, or a budget the
-            dense layers alone exceed.
+        ValueError: unknown distribution, sparsity outside [0, 1), empty or non-positive shapes, or ``dense``
+            of another length.
 
     Example::
 
@@ -67,21 +69,24 @@ def layer_nnz(
     if len(dense) != len(shapes):
         raise ValueError(f"{fn}: dense must have one entry per shape ({len(shapes)}), got {len(dense)}")
     numel = [math.prod(s) for s in shapes]
+    if any(dense):
+        # chosen dense layers are out of the budget: the others are counted as if the dense ones were not there
+        counts = list(numel)
+        free = [i for i, d in enumerate(dense) if not d]
+        if free:
+            for i, count in zip(free, layer_nnz([shapes[i] for i in free], sparsity, distribution), strict=True):
+                counts[i] = count
+        return counts
     if distribution == "uniform":
-        return [n if d else int(round((1.0 - sparsity) * n)) for n, d in zip(numel, dense, strict=True)]
+        return [int(round((1.0 - sparsity) * n)) for n in numel]
 
     total = int(round((1.0 - sparsity) * sum(numel)))
-    dense = list(dense)
     raw = [_raw_weight(s, distribution) for s in shapes]
     while True:
+        # a layer made dense by the capacity loop stays in the budget (its nonzeros come out of the others')
         budget = total - sum(n for n, d in zip(numel, dense, strict=True) if d)
         divisor = sum(r * n for r, n, d in zip(raw, numel, dense, strict=True) if not d)
-        if budget < 0 or (divisor == 0 and budget > 0):
-            raise ValueError(
-                f"{fn}: sparsity {sparsity} leaves {total} nonzeros, fewer than the dense layers need "
-                f"({total - budget}); lower the sparsity or make fewer layers dense"
-            )
-        if divisor == 0:
+        if divisor == 0:  # every layer went dense: only at sparsity 0, by float rounding of ε
             break
         eps = budget / divisor
         # the capacity loop: every layer at the largest density goes dense, then ε is solved again

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -16,11 +17,15 @@ from .._distributed import verify_masks_across_ranks
 from ..nn.sparse_linear import SparseLinear, TopologyUpdate
 from .drop_grow import CompressedLayer, as_layer, flat_mask
 from .schedule import MAX_PRUNE_ROUNDS, prune_counts
-from .sparsifier import Sparsifier, check_generator_state
+from .sparsifier import Sparsifier, Static, check_generator_state
 from .sparsify import SparsityReport, _unwrap, check_layout, sparse_layers, sparsify, sparsity_report
 
 SCOPES = ("global", "layer")
-CONTROLS = (None, "reinit", "random_mask")
+# the pipeline controls re-run every prune with re-drawn weights or random masks (not the papers' controls: those
+# are IMP.control, on one level's actual ticket); the old names warn and map to them
+CONTROLS = (None, "reinit_pipeline", "random_pipeline")
+_OLD_CONTROLS = {"reinit": "reinit_pipeline", "random_mask": "random_pipeline"}
+TICKET_CONTROLS = ("reinit", "random_mask")
 REWINDS = ("weights", "lr")
 # optimizer hyperparameters that torch's LR schedulers set (OneCycleLR and CyclicLR also cycle momentum or betas)
 _SCHEDULED = ("lr", "initial_lr", "max_lr", "min_lr", "momentum", "betas", "base_momentum", "max_momentum")
@@ -80,8 +85,14 @@ class IMP:
     later round runs at round 0's step k + j rate (train those rounds ``total − k`` steps, as Renda et al.).
     Without a scheduler, ``rewind="lr"`` still restores the learning rates of step k; ``rewind="weights"`` then
     leaves the new optimizer as it is (as before schedulers were taken). The last round prunes to exactly the
-    target count. Controls (weight rewinding only): ``control="reinit"`` re-initialises the survivors randomly
-    instead of rewinding; ``control="random_mask"`` keeps each layer's count but places the connections at random.
+    target count.
+
+    Controls as Frankle & Carbin (and facebookresearch/open_lth) run them: :meth:`control` takes a level's actual
+    ticket (its masks are kept per level, in :meth:`state_dict` too) and returns a :class:`Ticket`, a separate copy
+    of the model to train like that round: ``"reinit"`` keeps the level's masks exactly and draws new weights;
+    ``"random_mask"`` places each layer's count of the level at random, with the rewind weights. The
+    ``control="reinit_pipeline"`` / ``"random_pipeline"`` options are something else: every prune of the whole run
+    re-draws the survivors / places the connections at random, so their masks are not the ticket's.
 
     Checkpoints: save ``model.state_dict()``, ``optimizer.state_dict()``, the scheduler's and ``imp.state_dict()``
     at any step (in a round or between rounds). To resume, build the model and the IMP as before, load the model's
@@ -114,7 +125,8 @@ class IMP:
             down to its own ``round((1 - sparsity) * numel)``).
         rewind_step: optimizer steps of round 0 after which the rewind point is saved (0: initialisation).
         rewind: "weights" (default) or "lr" (keep the trained weights; replay the learning-rate schedule).
-        control: None, "reinit" or "random_mask" (with ``rewind="weights"`` only: both replace rewound weights).
+        control: None, "reinit_pipeline" or "random_pipeline" (with ``rewind="weights"`` only; see above; the old
+            names "reinit" and "random_mask" map to them with a FutureWarning: use :meth:`control`).
         layout, include, exclude: as :func:`sparsify` (masked by default: early rounds are nearly dense).
         seed: seeds the controls' random draws.
         group: a ``torch.distributed`` process group (default: the DDP wrapper's, if ``model`` is one).
@@ -217,6 +229,16 @@ class IMP:
             raise ValueError(f"{fn}: prune_fraction must be a number in (0, 1), got {prune_fraction!r}")
         if scope not in SCOPES:
             raise ValueError(f"{fn}: scope must be one of {SCOPES}, got {scope!r}")
+        if control in _OLD_CONTROLS:
+            warnings.warn(
+                f"{fn}: control={control!r} is the pipeline control {_OLD_CONTROLS[control]!r} (every prune re-run "
+                "with re-drawn weights or random masks, so its masks are not the ticket's); for the paper's control "
+                f"of a level's ticket use imp.control(level, {control!r}); pass control={_OLD_CONTROLS[control]!r} "
+                "to keep this behaviour",
+                FutureWarning,
+                stacklevel=2,
+            )
+            control = _OLD_CONTROLS[control]
         if control not in CONTROLS:
             raise ValueError(f"{fn}: control must be one of {CONTROLS}, got {control!r}")
         if rewind not in REWINDS:
@@ -241,7 +263,7 @@ class IMP:
             group = model.process_group if group is None else group
         self.model = _unwrap(model)
         self.sparsity, self.prune_fraction, self.scope = float(sparsity), float(prune_fraction), scope
-        self.rewind_step, self.control, self.layout, self.seed = rewind_step, control, layout, seed
+        self.rewind_step, self.pipeline_control, self.layout, self.seed = rewind_step, control, layout, seed
         self.rewind = rewind
         self.group = group
         self.generator = torch.Generator().manual_seed(seed)
@@ -271,6 +293,12 @@ class IMP:
         self._resume: dict | None = None  # a loaded round's sparsifier state, for the next start_round
         self._rewind = None  # the weights' rewind point (rewind="weights")
         self._lr_point = None  # the learning-rate schedule's, saved when step k + 1 of round 0 begins
+        # the levels' masks, for the controls of their tickets: the last level each weight is in (levels are
+        # nested, so level L's mask is level_of >= L; 2 bytes per weight however many levels), and the first
+        # level known (a state saved before levels were kept knows only its own)
+        self._level_of = {name: torch.zeros(layer.numel, dtype=torch.int16) for name, layer in zip(
+            self._names, self._layers(), strict=True)}  # fmt: skip
+        self._known_from = 1
         if rewind_step == 0 and rewind == "weights":
             self._save_rewind_point()
 
@@ -286,49 +314,49 @@ class IMP:
             raise ValueError(f"{fn}: round already started; call end_round() first")
         if self.round >= self.rounds:
             raise ValueError(f"{fn}: all {self.rounds} rounds are done")
-        if scheduler is not None and not (
-            callable(getattr(scheduler, "state_dict", None))
-            and callable(getattr(scheduler, "load_state_dict", None))
-            and getattr(scheduler, "optimizer", None) is optimizer
-        ):
-            raise TypeError(
-                f"{fn}: scheduler must be a torch.optim.lr_scheduler scheduler built on this round's optimizer, got "
-                f"{type(scheduler).__name__}"
-            )
+        _check_scheduler(fn, optimizer, scheduler)
         sparsifier = _RoundSparsifier(self, self.model, optimizer, scheduler)
         if self._resume is None and any(optimizer.state.values()):
             raise ValueError(
                 f"{fn}: the optimizer already has state; IMP resets the optimizer every round, so create a new one "
                 "(when resuming in a round, load the optimizer's state after start_round)"
             )
-        replay = self._resume is None and self.round > 0 and self._lr_point is not None
-        if self._resume is None and self.round > 0:
-            saved = self._lr_point["scheduler"] if self._lr_point is not None else None
-            if saved is not None and scheduler is None:
-                raise ValueError(
-                    f"{fn}: round 0 was trained with a learning-rate scheduler; pass a new one, built on this "
-                    f"optimizer as round 0's was, so that its schedule is replayed from step {self.rewind_step}"
-                )
-            if saved is None and scheduler is not None:
-                raise ValueError(
-                    f"{fn}: round 0 was trained without a learning-rate scheduler (none was saved at step "
-                    f"{self.rewind_step}), so there is no schedule to replay; pass none, or train round 0 with one"
-                )
-            if replay and len(self._lr_point["groups"]) != len(optimizer.param_groups):
-                raise ValueError(
-                    f"{fn}: the optimizer has {len(optimizer.param_groups)} parameter groups, round 0's had "
-                    f"{len(self._lr_point['groups'])}"
-                )
+        replay = self._resume is None and self.round > 0 and self._check_replay(fn, optimizer, scheduler)
         if self._resume is not None:
             sparsifier.load_state_dict(self._resume)
-        elif replay and (scheduler is not None or self.rewind == "lr"):
-            # the schedule as it stood at step k: the scheduler's counters and the rates it had set
-            if scheduler is not None:
-                scheduler.load_state_dict(copy.deepcopy(self._lr_point["scheduler"]))
-            for group, hyper in zip(optimizer.param_groups, self._lr_point["groups"], strict=True):
-                group.update(copy.deepcopy(hyper))
+        elif replay:
+            self._replay(optimizer, scheduler)
         self._sparsifier, self._resume, self._in_round = sparsifier, None, True
         return sparsifier
+
+    def _check_replay(self, fn: str, optimizer, scheduler) -> bool:
+        """The checks of a new (not resumed) round after the first; True if its schedule is to be replayed."""
+        saved = self._lr_point["scheduler"] if self._lr_point is not None else None
+        if saved is not None and scheduler is None:
+            raise ValueError(
+                f"{fn}: round 0 was trained with a learning-rate scheduler; pass a new one, built on this "
+                f"optimizer as round 0's was, so that its schedule is replayed from step {self.rewind_step}"
+            )
+        if saved is None and scheduler is not None:
+            raise ValueError(
+                f"{fn}: round 0 was trained without a learning-rate scheduler (none was saved at step "
+                f"{self.rewind_step}), so there is no schedule to replay; pass none, or train round 0 with one"
+            )
+        if self._lr_point is None:
+            return False
+        if len(self._lr_point["groups"]) != len(optimizer.param_groups):
+            raise ValueError(
+                f"{fn}: the optimizer has {len(optimizer.param_groups)} parameter groups, round 0's had "
+                f"{len(self._lr_point['groups'])}"
+            )
+        return scheduler is not None or self.rewind == "lr"
+
+    def _replay(self, optimizer, scheduler) -> None:
+        """Set the schedule as it stood at step k: the scheduler's counters and the rates it had set."""
+        if scheduler is not None:
+            scheduler.load_state_dict(copy.deepcopy(self._lr_point["scheduler"]))
+        for group, hyper in zip(optimizer.param_groups, self._lr_point["groups"], strict=True):
+            group.update(copy.deepcopy(hyper))
 
     def end_round(self, **metrics) -> IMPRound:
         """Record the round (with the caller's ``metrics``), then, unless it was the last, prune and rewind.
@@ -345,7 +373,7 @@ class IMP:
             )
         row = IMPRound(self.round, sparsity_report(self.model), {k: _plain(k, v) for k, v in metrics.items()})
         if self.round + 1 < self.rounds:
-            self._prune_and_rewind()
+            self._level_of = self._prune_and_rewind()
         self._lr_point = lr_point
         self.history.append(row)
         self.round += 1
@@ -359,6 +387,86 @@ class IMP:
     def report(self) -> list[dict]:
         return [row.to_dict() for row in self.history]
 
+    # -- the controls of a level's ticket ---------------------------------------------------------------------
+    @property
+    def levels(self) -> int:
+        """How many levels have masks so far (level 0, the dense model, included); level L's are the masks that
+        round L trains."""
+        return min(self.round, self.rounds - 1) + 1  # the last round prunes nothing
+
+    def ticket(self, level: int) -> Ticket:
+        """Level ``level``'s ticket on a copy of the model: its masks and the rewind weights (what round ``level``
+        trained), to train next to its controls in the same loop. Raises as :meth:`control`."""
+        return self._ticket("IMP.ticket", level, "ticket", None)
+
+    def control(self, level: int, kind: str, *, seed: int) -> Ticket:
+        """A control of level ``level``'s ticket (Frankle & Carbin 2019; facebookresearch/open_lth's
+        randomly_reinitialize and randomly_prune branches), on a copy of the model; the IMP and its model are not
+        changed, so controls of any recorded level can be made at any time, also after the run.
+
+        - ``kind="reinit"``: the level's masks exactly; the sparse layers' weights drawn anew (seeded by ``seed``)
+          from nn.Linear / nn.ConvNd's default init, U(±1/sqrt(fan_in)); everything else at the rewind point.
+        - ``kind="random_mask"``: in each layer a uniformly random mask (seeded) with the level's count of
+          connections in it, and the rewind weights there; everything else at the rewind point.
+
+        Train the returned :class:`Ticket` exactly like round ``level``: ``ticket.start(optimizer, scheduler)``
+        with a new optimizer over ``ticket.model.parameters()`` (the schedule is replayed from ``rewind_step`` as
+        for the round), then ``sparsifier.step()`` in place of ``optimizer.step()`` for the round's steps.
+
+        Raises:
+            ValueError: an unknown kind; a level that is not recorded yet (or, after loading a state saved before
+                levels were kept, no longer); an IMP with ``rewind="lr"`` or a pipeline ``control=`` (its levels
+                are not tickets).
+            TypeError: a seed that is not an int.
+        """
+        fn = "IMP.control"
+        if kind not in TICKET_CONTROLS:
+            raise ValueError(f"{fn}: kind must be one of {TICKET_CONTROLS}, got {kind!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
+        return self._ticket(fn, level, kind, seed)
+
+    def _ticket(self, fn: str, level, kind: str, seed: int | None) -> Ticket:
+        if self.rewind != "weights" or self.pipeline_control is not None:
+            raise ValueError(
+                f"{fn}: tickets are the masks of weight rewinding with control=None; this IMP has "
+                f"rewind={self.rewind!r}, control={self.pipeline_control!r}"
+            )
+        if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level < self.levels:
+            raise ValueError(
+                f"{fn}: level must be an int in [1, {self.levels - 1}] (the levels pruned so far; level 0 is "
+                f"the dense model), got {level!r}"
+            )
+        if level < self._known_from:
+            raise ValueError(f"{fn}: level {level}'s masks were not recorded (the IMP state was saved before levels "
+                             f"were kept; levels from {self._known_from} on are known)")  # fmt: skip
+        masks = {name: (level_of >= level).nonzero().squeeze(1) for name, level_of in self._level_of.items()}
+        model = copy.deepcopy(self.model)
+        modules = sparse_layers(model)
+        layers = [as_layer(modules[name]) for name in self._names]
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        keeps = [masks[name].to(layer.param.device) for name, layer in zip(self._names, layers, strict=True)]
+        if kind == "random_mask":
+            keeps = [
+                _random_keep(layer.numel, k.numel(), generator).to(k.device)
+                for layer, k in zip(layers, keeps, strict=True)
+            ]
+        if kind == "reinit":
+            dense = [_fresh_init(layer, generator) for layer in layers]
+        else:
+            dense = self._rewind["dense"]
+        swaps = [_stage_topology(layer, keep, weight) for layer, keep, weight in zip(layers, keeps, dense, strict=True)]
+        for swap in swaps:
+            swap()
+        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+        with torch.no_grad():
+            for kind_, tensors in (("params", params), ("buffers", buffers)):
+                for name, t in self._rewind[kind_].items():
+                    tensors[name].copy_(t)
+        for p in model.parameters():
+            p.grad = None
+        return Ticket(level, kind, seed, model, self)
+
     # -- checkpoints ------------------------------------------------------------------------------------------
     def _config(self) -> dict:
         return {
@@ -367,14 +475,14 @@ class IMP:
             "scope": self.scope,
             "rewind_step": self.rewind_step,
             "rewind": self.rewind,
-            "control": self.control,
+            "control": self.pipeline_control,
             "layout": self.layout,
             "seed": self.seed,
         }
 
     def state_dict(self) -> dict:
-        """Configuration, round, history, rewind point, the controls' RNG state, the masks (flat indices) and, in a
-        round, its sparsifier's state: with the model's and optimizer's state_dicts, enough to resume. Plain
+        """Configuration, round, history, rewind point, the controls' RNG state, the masks (flat indices), every
+        level's masks (as the last level of each weight, int16) and, in a round, its sparsifier's state: with the model's and optimizer's state_dicts, enough to resume. Plain
         tensors, lists and dicts (``torch.load(weights_only=True)`` reads it)."""
         return {
             "kind": "IMP",
@@ -395,6 +503,10 @@ class IMP:
             "lr_rewind": self._lr_point,
             "generator": self.generator.get_state(),
             "active": {name: layer.active().cpu() for name, layer in zip(self._names, self._layers(), strict=True)},
+            "levels": {
+                "known_from": self._known_from,
+                "level_of": {name: t.clone() for name, t in self._level_of.items()},
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -413,6 +525,8 @@ class IMP:
             raise ValueError(f"{fn}: the state lacks {sorted(_STATE_KEYS - state.keys())}")
         # states saved before rewind= existed rewound the weights
         config = {"rewind": "weights", **state["config"]} if isinstance(state["config"], dict) else state["config"]
+        if isinstance(config, dict) and config.get("control") in _OLD_CONTROLS:  # saved before the rename
+            config = {**config, "control": _OLD_CONTROLS[config["control"]]}
         if config != self._config():
             raise ValueError(f"{fn}: configuration {state['config']} differs from this IMP's {self._config()}")
         if list(state["active"]) != self._names:
@@ -469,6 +583,7 @@ class IMP:
             )
         generator = state["generator"]
         check_generator_state(fn, generator, self.generator)
+        known_from, level_of = self._check_levels(fn, state.get("levels"), r, state["active"])
         history = [
             IMPRound(
                 row["round"], SparsityReport.from_rows(row["layers"], row.get("skipped", ())), dict(row["metrics"])
@@ -486,8 +601,37 @@ class IMP:
                 ],
             }
         self._rewind, self.history, self.round, self._in_round = rewind, history, r, in_round
+        self._known_from, self._level_of = known_from, level_of
         self._lr_point = copy.deepcopy(lr_point)
         self._sparsifier, self._resume = None, resume
+
+    def _check_levels(self, fn: str, levels, r: int, active: dict) -> tuple[int, dict[str, torch.Tensor]]:
+        """The checked (known_from, level_of) of a state at round ``r`` (copies); a state saved before levels were
+        kept knows only its own level (from its masks)."""
+        last = min(r, self.rounds - 1)
+        numel = {name: layer.numel for name, layer in zip(self._names, self._layers(), strict=True)}
+        if levels is None:
+            zeros = {n: torch.zeros(numel[n], dtype=torch.int16) for n in self._names}
+            return max(last, 1), {n: z.index_fill(0, active[n].cpu(), last) for n, z in zeros.items()}
+        ok = isinstance(levels, dict) and levels.keys() == {"known_from", "level_of"}
+        ok = ok and type(levels["known_from"]) is int and 1 <= levels["known_from"] <= max(last, 1)
+        ok = ok and isinstance(levels["level_of"], dict) and list(levels["level_of"]) == self._names
+        ok = ok and all(
+            isinstance(t, torch.Tensor) and t.dtype == torch.int16 and t.shape == (numel[n],)
+            and (t.numel() == 0 or (0 <= int(t.min()) and int(t.max()) <= last))
+            for n, t in levels["level_of"].items()
+        )  # fmt: skip
+        if not ok:
+            raise ValueError(
+                f"{fn}: levels must be {{'known_from': an int in [1, {max(last, 1)}], 'level_of': {{layer name: int16 "
+                f"tensor of the weight's numel, values in [0, {last}]}}}} at round {r}, for layers {self._names}"
+            )
+        level_of = levels["level_of"]
+        if last > 0 and not all(
+            torch.equal((level_of[n] >= last).nonzero().squeeze(1), active[n].cpu()) for n in self._names
+        ):
+            raise ValueError(f"{fn}: the last level's masks differ from the state's masks")
+        return levels["known_from"], {n: t.clone() for n, t in level_of.items()}
 
     def _check_rewind(self, fn: str, rewind) -> None:
         expected = {kind: {n: t.shape for n, t in ts.items()} for kind, ts in self._rewound().items()}
@@ -529,19 +673,20 @@ class IMP:
         point = {kind: {n: t.detach().clone() for n, t in ts.items()} for kind, ts in self._rewound().items()}
         self._rewind = {**point, "dense": [_dense_weight(layer).clone() for layer in self._layers()]}
 
-    def _prune_and_rewind(self) -> None:
+    def _prune_and_rewind(self) -> dict[str, torch.Tensor]:
+        """Prune and rewind; returns the new level_of (see __init__)."""
         # All or nothing: choose the masks (and compare them across ranks), stage every layer (where memory can
         # run out), and only then swap the layers in and rewind the rest in place (nothing left that can fail).
         layers = self._layers()
         saved = self.generator.get_state()
         try:
             keeps = self._select(layers)
-            if self.control == "random_mask":
+            if self.pipeline_control == "random_pipeline":
                 keeps = [
-                    torch.randperm(layer.numel, generator=self.generator)[: k.numel()].sort().values.to(k.device)
+                    _random_keep(layer.numel, k.numel(), self.generator).to(k.device)
                     for layer, k in zip(layers, keeps, strict=True)
                 ]
-            if self.control == "reinit":
+            if self.pipeline_control == "reinit_pipeline":
                 dense = [_fresh_init(layer, self.generator) for layer in layers]
             elif self.rewind == "lr":
                 dense = [_dense_weight(layer) for layer in layers]  # the trained weights stay
@@ -551,6 +696,10 @@ class IMP:
             swaps = [
                 _stage_topology(layer, keep, weight) for layer, keep, weight in zip(layers, keeps, dense, strict=True)
             ]
+            level_of = {  # the new level's weights
+                name: self._level_of[name].index_fill(0, keep.cpu(), self.round + 1)
+                for name, keep in zip(self._names, keeps, strict=True)
+            }
         except BaseException:
             self.generator.set_state(saved)
             raise
@@ -560,6 +709,7 @@ class IMP:
                     t.copy_(self._rewind[kind][name])
         for swap in swaps:
             swap()
+        return level_of
 
     def _select(self, layers) -> list[torch.Tensor]:
         """Each layer's surviving flat indices (ascending): the largest trained |w|, as many as the schedule says."""
@@ -577,6 +727,89 @@ class IMP:
         owner = torch.cat([torch.full((a.numel(),), i) for i, a in enumerate(actives)])
         offset = torch.cumsum(torch.tensor([0] + [a.numel() for a in actives[:-1]]), 0)
         return [a[order[owner[order] == i] - offset[i]].sort().values for i, a in enumerate(actives)]
+
+
+@dataclass(eq=False)
+class Ticket:
+    """A level's ticket (``kind="ticket"``) or a control of it (``"reinit"``, ``"random_mask"``) from
+    :meth:`IMP.ticket` / :meth:`IMP.control`, on its own copy ``model`` of the IMP's model. Train it like round
+    ``level``: ``sparsifier = ticket.start(optimizer, scheduler)`` with a new optimizer over
+    ``ticket.model.parameters()``, then ``sparsifier.step()`` instead of ``optimizer.step()``.
+
+    Example (runnable)::
+
+        >>> import torch, sparsekern
+        >>> from torch import nn
+        >>> _ = torch.manual_seed(0)
+        >>> model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        >>> imp = sparsekern.IMP(model, 0.8, prune_fraction=0.4)
+        >>> def train(model, sparsifier, optimizer):
+        ...     for _ in range(10):
+        ...         x = torch.randn(64, 8)
+        ...         nn.functional.cross_entropy(model(x), (x[:, 0] > 0).long()).backward()
+        ...         _ = sparsifier.step()
+        ...         optimizer.zero_grad()
+        >>> while imp.round < imp.rounds:
+        ...     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        ...     train(model, imp.start_round(optimizer), optimizer)
+        ...     _ = imp.end_round()
+        >>> control = imp.control(3, "random_mask", seed=1)          # level 3's counts, random places
+        >>> optimizer = torch.optim.SGD(control.model.parameters(), lr=0.1)
+        >>> train(control.model, control.start(optimizer), optimizer)
+        >>> [int(m.sum()) for m in control.masks().values()] == [int(m.sum()) for m in imp.ticket(3).masks().values()]
+        True
+    """
+
+    level: int
+    kind: str
+    seed: int | None
+    model: nn.Module
+    _imp: IMP = field(repr=False)
+    _started: bool = field(default=False, repr=False)
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{weight name: bool mask of the weight's shape}."""
+        modules = sparse_layers(self.model)
+        return {name: as_layer(modules[name]).mask() for name in self._imp._names}
+
+    def start(self, optimizer: torch.optim.Optimizer, scheduler=None) -> Sparsifier:
+        """Begin training with a new ``optimizer`` (without state) over ``self.model``'s parameters and, when the
+        IMP's round 0 had one, a new scheduler built on it, replayed from ``rewind_step`` as the IMP's rounds are.
+        Returns the (static-mask) sparsifier to step. Once per ticket: make a new one for another run.
+
+        Raises:
+            ValueError: a second start; an optimizer with state; a scheduler where round 0 had none or none
+                where it had one; another number of parameter groups than round 0's.
+            TypeError: a scheduler that is not a torch LR scheduler of ``optimizer``.
+        """
+        fn = "Ticket.start"
+        if self._started:
+            raise ValueError(f"{fn}: this ticket was started already; make a new one (imp.control/imp.ticket)")
+        _check_scheduler(fn, optimizer, scheduler)
+        if any(optimizer.state.values()):
+            raise ValueError(f"{fn}: the optimizer already has state; train the ticket with a new one, as IMP's rounds")
+        sparsifier = Static(self.model, optimizer)
+        if self._imp._check_replay(fn, optimizer, scheduler):
+            self._imp._replay(optimizer, scheduler)
+        self._started = True
+        return sparsifier
+
+
+def _check_scheduler(fn: str, optimizer, scheduler) -> None:
+    if scheduler is not None and not (
+        callable(getattr(scheduler, "state_dict", None))
+        and callable(getattr(scheduler, "load_state_dict", None))
+        and getattr(scheduler, "optimizer", None) is optimizer
+    ):
+        raise TypeError(
+            f"{fn}: scheduler must be a torch.optim.lr_scheduler scheduler built on this round's optimizer, got "
+            f"{type(scheduler).__name__}"
+        )
+
+
+def _random_keep(numel: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` flat indices in [0, numel), uniformly at random, ascending."""
+    return torch.randperm(numel, generator=generator)[:count].sort().values
 
 
 def _dense_weight(layer) -> torch.Tensor:

@@ -458,8 +458,9 @@ def sparsify(
         model: the model, changed in place (a DDP/DataParallel wrapper is looked through).
         sparsity: target fraction of zeros over the chosen weights, in [0, 1).
         include, exclude: fnmatch patterns of module names (``"encoder.*"``) to restrict the choice.
-        dense_first: keep the first chosen layer dense (its nonzeros come out of the others' budget under
-            ER/ERK, as in google-research/rigl).
+        dense_first: keep the first chosen layer dense and out of the sparsity budget, as google-research/rigl's
+            first-layer-dense option: the other layers get the counts of ``exclude=`` that layer, so together they
+            have the target sparsity (the model as a whole a little less).
         scores: {weight name ("fc1.weight", "attn.in_proj_weight"): tensor of the weight's shape}: keep the
             highest-scoring positions.
         generator: for the random positions (default: torch's global generator). When given, torch's global RNG
