@@ -3,6 +3,7 @@ float64 references."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -176,6 +177,20 @@ def spawn_ranks(worker, args: tuple, nprocs: int, timeout_s: float = 180) -> Non
         for process in context.processes:
             if process.is_alive():
                 process.kill()
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, path: str, world: int):
+    """This process as ``rank`` of a gloo group of ``world`` CPU processes (one thread each, file rendezvous in
+    ``path``), destroyed on the way out: the frame of every two-process worker."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def rank_results(worker, path, nprocs: int, timeout_s: float = 180) -> list:

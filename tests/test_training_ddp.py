@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import rank_results
+from helpers import gloo_group, rank_results
 from test_training_imp import same
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -136,9 +136,7 @@ DIVERGED = [("rigl", "sparse"), ("set", "masked"), ("imp", "masked"), ("imp", "s
 
 
 def _worker(rank: int, path: str):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, path, WORLD):
         results = {}
         for layout in LAYOUTS:
             results["rigl", layout] = _rigl_run(rank, layout)
@@ -151,8 +149,6 @@ def _worker(rank: int, path: str):
         except ValueError as exc:
             results["wrapped"] = str(exc)
         torch.save(results, f"{path}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import rank_results
+from helpers import gloo_group, rank_results
 from test_training_atomic import COMMIT_POINTS, Injected, inject, snapshot, without_ids
 from test_training_imp import same
 from torch import nn
@@ -387,12 +387,9 @@ def ddp_gmp(model, group, scope):
 
 
 def _worker(rank: int, path: str):
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, path, WORLD):
         results = {}
         for scope in SCOPES:
             model = make("masked")
@@ -431,8 +428,6 @@ def _worker(rank: int, path: str):
         except ValueError as exc:
             results["refused"] = str(exc)
         torch.save(results, f"{path}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_bits_equal, rank_results
+from helpers import assert_bits_equal, gloo_group, rank_results
 from torch import nn
 
 import sparsekern
@@ -425,9 +425,7 @@ WORLD = 2
 
 
 def _worker(rank: int, path: str):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, path, WORLD):
         out = {}
         data = batches((2, 7, 7), 2, seed=10)[rank]  # each rank its own batch
         for layout in ("sparse", "masked"):
@@ -465,8 +463,6 @@ def _worker(rank: int, path: str):
         except (ValueError, ZeroDivisionError) as exc:
             out["failed"] = f"{type(exc).__name__}: {exc}"
         torch.save(out, f"{path}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

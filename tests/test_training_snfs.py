@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import rank_results
+from helpers import gloo_group, rank_results
 from test_training_atomic import Injected, inject, snapshot, without_ids
 from test_training_imp import same
 from torch import nn
@@ -653,9 +653,7 @@ DDP_CASES = [("snfs", "sparse"), ("snfs", "masked"), ("rigl", "masked"), ("rigl"
 
 
 def _ddp_worker(rank: int, path: str):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, path, WORLD):
         results = {case: _ddp_run(rank, *case) for case in DDP_CASES}
         try:
             model = DDP(build("sparse"))
@@ -664,8 +662,6 @@ def _ddp_worker(rank: int, path: str):
         except ValueError as exc:
             results["refused"] = str(exc)
         torch.save(results, f"{path}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import io
 
 import pytest
 import torch
-import torch.distributed as dist
-from helpers import rank_results
+from helpers import gloo_group, rank_results
 from test_training_imp import same
 from torch import nn
 from torch.nn import functional as F
@@ -512,12 +511,8 @@ def _ddp_run(rank: int, method: str) -> dict:
 
 
 def _worker(rank: int, path: str):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, path, WORLD):
         torch.save({m: _ddp_run(rank, m) for m in ("srste", "ste")}, f"{path}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
