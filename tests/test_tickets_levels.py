@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from sparsekern.nn import SparseLinear
 from sparsekern.tickets import LevelConnectivity, error_barrier, interpolate, level_connectivity
 from sparsekern.training.sparsify import make_masked
 
@@ -171,3 +172,21 @@ def test_errors():
         level_connectivity(ok, evaluate=_bump, betas=1)
     with pytest.raises(ValueError, match="give exactly one of data="):
         level_connectivity(ok)
+
+
+def test_sparse_linear_levels_with_shrinking_supports():
+    # IMP levels saved as state_dicts of SparseLinear models: each level has fewer nonzeros than the last
+    gen = torch.Generator().manual_seed(8)
+    dense = nn.Linear(6, 3).double()
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    states = []
+    for _ in range(3):
+        with torch.no_grad():
+            dense.weight.copy_(torch.randn(3, 6, generator=gen, dtype=torch.float64))
+        states.append(nn.Sequential(SparseLinear.from_dense(dense, mask=mask.clone())).state_dict())
+        mask = mask & (torch.rand(3, 6, generator=gen) < 0.6)
+    template = nn.Sequential(SparseLinear.from_dense(dense, mask=mask))
+    data = (torch.randn(37, 6, generator=gen, dtype=torch.float64), torch.randint(0, 3, (37,), generator=gen))
+    result = level_connectivity(states, model=template, data=data, betas=3)
+    for (i, j), curve in result.curves.items():
+        assert curve == interpolate(states[i], states[j], model=template, data=data, betas=3)
