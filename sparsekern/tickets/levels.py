@@ -86,7 +86,7 @@ class LevelConnectivity:
         fig.savefig(path_png, dpi=120)
         plt.close(fig)
 
-        size = max(3.0, 0.6 * self.num_levels + 1.5)
+        size = max(4.5, 0.6 * self.num_levels + 2.0)
         fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
         for ax, reference in zip(axes, REFERENCES, strict=True):
             matrix = [[100.0 * v for v in row] for row in self.barriers(reference=reference)]
@@ -99,7 +99,8 @@ class LevelConnectivity:
             ax.set_yticks(list(levels))
             ax.set_xlabel("level")
             ax.set_ylabel("level")
-            ax.set_title(f"error barrier (%), {reference} reference")
+            against = "the chord (Paul et al.)" if reference == "linear" else "the worse end (Frankle et al.)"
+            ax.set_title(f"error barrier (%) over {against}", fontsize=10)
             fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
         fig.savefig(heatmap_png, dpi=120)
