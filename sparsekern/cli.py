@@ -1,4 +1,4 @@
-"""The ``sparsekern`` command line: ``sparsekern info``, ``bench …``, ``demo`` and ``selftest --gpu``."""
+"""The ``sparsekern`` command line: ``sparsekern info``, ``bench …``, ``demo``, ``tickets`` and ``selftest --gpu``."""
 
 from __future__ import annotations
 
@@ -109,6 +109,12 @@ def _demo(args: argparse.Namespace) -> int:
     return demo_main(args)
 
 
+def _tickets(args: argparse.Namespace) -> int:
+    from .tickets.cli import tickets_main
+
+    return tickets_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparsekern", description="Fast, exact sparse kernels for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_arguments(demo)
     demo.set_defaults(func=_demo)
+    tickets = sub.add_parser(
+        "tickets", help="lottery tickets on the digits: IMP levels vs re-init, instability, level connectivity"
+    )
+    from .tickets.cli import add_tickets_arguments
+
+    add_tickets_arguments(tickets)
+    tickets.set_defaults(func=_tickets)
     from .selftest import add_selftest_arguments, run_selftest
 
     selftest = sub.add_parser("selftest", help="the GPU check: build, every test and the GPU figures, one report")
