@@ -110,6 +110,8 @@ def no_training(monkeypatch):
         (["--seeds", "0"], "--seeds must be a positive int, got 0"),
         (["--seed", "-1"], r"--seed must be an int in \[0, 2\*\*32\), got -1"),
         (["--rewind-step", "-1"], "--rewind-step must be an int >= 0, got -1"),
+        # --quick: 1438 training images in batches of 32, 2 epochs
+        (["--rewind-step", "91"], "--rewind-step must be at most round 0's 90 steps, got 91"),
         (["--instability-epochs", "0,x"], "--instability-epochs must be comma-separated ints, got '0,x'"),
         (["--epochs", "2", "--instability-epochs", "0,2"], r"--instability-epochs must be epochs in \[0, 2\)"),
         (["--instability-epochs", "-1"], r"--instability-epochs must be epochs in \[0, "),

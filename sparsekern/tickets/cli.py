@@ -13,6 +13,7 @@ import argparse
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,6 +59,9 @@ class TicketsConfig:
         step = self.rewind_step
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"{FN}: {names('rewind_step')} must be an int >= 0, got {step!r}")
+        steps = math.ceil(len(demo.load_split(0)[1]) / self.train.batch) * self.train.epochs  # round 0's steps
+        if step > steps:
+            raise ValueError(f"{FN}: {names('rewind_step')} must be at most round 0's {steps} steps, got {step}")
         ks = self.instability_epochs
         if not ks or any(isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.train.epochs for k in ks):
             raise ValueError(
@@ -276,7 +280,7 @@ def run_tickets(cfg: TicketsConfig, out: Path, *, make_plot: bool = True, echo=p
 
 def add_tickets_arguments(parser: argparse.ArgumentParser) -> None:
     d = TicketsConfig.default()
-    parser.add_argument("--quick", action="store_true", help="a ~30-second smoke run (tiny MLP, 80%%, 1 seed)")
+    parser.add_argument("--quick", action="store_true", help="a few-second smoke run (tiny MLP, 80%%, 1 seed)")
     parser.add_argument("--out", type=Path, default=Path("sparsekern-tickets"), help="output folder (JSON, PNGs)")
     parser.add_argument("--sparsity", type=float, default=None, help=f"final sparsity (default {d.train.sparsity})")
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs per IMP round (default {d.train.epochs})")
