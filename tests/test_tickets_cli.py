@@ -73,8 +73,8 @@ def test_tickets_quick_json(quick_run):
 def test_tickets_quick_prints_its_findings(tmp_path, capsys, monkeypatch):
     # the summary is built from the data: fake runs whose 96% level the reinit control wins
     runs = [
-        {"ticket": [90.0, 91.0, 80.0], "reinit": [None, 85.0, 85.0], "sparsity": [0.0, 0.5, 0.96]},
-        {"ticket": [92.0, 91.0, 82.0], "reinit": [None, 87.0, 86.0], "sparsity": [0.0, 0.5, 0.96]},
+        {"seed": 4, "ticket": [90.0, 91.0, 80.0], "reinit": [None, 85.0, 85.0], "sparsity": [0.0, 0.5, 0.96]},
+        {"seed": 5, "ticket": [92.0, 91.0, 82.0], "reinit": [None, 87.0, 86.0], "sparsity": [0.0, 0.5, 0.96]},
     ]
 
     class Levels:
@@ -83,12 +83,19 @@ def test_tickets_quick_prints_its_findings(tmp_path, capsys, monkeypatch):
 
     stability = [{"k_epochs": 0, "barrier": 0.05}]
     text, found = tickets_cli.summarize(tickets_cli.TicketsConfig.quick(), runs, Levels(), stability)
-    assert found["matching"] == [True, True, False]  # dense 91 ± 1; level 2 at 81 is more than 1 point below
+    # matching on the first seed's run (the one the connectivity measures): dense 90, level 2 at 80
+    assert found["matching"] == [True, True, False]
     assert found["rewind_vs_reinit"]["wins"] == 0 and found["rewind_vs_reinit"]["agrees_with_papers"] is False
     assert "does NOT fully agree with Frankle & Carbin" in text
     assert found["levels"]["first_not_matching"] == 2 and found["levels"]["agrees_with_papers"] is True
-    assert "level 2 is the first not matching dense" in text and "15.00 points" in text
+    assert "level 2 is the first not matching dense in seed 4" in text and "15.00 points" in text
     assert "adaptive pruning ratio: not run" in text
+    # a run whose level 1 already fails: nothing to compare its barrier with, said so rather than judged
+    runs[0]["ticket"] = [90.0, 80.0, 80.0]
+    text, found = tickets_cli.summarize(tickets_cli.TicketsConfig.quick(), runs, Levels(), stability)
+    assert found["levels"]["first_not_matching"] == 1 and found["levels"]["agrees_with_papers"] is None
+    assert found["levels"]["max_barrier_between_matching"] is None
+    assert "no matching barrier to compare it with" in text and "0.10 points" in text
 
 
 @pytest.fixture
