@@ -119,9 +119,9 @@ def run_instability(cfg: TicketsConfig) -> list[dict]:
     data = demo.load_split(train.seed)
     model = demo.make_mlp(train.hidden, train.seed)
     points = {0: copy.deepcopy(model.state_dict())}
-    for epoch, _ in enumerate(demo.epochs(model, data, train), start=1):
-        if epoch > max(cfg.instability_epochs):
-            break
+    run = demo.epochs(model, data, train)  # one epoch per next(): stop at the last k, training no further
+    for epoch in range(1, max(cfg.instability_epochs) + 1):
+        next(run)
         points[epoch] = copy.deepcopy(model.state_dict())
 
     def train_fn(network, seed):
