@@ -253,3 +253,17 @@ def test_states_do_not_mix():
     with pytest.raises(ValueError, match="adaptive must be"):
         imp2.load_state_dict(bad)
     assert imp2.round == 0 and imp2.rounds == rounds
+
+
+def test_cost_counts_forward_passes_with_a_loader():
+    x = torch.randn(50, 7, generator=torch.Generator().manual_seed(1))
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(7, 13), nn.ReLU(), nn.Linear(13, 3))
+    loader = [(x[i : i + 20], y[i : i + 20]) for i in range(0, 50, 20)]  # 3 batches
+    imp = IMP(model, 0.9, adaptive=True, adaptive_data=loader, adaptive_betas=4, adaptive_ratios=(0.2, 0.5))
+    row = train_round(model, imp, torch.Generator().manual_seed(3))
+    assert [s["ratio"] for s in row.adaptive["sweep"]] == [0.2, 0.5]
+    assert row.adaptive["forward_passes"] == 2 * 4 * 3  # ratios x points x batches
+    imp.start_round(torch.optim.SGD(model.parameters(), lr=0.1))  # and the loader is read again next round
+    assert imp.end_round().adaptive["forward_passes"] == 2 * 4 * 3

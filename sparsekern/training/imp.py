@@ -618,8 +618,9 @@ class IMP:
 
     def state_dict(self) -> dict:
         """Configuration, round, history, rewind point, the controls' RNG state, the masks (flat indices), every
-        level's masks (as the last level of each weight, int16) and, in a round, its sparsifier's state: with the model's and optimizer's state_dicts, enough to resume. Plain
-        tensors, lists and dicts (``torch.load(weights_only=True)`` reads it)."""
+        level's masks (as the last level of each weight, int16), with ``adaptive=True`` each round's count, epsilon
+        and threshold, and, in a round, its sparsifier's state: with the model's and optimizer's state_dicts,
+        enough to resume. Plain tensors, lists and dicts (``torch.load(weights_only=True)`` reads it)."""
         return {
             "kind": "IMP",
             "config": self._config(),
@@ -1024,17 +1025,19 @@ def _epsilon(losses) -> float:
 
 def _path_losses(model: nn.Module, pruned: dict, config: dict, seed: int) -> tuple[tuple[float, ...], int]:
     """The training loss along the path from ``model`` to ``pruned`` (a state_dict) and its cost in forward
-    passes."""
+    passes (counted as the loss function's calls: one per batch and point)."""
     from ..tickets.interpolate import interpolate  # not at the top: sparsekern.tickets imports training
 
-    data, subsample, size = config["data"], config["subsample"], config["batch_size"]
-    curve = interpolate(model, pruned, data=data, betas=config["betas"], loss_fn=config["loss_fn"],
-                        subsample=subsample, seed=seed, batch_size=size)  # fmt: skip
-    if isinstance(data, tuple):
-        batches = math.ceil((subsample or data[0].shape[0]) / size)
-    else:
-        batches = len(data) if hasattr(data, "__len__") else 0
-    return curve.losses, batches * len(curve.betas)
+    passes = 0
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal passes
+        passes += 1
+        return config["loss_fn"](out, y)
+
+    curve = interpolate(model, pruned, data=config["data"], betas=config["betas"], loss_fn=loss_fn,
+                        subsample=config["subsample"], seed=seed, batch_size=config["batch_size"])  # fmt: skip
+    return curve.losses, passes
 
 
 def _check_scheduler(fn: str, optimizer, scheduler) -> None:
