@@ -218,7 +218,7 @@ def test_errors():
         IMP(copy.deepcopy(model), 0.9, adaptive=True, adaptive_data=(x, y), adaptive_ratios=(0.3, 0.2))
     with pytest.raises(ValueError, match="adaptive_batch_size must be an int >= 1"):
         IMP(copy.deepcopy(model), 0.9, adaptive=True, adaptive_data=(x, y), adaptive_batch_size=0)
-    with pytest.raises(ValueError, match="betas must be"):
+    with pytest.raises(ValueError, match="IMP: adaptive_betas must be strictly increasing"):
         IMP(copy.deepcopy(model), 0.9, adaptive=True, adaptive_data=(x, y), adaptive_betas=[0.5, 0.2])
     with pytest.raises(TypeError, match="adaptive must be a bool"):
         IMP(copy.deepcopy(model), 0.9, adaptive=1)

@@ -300,7 +300,10 @@ class IMP:
                                      adaptive_batch_size)  # fmt: skip
             from ..tickets.interpolate import _betas  # not at the top: sparsekern.tickets imports training
 
-            adaptive_betas = list(_betas(adaptive_betas))
+            try:
+                adaptive_betas = list(_betas(adaptive_betas))
+            except (TypeError, ValueError) as err:  # its message names interpolate's argument
+                raise type(err)(f"{fn}: adaptive_{str(err).removeprefix('interpolate: ')}") from err
         if isinstance(model, nn.parallel.DistributedDataParallel):
             if layout == "sparse":
                 raise ValueError(
