@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import math
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +32,7 @@ REWINDS = ("weights", "lr")
 _SCHEDULED = ("lr", "initial_lr", "max_lr", "min_lr", "momentum", "betas", "base_momentum", "max_momentum")
 _TOPOLOGY = ("weight_mask", "row_ptr", "col_idx", "csc_ptr", "csc_row", "csc_perm")  # the masks' buffers
 _STATE_KEYS = {"kind", "config", "round", "in_round", "sparsifier", "history", "rewind", "generator", "active"}
+ADAPTIVE_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # Paul et al. 2023, section 2.2
 
 
 @dataclass(frozen=True)
@@ -40,9 +42,13 @@ class IMPRound:
     round: int
     report: SparsityReport
     metrics: dict = field(default_factory=dict)
+    # with adaptive=True, the prune after the round: epsilon, threshold, sweep (ratio -> max loss on the path),
+    # ratio (the largest that stayed below), pruned (the fraction pruned), forward_passes (the sweep's cost)
+    adaptive: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"round": self.round, "sparsity": self.report.sparsity, **self.report.to_dict(), "metrics": self.metrics}
+        row = {"round": self.round, "sparsity": self.report.sparsity, **self.report.to_dict(), "metrics": self.metrics}
+        return row if self.adaptive is None else {**row, "adaptive": self.adaptive}
 
 
 class _RoundSparsifier(Sparsifier):
@@ -87,6 +93,23 @@ class IMP:
     leaves the new optimizer as it is (as before schedulers were taken). The last round prunes to exactly the
     target count.
 
+    Adaptive pruning ratio (Paul et al. 2023, "Unmasking the Lottery Ticket Hypothesis", section 2.2), with
+    ``adaptive=True`` and ``adaptive_data=(x, y)`` (training data): round 0 reports the training losses of the
+    batches of its last epoch, ``end_round(train_losses=[...])``; their standard deviation is epsilon, and the
+    threshold is the dense solution's loss on the subsample plus epsilon. After each round the ratios
+    ``adaptive_ratios`` (0.1, 0.2, ..., 0.9) are swept: the level solution is magnitude-pruned (global) by each
+    ratio p of its remaining weights, keeping its trained values, and the training loss along the straight path
+    from the solution to that pruned version (:func:`sparsekern.tickets.interpolate`, ``adaptive_betas`` points, on
+    a random subsample of ``adaptive_subsample`` samples, drawn anew each round from ``seed``) is evaluated. The
+    prune removes max(p*, ``prune_fraction``) of the remaining weights, p* the largest ratio whose path stayed at
+    or below the threshold (0 if none did), and never goes past the target: the last prune stops exactly at it.
+    Every round's :class:`IMPRound` ``.adaptive`` records epsilon, the threshold, the sweep, p*, the fraction
+    pruned and the sweep's cost in forward passes (batches of ``adaptive_batch_size``). The number of rounds is not
+    known in advance: ``imp.rounds`` is the rounds so far plus the rounds left if every later prune removed
+    ``prune_fraction``, updated after every prune (it only shrinks), and exact once the target is reached, so
+    ``while imp.round < imp.rounds`` (or ``while not imp.done``) loops work unchanged. Only with
+    ``scope="global"`` and ``control=None``.
+
     Controls as Frankle & Carbin (and facebookresearch/open_lth) run them: :meth:`control` takes a level's actual
     ticket (its masks are kept per level, in :meth:`state_dict` too) and returns a :class:`Ticket`, a separate copy
     of the model to train like that round: ``"reinit"`` keeps the level's masks exactly and draws new weights;
@@ -128,11 +151,21 @@ class IMP:
         control: None, "reinit_pipeline" or "random_pipeline" (with ``rewind="weights"`` only; see above; the old
             names "reinit" and "random_mask" map to them with a FutureWarning: use :meth:`control`).
         layout, include, exclude: as :func:`sparsify` (masked by default: early rounds are nearly dense).
-        seed: seeds the controls' random draws.
+        seed: seeds the controls' random draws (and the adaptive ratio's subsamples).
+        adaptive: choose each prune's fraction by the adaptive rule above (``prune_fraction`` is then its floor).
+        adaptive_data: the training data for the sweep: an ``(x, y)`` tuple of tensors, or an iterable of
+            ``(x, y)`` batches (a list or DataLoader; then ``adaptive_subsample`` must be None).
+        adaptive_subsample: evaluate on this many random samples of ``adaptive_data`` (None: all of it).
+        adaptive_betas: points on each path (an int n for ``linspace(0, 1, n)``, or increasing betas in [0, 1]).
+        adaptive_ratios: the ratios swept, increasing, in (0, 1).
+        adaptive_loss_fn: the training loss, ``loss_fn(model(x), y)`` as a batch mean (default cross-entropy).
+        adaptive_batch_size: samples per forward pass when ``adaptive_data`` is a tuple.
         group: a ``torch.distributed`` process group (default: the DDP wrapper's, if ``model`` is one).
 
     Raises:
-        ValueError: values out of range or unknown names; a control with ``rewind="lr"``; ``start_round``/
+        ValueError: values out of range or unknown names; a control with ``rewind="lr"``; ``adaptive=True``
+            without ``adaptive_data``, with ``scope="layer"`` or a pipeline control, or round 0 ended without
+            (at least two) ``train_losses``; ``start_round``/
             ``end_round`` out of order; a scheduler in a later round where round 0 had none, or none where it had
             one; a DDP wrapper with ``layout="sparse"``.
         TypeError: a scheduler that is not a torch LR scheduler of the round's optimizer.
@@ -217,6 +250,13 @@ class IMP:
         exclude: str | Iterable[str] | None = None,
         seed: int = 0,
         group=None,
+        adaptive: bool = False,
+        adaptive_data=None,
+        adaptive_subsample: int | None = None,
+        adaptive_betas: int | Iterable[float] = 11,
+        adaptive_ratios: Iterable[float] = ADAPTIVE_RATIOS,
+        adaptive_loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        adaptive_batch_size: int = 1024,
     ):
         fn = "IMP"
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 < sparsity < 1:
@@ -253,6 +293,17 @@ class IMP:
         layout = check_layout(fn, layout)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"{fn}: seed must be an int, got {seed!r}")
+        if not isinstance(adaptive, bool):
+            raise TypeError(f"{fn}: adaptive must be a bool, got {adaptive!r}")
+        if adaptive:
+            ratios = _check_adaptive(fn, scope, control, adaptive_data, adaptive_subsample, adaptive_ratios,
+                                     adaptive_batch_size)  # fmt: skip
+            from ..tickets.interpolate import _betas  # not at the top: sparsekern.tickets imports training
+
+            try:
+                adaptive_betas = list(_betas(adaptive_betas))
+            except (TypeError, ValueError) as err:  # its message names interpolate's argument
+                raise type(err)(f"{fn}: adaptive_{str(err).removeprefix('interpolate: ')}") from err
         if isinstance(model, nn.parallel.DistributedDataParallel):
             if layout == "sparse":
                 raise ValueError(
@@ -266,6 +317,12 @@ class IMP:
         self.rewind_step, self.pipeline_control, self.layout, self.seed = rewind_step, control, layout, seed
         self.rewind = rewind
         self.group = group
+        self.adaptive = adaptive
+        if adaptive:
+            self._adaptive = {"data": adaptive_data, "subsample": adaptive_subsample, "betas": adaptive_betas,
+                              "ratios": ratios, "batch_size": adaptive_batch_size,
+                              "loss_fn": adaptive_loss_fn or nn.functional.cross_entropy}  # fmt: skip
+        self._epsilon = self._threshold = None  # the adaptive rule's, set when round 0 ends
         self.generator = torch.Generator().manual_seed(seed)
         sparsify(self.model, 0.0, distribution="uniform", layout=layout, include=include, exclude=exclude)
         self._names = list(sparse_layers(self.model))
@@ -285,7 +342,9 @@ class IMP:
                 f"{fn}: prune_fraction={prune_fraction!r} needs more than {MAX_PRUNE_ROUNDS} rounds to reach sparsity "
                 f"{sparsity!r}; raise prune_fraction"
             )
-        self.rounds = len(self._counts)
+        if adaptive:  # the counts are chosen as the rounds go: only the dense one is known
+            self._counts = self._counts[:1]
+        self._set_rounds()
         self.round = 0
         self.history: list[IMPRound] = []
         self._in_round = False
@@ -371,14 +430,93 @@ class IMP:
                 f"IMP.end_round: round 0 ended before step rewind_step={self.rewind_step}, so there is no rewind "
                 "point; train longer or lower rewind_step"
             )
-        row = IMPRound(self.round, sparsity_report(self.model), {k: _plain(k, v) for k, v in metrics.items()})
+        metrics = {k: _plain(k, v) for k, v in metrics.items()}
+        epsilon = self._epsilon
+        if self.adaptive and self.round == 0:
+            epsilon = _epsilon(metrics.get("train_losses"))
+        row = IMPRound(self.round, sparsity_report(self.model), metrics)
         if self.round + 1 < self.rounds:
-            self._level_of = self._prune_and_rewind()
+            counts, saved = self._counts, self.generator.get_state()
+            try:
+                if self.adaptive:
+                    adaptive, threshold = self._sweep(epsilon)
+                    row = dataclasses.replace(row, adaptive=adaptive)
+                    self._counts = [*counts, [self._step(counts[-1][0], adaptive["pruned"])]]
+                self._level_of = self._prune_and_rewind()
+            except BaseException:
+                self._counts = counts
+                self.generator.set_state(saved)
+                raise
+            if self.adaptive:
+                self._epsilon, self._threshold = epsilon, threshold
+                self._set_rounds()
         self._lr_point = lr_point
         self.history.append(row)
         self.round += 1
         self._in_round, self._sparsifier, self._resume = False, None, None
         return row
+
+    @property
+    def done(self) -> bool:
+        """True when the last round has ended (with ``adaptive=True``: the round that trained at the target)."""
+        return self.round >= self.rounds
+
+    # -- the adaptive pruning ratio ---------------------------------------------------------------------------
+    def _set_rounds(self) -> None:
+        """Fixed ratio: the schedule's length. Adaptive: the rounds so far plus those left if every later prune
+        removed ``prune_fraction`` (the floor), so it only shrinks, and is exact once the target is reached."""
+        if not self.adaptive:
+            self.rounds = len(self._counts)
+            return
+        count, left = self._counts[-1][0], 0
+        while count > sum(self._targets):
+            count, left = self._step(count, self.prune_fraction), left + 1
+        self.rounds = len(self._counts) + left
+
+    def _step(self, count: int, fraction: float) -> int:
+        """The weights left after pruning ``fraction`` of ``count`` (global), rounded as the fixed schedule is and
+        never below the target."""
+        return prune_counts(count, sum(self._targets), fraction, tolerance=len(self._names) / 2)[1]
+
+    def _pruned(self, layers, count: int) -> dict[str, torch.Tensor]:
+        """The state_dict of a copy of the model magnitude-pruned (global) to ``count`` weights, trained values
+        kept: the far end of the sweep's path."""
+        keeps = self._select(layers, [count])
+        model = copy.deepcopy(self.model)
+        modules = sparse_layers(model)
+        copies = [as_layer(modules[name]) for name in self._names]
+        swaps = [_stage_topology(c, k, _dense_weight(c)) for c, k in zip(copies, keeps, strict=True)]
+        for swap in swaps:
+            swap()
+        return model.state_dict()
+
+    def _sweep(self, epsilon: float | None) -> tuple[dict, float]:
+        """Sweep the ratios on the current level's solution; returns the round's adaptive report and the
+        threshold (set from the dense solution's loss when round 0 ends)."""
+        config, layers = self._adaptive, self._layers()
+        count = self._counts[-1][0]
+        seed = int(torch.randint(2**31 - 1, (1,), generator=self.generator))  # one subsample per round
+        threshold, sweep, best, passes = self._threshold, [], 0.0, 0
+        for ratio in config["ratios"]:
+            pruned = self._step(count, ratio)
+            losses, cost = _path_losses(self.model, self._pruned(layers, pruned), config, seed)
+            passes += cost
+            if threshold is None:  # round 0: the path starts at the dense solution
+                threshold = losses[0] + epsilon
+            sweep.append({"ratio": ratio, "max_loss": max(losses), "nnz": pruned})
+            if max(losses) <= threshold:
+                best = ratio
+            if pruned == sum(self._targets):  # larger ratios stop at the target too: the same path
+                break
+        report = {
+            "epsilon": epsilon,
+            "threshold": threshold,
+            "sweep": sweep,
+            "ratio": best,
+            "pruned": max(best, self.prune_fraction),
+            "forward_passes": passes,
+        }
+        return report, threshold
 
     def masks(self) -> dict[str, torch.Tensor]:
         """{weight name ("fc1.weight"): bool mask of the weight's shape}, whatever the layout."""
@@ -478,12 +616,14 @@ class IMP:
             "control": self.pipeline_control,
             "layout": self.layout,
             "seed": self.seed,
+            **_adaptive_config(self._adaptive if self.adaptive else None),
         }
 
     def state_dict(self) -> dict:
         """Configuration, round, history, rewind point, the controls' RNG state, the masks (flat indices), every
-        level's masks (as the last level of each weight, int16) and, in a round, its sparsifier's state: with the model's and optimizer's state_dicts, enough to resume. Plain
-        tensors, lists and dicts (``torch.load(weights_only=True)`` reads it)."""
+        level's masks (as the last level of each weight, int16), with ``adaptive=True`` each round's count, epsilon
+        and threshold, and, in a round, its sparsifier's state: with the model's and optimizer's state_dicts,
+        enough to resume. Plain tensors, lists and dicts (``torch.load(weights_only=True)`` reads it)."""
         return {
             "kind": "IMP",
             "config": self._config(),
@@ -496,6 +636,7 @@ class IMP:
                     "layers": [dataclasses.astuple(r) for r in row.report.layers],
                     "skipped": [dataclasses.astuple(s) for s in row.report.skipped],
                     "metrics": row.metrics,
+                    "adaptive": row.adaptive,
                 }
                 for row in self.history
             ],
@@ -507,6 +648,9 @@ class IMP:
                 "known_from": self._known_from,
                 "level_of": {name: t.clone() for name, t in self._level_of.items()},
             },
+            "adaptive": {"counts": [c[0] for c in self._counts], "epsilon": self._epsilon, "threshold": self._threshold}
+            if self.adaptive
+            else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -524,7 +668,9 @@ class IMP:
         if _STATE_KEYS - state.keys():
             raise ValueError(f"{fn}: the state lacks {sorted(_STATE_KEYS - state.keys())}")
         # states saved before rewind= existed rewound the weights
-        config = {"rewind": "weights", **state["config"]} if isinstance(state["config"], dict) else state["config"]
+        config = state["config"]
+        if isinstance(config, dict):  # states saved before rewind= and adaptive= existed
+            config = {"rewind": "weights", **_adaptive_config(None), **config}
         if isinstance(config, dict) and config.get("control") in _OLD_CONTROLS:  # saved before the rename
             config = {**config, "control": _OLD_CONTROLS[config["control"]]}
         if config != self._config():
@@ -537,6 +683,39 @@ class IMP:
                     f"{fn}: the mask of {name!r} differs from the model's; load the model's state_dict first"
                 )
         r, in_round, resume, rewind = state["round"], state["in_round"], state["sparsifier"], state["rewind"]
+        counts, rounds, adaptive = self._counts, self.rounds, state.get("adaptive")
+        try:  # the adaptive counts first: they give the number of rounds the checks below use
+            if self.adaptive:
+                self._counts, epsilon, threshold = self._check_adaptive_state(fn, adaptive, r, state["active"])
+                self._set_rounds()
+            self._load_checked(fn, state, r, in_round, resume, rewind)
+        except BaseException:
+            self._counts, self.rounds = counts, rounds
+            raise
+        if self.adaptive:
+            self._epsilon, self._threshold = epsilon, threshold
+
+    def _check_adaptive_state(self, fn: str, adaptive, r: int, active: dict) -> tuple[list, float | None, float | None]:
+        """The checked counts (per round), epsilon and threshold of an adaptive state at round ``r``."""
+        total, target = sum(layer.numel for layer in self._layers()), sum(self._targets)
+        counts = adaptive.get("counts") if isinstance(adaptive, dict) else None
+        ok = isinstance(counts, list) and all(type(c) is int for c in counts) and len(counts) in (r, r + 1)
+        ok = ok and len(counts) >= 1 and counts[0] == total and counts[-1] >= target
+        ok = ok and all(b < a for a, b in itertools.pairwise(counts))
+        ok = ok and (len(counts) == r + 1 or counts[-1] == target)  # a finished run ends at the target
+        ok = ok and counts[-1] == sum(int(a.numel()) for a in active.values())
+        values = (adaptive.get("epsilon"), adaptive.get("threshold")) if isinstance(adaptive, dict) else (0, 0)
+        ok = ok and all((v is None) == (r == 0) and (v is None or isinstance(v, float)) for v in values)
+        if not ok:
+            raise ValueError(
+                f"{fn}: adaptive must be {{'counts': the weights each round trained at, from {total} down (at least "
+                f"{target}), one per round started, the last the model's; 'epsilon', 'threshold': floats after round "
+                f"0, else None}} at round {r}, got {adaptive!r}"
+            )
+        return [[c] for c in counts], *values
+
+    def _load_checked(self, fn: str, state: dict, r: int, in_round, resume, rewind) -> None:
+        """The rest of :meth:`load_state_dict`, with the number of rounds of the state set."""
         if not isinstance(r, int) or not 0 <= r <= self.rounds or len(state["history"]) != r:
             raise ValueError(
                 f"{fn}: round {r!r} after {len(state['history'])} history rows; expected round r in "
@@ -586,7 +765,10 @@ class IMP:
         known_from, level_of = self._check_levels(fn, state.get("levels"), r, state["active"])
         history = [
             IMPRound(
-                row["round"], SparsityReport.from_rows(row["layers"], row.get("skipped", ())), dict(row["metrics"])
+                row["round"],
+                SparsityReport.from_rows(row["layers"], row.get("skipped", ())),
+                dict(row["metrics"]),
+                row.get("adaptive"),
             )
             for row in state["history"]
         ]
@@ -711,17 +893,18 @@ class IMP:
             swap()
         return level_of
 
-    def _select(self, layers) -> list[torch.Tensor]:
-        """Each layer's surviving flat indices (ascending): the largest trained |w|, as many as the schedule says."""
+    def _select(self, layers, counts=None) -> list[torch.Tensor]:
+        """Each layer's surviving flat indices (ascending): the largest trained |w|, as many as ``counts`` (default:
+        the schedule's next) says."""
         actives = [layer.active() for layer in layers]
         magnitudes = [layer.active_values().detach().abs().double() for layer in layers]
         if self.scope == "layer":
-            keep_counts = self._counts[self.round + 1]
+            keep_counts = counts or self._counts[self.round + 1]
             return [
                 a[torch.sort(m, descending=True, stable=True).indices[:k]].sort().values
                 for a, m, k in zip(actives, magnitudes, keep_counts, strict=True)
             ]
-        (count,) = self._counts[self.round + 1]
+        (count,) = counts or self._counts[self.round + 1]
         # one ranking over all layers; ties keep the earlier layer and lower flat index
         order = torch.sort(torch.cat(magnitudes), descending=True, stable=True).indices[:count]
         owner = torch.cat([torch.full((a.numel(),), i) for i, a in enumerate(actives)])
@@ -793,6 +976,71 @@ class Ticket:
             self._imp._replay(optimizer, scheduler)
         self._started = True
         return sparsifier
+
+
+def _adaptive_config(config: dict | None) -> dict:
+    """The adaptive options in the IMP's configuration (its data and loss function are not saved)."""
+    keys = ("subsample", "betas", "ratios", "batch_size")
+    return {"adaptive": config is not None, **{f"adaptive_{k}": config and copy.copy(config[k]) for k in keys}}
+
+
+def _check_adaptive(fn, scope, control, data, subsample, ratios, batch_size) -> tuple[float, ...]:
+    """The checks of the adaptive options; returns the ratios as a tuple."""
+    if scope != "global" or control is not None:
+        raise ValueError(f"{fn}: adaptive=True prunes globally with control=None, got scope={scope!r}, "
+                         f"control={control!r}")  # fmt: skip
+    if data is None:
+        raise ValueError(f"{fn}: adaptive=True needs adaptive_data, the training data ((x, y) or batches) to sweep on")
+    pair = isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+    if not pair and (not isinstance(data, Iterable) or isinstance(data, (torch.Tensor, Iterator))):
+        raise TypeError(f"{fn}: adaptive_data must be an (x, y) tuple of tensors or a list/DataLoader of (x, y) "
+                        f"batches (read once per point), got {type(data).__name__}")  # fmt: skip
+    if subsample is not None and (isinstance(subsample, bool) or not isinstance(subsample, int) or not pair
+                                  or not 0 < subsample <= data[0].shape[0]):  # fmt: skip
+        raise ValueError(f"{fn}: adaptive_subsample must be None or an int in [1, samples] with (x, y) tensors as "
+                         f"adaptive_data, got {subsample!r}")  # fmt: skip
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{fn}: adaptive_batch_size must be an int >= 1, got {batch_size!r}")
+    ratios = tuple(ratios) if isinstance(ratios, Iterable) else ()
+    if (
+        not ratios
+        or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r < 1 for r in ratios)
+        or any(b <= a for a, b in itertools.pairwise(ratios))
+    ):
+        raise ValueError(f"{fn}: adaptive_ratios must be increasing numbers in (0, 1), got {ratios!r}")
+    return tuple(float(r) for r in ratios)
+
+
+def _epsilon(losses) -> float:
+    """The adaptive rule's epsilon: the standard deviation (n - 1) of the last dense epoch's batch losses."""
+    values = losses.tolist() if isinstance(losses, torch.Tensor) else losses
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) < 2
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+    ):
+        raise ValueError(
+            "IMP.end_round: adaptive=True needs the training losses of the batches of the last epoch of dense "
+            f"training when round 0 ends: end_round(train_losses=[...]) with at least 2 finite numbers, got {losses!r}"
+        )
+    return float(torch.tensor(values, dtype=torch.float64).std())
+
+
+def _path_losses(model: nn.Module, pruned: dict, config: dict, seed: int) -> tuple[tuple[float, ...], int]:
+    """The training loss along the path from ``model`` to ``pruned`` (a state_dict) and its cost in forward
+    passes (counted as the loss function's calls: one per batch and point)."""
+    from ..tickets.interpolate import interpolate  # not at the top: sparsekern.tickets imports training
+
+    passes = 0
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal passes
+        passes += 1
+        return config["loss_fn"](out, y)
+
+    curve = interpolate(model, pruned, data=config["data"], betas=config["betas"], loss_fn=loss_fn,
+                        subsample=config["subsample"], seed=seed, batch_size=config["batch_size"])  # fmt: skip
+    return curve.losses, passes
 
 
 def _check_scheduler(fn: str, optimizer, scheduler) -> None:
