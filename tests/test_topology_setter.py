@@ -249,3 +249,34 @@ def test_rigl_state_saved_before_precision_resumes_as_exact():
     fast = RigL(model, optimizer, total_steps=6, delta_t=2, t_end=6)
     with pytest.raises(ValueError, match="configuration .*'precision': 'exact'.* differs"):
         fast.load_state_dict(state)
+
+
+@pytest.mark.parametrize("density", [0.3, 0.95])  # the sparse kernels and the dense path
+@pytest.mark.parametrize("change", ["drop", "grow", "load"])
+def test_a_graph_held_across_a_count_change_does_not_break_the_next_backward(density, change):
+    """`loss = f(x); loss.backward(); step()` keeps last step's graph (and autograd's gradient accumulator of
+    `values`, with its shape) alive into the next forward: after GMP/SNFS/IMP change the nonzero count, the next
+    backward must still check against the new count and give the gradient at the new nonzeros."""
+    gen = torch.Generator().manual_seed(7)
+    layer = SparseLinear(24, 16, mask=torch.rand(16, 24, generator=gen) < density, dtype=torch.float64)
+    x = torch.randn(5, 24, dtype=torch.float64, generator=gen)
+    held = layer(x).square().sum()
+    held.backward()
+    active = layer.flat_indices()
+    if change == "drop":
+        layer.update_topology(drop=active[::3], grow=torch.empty(0, dtype=torch.int64))
+    elif change == "grow":
+        free = torch.ones(24 * 16, dtype=torch.bool)
+        free[active] = False
+        layer.update_topology(drop=torch.empty(0, dtype=torch.int64), grow=free.nonzero().reshape(-1)[:7])
+    else:
+        other = SparseLinear(24, 16, mask=torch.rand(16, 24, generator=gen) < 0.5, dtype=torch.float64)
+        layer.load_state_dict(other.state_dict())
+    assert layer.values.numel() != active.numel()
+    layer.values.grad = None
+    layer(x).square().sum().backward()
+    dense = layer.mask.to(torch.float64) * layer.weight.detach()
+    dense.requires_grad_()
+    (x @ dense.T + layer.bias.detach()).square().sum().backward()
+    assert torch.allclose(layer.values.grad, dense.grad[layer.mask], rtol=1e-12, atol=1e-12)
+    assert held.requires_grad  # the old graph was alive throughout

@@ -360,14 +360,31 @@ class SparseLinear(nn.Module):
         index = CSRIndex.from_flat(flat, self.out_features, self.in_features)
         new_values = update.apply(self.values.data)
         new_grad = update.apply(self.values.grad) if self.values.grad is not None else None
-        return index, new_values, new_grad
+        return index, new_values, new_grad, self._resizer(new_values.shape)
 
     def _swap_topology(self, staged: tuple) -> None:
         """Install a :meth:`_stage_topology` result: assignments only, nothing that can fail."""
-        index, new_values, new_grad = staged
+        index, new_values, new_grad, resizer = staged
         self._set_index(index)
-        self.values.data = new_values
+        self._resize_values(new_values, resizer)
         self.values.grad = new_grad
+
+    def _resizer(self, shape: torch.Size) -> torch.Tensor | None:
+        """What :meth:`_resize_values` needs to give ``values`` another nonzero count (None: the count is the same)."""
+        if shape == self.values.shape:
+            return None
+        other = torch.float32 if self.values.dtype == torch.float64 else torch.float64
+        return torch.empty(0, dtype=other, device=self.values.device)
+
+    def _resize_values(self, new_values: torch.Tensor, resizer: torch.Tensor | None) -> None:
+        """``values.data = new_values`` (the same Parameter, so optimizers keep it). When the count changes, first a
+        tensor of another dtype: autograd caches the parameter's gradient accumulator with its shape for as long as
+        a graph holds it (a user's ``loss`` kept across ``step()``), and a shape change alone does not reset that
+        cache (``.data`` assignment resets it on a dtype change only), so the next backward would fail its shape
+        check (got the new count, expected the old)."""
+        if resizer is not None:
+            self.values.data = resizer
+        self.values.data = new_values
 
     # -- state_dict: the topology may differ from this layer's current one ----------------------------------
     def _index_to_load(self, state_dict, prefix) -> CSRIndex | None:
@@ -413,7 +430,7 @@ class SparseLinear(nn.Module):
             self._set_index(index)
             values = state_dict.get(prefix + "values")
             if values is not None and values.shape != self.values.shape:
-                self.values.data = self.values.data.new_empty(values.shape)
+                self._resize_values(self.values.data.new_empty(values.shape), self._resizer(values.shape))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
