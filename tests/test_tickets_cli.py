@@ -40,7 +40,6 @@ def test_tickets_quick_json(quick_run):
     result = json.loads((out / "tickets.json").read_text())
     assert set(result) == {"config", "torch", "seeds", "summary", "level_connectivity", "instability", "adaptive"}
     assert result["config"]["sparsity"] == 0.8 and result["config"]["prune_fraction"] == 0.2
-    assert result["adaptive"]["run"] is False  # not faked: the adaptive-ratio comparison is not wired in yet
     (run,) = result["seeds"]  # --quick: one seed
     levels = len(run["ticket"])
     # 20% of the remaining weights per round down to 80%: ceil(log(0.2) / log(0.8)) = 8 prunes, 9 levels
@@ -68,6 +67,28 @@ def test_tickets_quick_json(quick_run):
     assert [row["k_epochs"] for row in result["instability"]] == [0, 1]
     for row in result["instability"]:
         assert 0.0 <= row["barrier"] <= 1.0 and len(row["pairs"]) == 1
+    # the adaptive ratio from the same init to the same final sparsity, in at most the fixed schedule's prunes
+    adaptive = result["adaptive"]
+    assert adaptive["subsample"] == tickets_cli.ADAPTIVE_SAMPLES
+    assert set(adaptive) == {"subsample", "seeds", "same_sparsity", "fewer_prunes", "accuracy_gap", "spread",
+                             "within_spread", "agrees_with_papers"}  # fmt: skip
+    (row,) = adaptive["seeds"]
+    own = run["adaptive"]
+    prunes = len(own["ticket"]) - 1
+    assert row["seed"] == run["seed"] and row["prunes_fixed"] == levels - 1 and row["prunes_adaptive"] == prunes
+    assert 1 <= prunes <= levels - 1 and len(own["sparsity"]) == prunes + 1
+    assert own["sparsity"][0] == 0.0 and own["sparsity"][-1] == run["sparsity"][-1] == row["sparsity_adaptive"]
+    assert adaptive["same_sparsity"] is True
+    assert row["accuracy_fixed"] == run["ticket"][-1] and row["accuracy_adaptive"] == own["ticket"][-1]
+    assert 0.0 <= row["accuracy_adaptive"] <= 100.0
+    assert row["accuracy_adaptive"] > 30.0  # the adaptive tickets learn too
+    assert len(own["p_star"]) == len(own["pruned"]) == len(own["forward_passes"]) == prunes
+    for p_star, pruned in zip(own["p_star"], own["pruned"], strict=True):
+        assert p_star in {0.0, *(k / 10 for k in range(1, 10))} and 0.2 <= pruned <= max(p_star, 0.2) + 1e-12
+    assert all(n > 0 for n in own["forward_passes"]) and row["forward_passes"] == sum(own["forward_passes"])
+    assert own["epsilon"] > 0.0
+    assert adaptive["spread"] is None and adaptive["agrees_with_papers"] is None  # one seed: no verdict
+    assert adaptive["accuracy_gap"] == pytest.approx(row["accuracy_adaptive"] - row["accuracy_fixed"], abs=1e-12)
 
 
 def test_tickets_quick_prints_its_findings(tmp_path, capsys, monkeypatch):
@@ -76,6 +97,8 @@ def test_tickets_quick_prints_its_findings(tmp_path, capsys, monkeypatch):
         {"seed": 4, "ticket": [90.0, 91.0, 80.0], "reinit": [None, 85.0, 85.0], "sparsity": [0.0, 0.5, 0.96]},
         {"seed": 5, "ticket": [92.0, 91.0, 82.0], "reinit": [None, 87.0, 86.0], "sparsity": [0.0, 0.5, 0.96]},
     ]
+    for run in runs:
+        run["adaptive"] = _adaptive([90.0, run["ticket"][-1]], [0.0, 0.96], [0.9])
 
     class Levels:
         def barriers(self, reference):
@@ -89,7 +112,7 @@ def test_tickets_quick_prints_its_findings(tmp_path, capsys, monkeypatch):
     assert "does NOT fully agree with Frankle & Carbin" in text
     assert found["levels"]["first_not_matching"] == 2 and found["levels"]["agrees_with_papers"] is True
     assert "level 2 is the first not matching dense in seed 4" in text and "15.00 points" in text
-    assert "adaptive pruning ratio: not run" in text
+    assert "adaptive ratio (2 seeds): every seed reached the final sparsity in fewer prunes" in text
     # a run whose level 1 already fails: nothing to compare its barrier with, said so rather than judged
     runs[0]["ticket"] = [90.0, 80.0, 80.0]
     text, found = tickets_cli.summarize(tickets_cli.TicketsConfig.quick(), runs, Levels(), stability)
@@ -161,3 +184,44 @@ def test_tickets_checks_for_matplotlib_before_training(tmp_path, monkeypatch, no
         cli.main(["tickets", "--quick", "--out", str(tmp_path)])
     with pytest.raises(AssertionError, match="training started"):  # --no-plot: past every check
         cli.main(["tickets", "--quick", "--no-plot", "--out", str(tmp_path)])
+
+
+def _adaptive(ticket, sparsity, p_star, passes=10):
+    return {"ticket": ticket, "sparsity": sparsity, "epsilon": 0.1, "p_star": p_star,
+            "pruned": [max(p, 0.2) for p in p_star], "forward_passes": [passes] * len(p_star)}  # fmt: skip
+
+
+def test_tickets_adaptive_summary_on_hand_made_runs():
+    # fixed: 4 prunes to 0.9; final accuracies 80 and 84 (spread 4 points)
+    fixed = {"ticket": [95.0, 94.0, 92.0, 90.0, 80.0], "sparsity": [0.0, 0.2, 0.36, 0.49, 0.9]}
+    runs = [
+        {"seed": 1, **fixed, "adaptive": _adaptive([95.0, 93.0, 79.0], [0.0, 0.6, 0.9], [0.6, 0.5], passes=7)},
+        {"seed": 2, **fixed, "ticket": fixed["ticket"][:-1] + [84.0],
+         "adaptive": _adaptive([95.0, 93.0, 81.0], [0.0, 0.6, 0.9], [0.6, 0.5])},
+    ]  # fmt: skip
+    lines, found = tickets_cli.summarize_adaptive(runs)
+    text = "\n".join(lines)
+    assert [(s["prunes_fixed"], s["prunes_adaptive"]) for s in found["seeds"]] == [(4, 2), (4, 2)]
+    assert found["seeds"][0]["forward_passes"] == 14 and found["seeds"][0]["p_star"] == [0.6, 0.5]
+    assert found["fewer_prunes"] and found["same_sparsity"] and found["spread"] == 4.0
+    assert found["accuracy_gap"] == -2.0 and found["within_spread"] and found["agrees_with_papers"] is True
+    assert "agrees with Paul et al." in text and "-2.00 points vs fixed" in text
+    # more than the spread below: does not agree, said so
+    runs[1]["adaptive"]["ticket"][-1] = 70.0  # adaptive 79, 70 (spread 9): mean 74.5 vs 82, gap -7.5
+    lines, found = tickets_cli.summarize_adaptive(runs)
+    assert found["spread"] == 9.0 and found["within_spread"] is True  # 7.5 < 9: still within
+    runs[0]["adaptive"]["ticket"][-1] = 71.0  # 71, 70 (spread 1) vs 80, 84 (spread 4): gap -11.5
+    lines, found = tickets_cli.summarize_adaptive(runs)
+    assert found["within_spread"] is False and found["agrees_with_papers"] is False
+    assert "does NOT agree with Paul et al." in lines[-1]
+    # as many prunes as the fixed ratio in one seed: not fewer, so no agreement even with equal accuracy
+    runs[0]["adaptive"] = _adaptive([95.0] * 5 + [80.0], [0.0, 0.2, 0.36, 0.49, 0.6, 0.9], [0.0] * 5)
+    runs[1]["adaptive"]["ticket"][-1] = 84.0
+    lines, found = tickets_cli.summarize_adaptive(runs)
+    assert found["seeds"][0]["prunes_adaptive"] == 5 and found["fewer_prunes"] is False
+    assert found["within_spread"] is True and found["agrees_with_papers"] is False
+    assert "NOT every seed reached the final sparsity in fewer prunes" in lines[-1]
+    # an adaptive run that ends at another sparsity is named
+    runs[1]["adaptive"]["sparsity"][-1] = 0.8
+    lines, found = tickets_cli.summarize_adaptive(runs)
+    assert found["same_sparsity"] is False and "NOT every adaptive run ended at the same sparsity" in lines[-1]

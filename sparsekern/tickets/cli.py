@@ -1,7 +1,8 @@
 """``sparsekern tickets``: the lottery-ticket experiments of issue 14 on the embedded UCI digits.
 
 IMP with a fixed 20% prune per round to a high final sparsity, each level's ticket against its random
-re-initialisation control (``IMP.control(level, "reinit")``) over several seeds, the instability sweep over rewind
+re-initialisation control (``IMP.control(level, "reinit")``) over several seeds, IMP with Paul et al.'s adaptive
+ratio to the same sparsity (rounds, accuracy and sweep cost against the fixed 20%), the instability sweep over rewind
 points k (:func:`sparsekern.tickets.instability`) and the linear connectivity of the IMP levels
 (:func:`sparsekern.tickets.level_connectivity`). The data, the MLP and the training loop are the demo's
 (:mod:`sparsekern.training.demo`). Prints a table and what was found; writes JSON and PNGs into ``--out``.
@@ -27,8 +28,7 @@ from .levels import level_connectivity
 FN = "sparsekern tickets"
 OUT_FILES = ("tickets.json", "tickets.png", "level_path.png", "level_barriers.png")
 PRUNE_FRACTION = 0.2  # the papers' fixed ratio (Frankle & Carbin; Paul et al.'s baseline)
-# the adaptive-ratio run (Paul et al. §2.2, IMP(adaptive=...)) is not wired in: the JSON says so under this key
-ADAPTIVE_NOT_RUN = "not run: IMP(adaptive=...) is not available in this build; no adaptive-ratio comparison was made"
+ADAPTIVE_SAMPLES = 512  # the adaptive ratio's fixed subsample of the training split (of 1438 images)
 
 
 @dataclass
@@ -80,23 +80,36 @@ def _train_ticket(ticket, data, cfg: demo.Config, desc: str) -> float:
     return curve[-1]
 
 
+def _run_imp(imp, model, data, train: demo.Config, desc: str) -> tuple[list, list, list, list]:
+    """Every round of ``imp`` with the demo's loop: per level the test accuracy, the sparsity, the level solution
+    (state_dict after the round's training, before end_round prunes and rewinds) and the round's record. Round 0
+    reports its last epoch's batch losses (``train_losses``, the adaptive ratio's epsilon)."""
+    acc, sparsity, solutions, rounds = [], [], [], []
+    per_epoch = math.ceil(len(data[1]) / train.batch)
+    while not imp.done:
+        losses = []
+        factory = lambda m, o, total: imp.start_round(o)  # noqa: E731
+        acc.append(
+            demo.train(model, data, train, sparsifier_factory=factory, desc=f"{desc} {imp.round}", losses=losses)[-1]
+        )
+        solutions.append(copy.deepcopy(model.state_dict()))
+        row = imp.end_round(accuracy=acc[-1], **({"train_losses": losses[-per_epoch:]} if imp.round == 0 else {}))
+        sparsity.append(row.report.sparsity)
+        rounds.append(row)
+    return acc, sparsity, solutions, rounds
+
+
 def run_seed(cfg: TicketsConfig, seed: int) -> dict:
-    """One seed: IMP (its own split and init), then the reinit control of every level. Returns per-level
-    accuracies, sparsities and the level solutions (state_dicts after each round's training)."""
+    """One seed: IMP (its own split and init), then the reinit control of every level, then IMP with the adaptive
+    ratio from the same init to the same final sparsity. Returns per-level accuracies, sparsities and the level
+    solutions (state_dicts after each round's training), and the adaptive run's rounds."""
     from ..training import IMP
 
     train = dataclasses.replace(cfg.train, seed=seed)
     data = demo.load_split(seed)
     model = demo.make_mlp(train.hidden, seed)
     imp = IMP(model, train.sparsity, prune_fraction=PRUNE_FRACTION, rewind_step=cfg.rewind_step, layout="masked")
-    ticket_acc, sparsity, solutions = [], [], []
-    for r in range(imp.rounds):
-        factory = lambda m, o, total: imp.start_round(o)  # noqa: E731
-        acc = demo.train(model, data, train, sparsifier_factory=factory, desc=f"seed {seed} IMP level {r}")[-1]
-        solutions.append(copy.deepcopy(model.state_dict()))  # before end_round prunes and rewinds
-        row = imp.end_round(accuracy=acc)
-        ticket_acc.append(acc)
-        sparsity.append(row.report.sparsity)
+    ticket_acc, sparsity, solutions, _ = _run_imp(imp, model, data, train, f"seed {seed} IMP level")
     reinit_acc = [None] + [
         _train_ticket(imp.control(level, "reinit", seed=seed), data, train, f"seed {seed} reinit level {level}")
         for level in range(1, imp.levels)
@@ -106,8 +119,34 @@ def run_seed(cfg: TicketsConfig, seed: int) -> dict:
         "sparsity": sparsity,
         "ticket": ticket_acc,
         "reinit": reinit_acc,
+        "adaptive": run_adaptive(cfg, seed, data),
         "solutions": solutions,
         "model": model,
+    }
+
+
+def run_adaptive(cfg: TicketsConfig, seed: int, data) -> dict:
+    """IMP with Paul et al.'s adaptive ratio (floor: the fixed 20%) from the seed's init to the same final sparsity;
+    the sweep's loss is taken on a fixed subsample of ``ADAPTIVE_SAMPLES`` training images (drawn from ``seed``).
+    Returns per level the accuracy and sparsity, and per prune p* (the largest ratio whose path stayed below the
+    threshold), the fraction pruned and the sweep's forward passes."""
+    from ..training import IMP
+
+    train = dataclasses.replace(cfg.train, seed=seed)
+    x, y = data[0], data[1]
+    pick = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:ADAPTIVE_SAMPLES]
+    model = demo.make_mlp(train.hidden, seed)
+    imp = IMP(model, train.sparsity, prune_fraction=PRUNE_FRACTION, rewind_step=cfg.rewind_step, layout="masked",
+              seed=seed, adaptive=True, adaptive_data=(x[pick], y[pick]))  # fmt: skip
+    acc, sparsity, _, rounds = _run_imp(imp, model, data, train, f"seed {seed} adaptive IMP level")
+    prunes = [row.adaptive for row in rounds if row.adaptive is not None]
+    return {
+        "ticket": acc,
+        "sparsity": sparsity,
+        "epsilon": prunes[0]["epsilon"] if prunes else None,
+        "p_star": [p["ratio"] for p in prunes],
+        "pruned": [p["pruned"] for p in prunes],
+        "forward_passes": [p["forward_passes"] for p in prunes],
     }
 
 
@@ -138,6 +177,51 @@ def run_instability(cfg: TicketsConfig) -> list[dict]:
 
 def _mean_sd(values) -> tuple[float, float]:
     return float(np.mean(values)), float(np.std(values)) if len(values) > 1 else 0.0
+
+
+def summarize_adaptive(runs: list[dict]) -> tuple[list[str], dict]:
+    """Adaptive vs fixed 20% per seed (prunes to the final sparsity, final accuracy, sweep cost, p* per prune) and
+    whether the adaptive ratio reached the same sparsity in fewer prunes with the final accuracy within the seeds'
+    spread (the larger range of the two runs' final accuracies over the seeds): Paul et al.'s 7 instead of 11."""
+    seeds = []
+    for r in runs:
+        a = r["adaptive"]
+        seeds.append({"seed": r["seed"], "prunes_fixed": len(r["ticket"]) - 1, "prunes_adaptive": len(a["ticket"]) - 1,
+                      "accuracy_fixed": r["ticket"][-1], "accuracy_adaptive": a["ticket"][-1],
+                      "sparsity_fixed": r["sparsity"][-1], "sparsity_adaptive": a["sparsity"][-1],
+                      "forward_passes": int(sum(a["forward_passes"])), "p_star": a["p_star"],
+                      "pruned": a["pruned"]})  # fmt: skip
+    fixed = [s["accuracy_fixed"] for s in seeds]
+    adaptive = [s["accuracy_adaptive"] for s in seeds]
+    same_sparsity = all(abs(s["sparsity_adaptive"] - s["sparsity_fixed"]) < 1e-3 for s in seeds)
+    fewer = all(s["prunes_adaptive"] < s["prunes_fixed"] for s in seeds)
+    spread = max(max(fixed) - min(fixed), max(adaptive) - min(adaptive)) if len(seeds) > 1 else None
+    gap = float(np.mean(adaptive) - np.mean(fixed))
+    within = None if spread is None else gap >= -spread  # higher accuracy is no disagreement
+    agrees = None if within is None else same_sparsity and fewer and within
+    lines = [f"{'seed':>5} {'prunes fixed':>12} {'prunes adapt':>12} {'acc fixed %':>11} {'acc adapt %':>11} "
+             f"{'sweep fwd':>9}  p* per prune"]  # fmt: skip
+    for s in seeds:
+        lines.append(
+            f"{s['seed']:>5} {s['prunes_fixed']:>12} {s['prunes_adaptive']:>12} {s['accuracy_fixed']:>11.2f} "
+            f"{s['accuracy_adaptive']:>11.2f} {s['forward_passes']:>9}  {' '.join(f'{p:.1f}' for p in s['p_star'])}"
+        )
+    head = (
+        f"adaptive ratio ({len(seeds)} seeds): {'every' if fewer else 'NOT every'} seed reached the final sparsity in "
+        f"fewer prunes than 20% per round"
+        + ("" if same_sparsity else " (and NOT every adaptive run ended at the same sparsity)")
+        + f"; final accuracy {gap:+.2f} points vs fixed"
+    )
+    if agrees is None:
+        verdict = "one seed: no spread to judge the accuracy against, so no verdict on Paul et al."
+    elif agrees:
+        verdict = f"within the seeds' spread ({spread:.2f} points): agrees with Paul et al. (7 instead of 11 rounds)"
+    else:
+        verdict = f"seeds' spread {spread:.2f} points: does NOT agree with Paul et al. (7 instead of 11 rounds)"
+    lines.append(f"{head}; {verdict}")
+    found = {"seeds": seeds, "same_sparsity": same_sparsity, "fewer_prunes": fewer, "accuracy_gap": gap,
+             "spread": spread, "within_spread": within, "agrees_with_papers": agrees}  # fmt: skip
+    return lines, found
 
 
 def summarize(cfg: TicketsConfig, runs: list[dict], levels, stability: list[dict]) -> tuple[str, dict]:
@@ -209,7 +293,8 @@ def summarize(cfg: TicketsConfig, runs: list[dict], levels, stability: list[dict
         )
     ks = ", ".join(f"k={row['k_epochs']} ep: {100 * row['barrier']:.2f}" for row in stability)
     lines.append(f"instability (dense MLP, test-error barrier between two data orders, points): {ks}")
-    lines.append(f"adaptive pruning ratio: {ADAPTIVE_NOT_RUN}")
+    adaptive_lines, findings["adaptive"] = summarize_adaptive(runs)
+    lines += ["", *adaptive_lines]
     return "\n".join(lines), {"table": rows, "matching": matching, "successive_barriers": successive, **findings}
 
 
@@ -273,7 +358,7 @@ def run_tickets(cfg: TicketsConfig, out: Path, *, make_plot: bool = True, echo=p
         "summary": found,
         "level_connectivity": levels.to_dict(),
         "instability": stability,
-        "adaptive": {"run": False, "reason": ADAPTIVE_NOT_RUN},
+        "adaptive": {"subsample": ADAPTIVE_SAMPLES, **found.pop("adaptive")},
     }
     (out / "tickets.json").write_text(json.dumps(payload, indent=2))
     echo(f"wrote {out / 'tickets.json'}")
