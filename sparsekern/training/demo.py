@@ -183,9 +183,6 @@ def epochs(model, data, cfg, *, sparsifier_factory=None, update_s: list | None =
             loss.backward()
             if losses is not None:
                 losses.append(loss.item())
-            # not held across step(): a live graph from before a mask change breaks the next backward of a masked
-            # SparseLinear (got [520] but expected [640] in the demo's GMP run; reported, not fixed here)
-            del loss
             step()
             optimizer.zero_grad()
             schedule.step()
