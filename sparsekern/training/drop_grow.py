@@ -84,10 +84,14 @@ def smallest(keys: torch.Tensor, n: int, threshold: torch.Tensor | None = None) 
 def select_drop(values: torch.Tensor, n: int) -> torch.Tensor:
     """bool aligned with ``values`` (the active connections in ascending flat order): True at the n smallest
     |values|, ties to the lower index."""
+    return smallest(magnitude_keys(values), n)
+
+
+def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
+    """|values| as a new tensor :func:`smallest` can rank: half precision widened to float32 (exact, and kthvalue
+    covers it everywhere)."""
     magnitude = values.detach().abs()
-    if magnitude.element_size() < 4:
-        magnitude = magnitude.float()  # exact, and kthvalue covers it everywhere
-    return smallest(magnitude, n)
+    return magnitude.float() if magnitude.element_size() < 4 else magnitude
 
 
 def grow_from_scores(scores: torch.Tensor, kept: torch.Tensor, n: int) -> torch.Tensor:
@@ -270,7 +274,7 @@ class MaskedLayer(_Layer):
         return int(self.module.weight_mask.sum())
 
     def active_values(self) -> torch.Tensor:
-        return self.module.weight.detach().reshape(-1)[self.module.weight_mask.reshape(-1)]
+        return self.active_of(self.module.weight.detach())
 
     def mask(self) -> torch.Tensor:
         return self.module.weight_mask.clone()

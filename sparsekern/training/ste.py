@@ -28,7 +28,7 @@ from ..nn.sparse_linear import SparseLinear
 from ..ops.semi24_mask import check_finite_weight, group_topk_mask
 from ._optim_state import check_optimizer
 from .distribution import DISTRIBUTIONS, _check_sparsity, layer_nnz
-from .drop_grow import smallest
+from .drop_grow import magnitude_keys, smallest
 from .sparsifier import Sparsifier
 from .sparsify import MaskedParameter, SparsityReport, _select, _unwrap, is_conv1d, sparse_layers
 
@@ -66,10 +66,7 @@ def nm_mask(weight: torch.Tensor, n: int, m: int, *, dim: int = -1) -> torch.Ten
 def _top_abs(scores: torch.Tensor, count: int, hint: float | None = None) -> tuple[torch.Tensor, float | None]:
     """bool mask of the ``count`` largest |scores| (ties: lower flat index) in O(numel), no sort; and the selection's
     threshold, which as the next call's ``hint`` narrows the search (the result never depends on the hint)."""
-    keys = scores.detach().abs().reshape(-1)
-    if keys.element_size() < 4:
-        keys = keys.float()  # exact, and kthvalue covers it everywhere
-    keys = keys.neg_()  # the count largest |s| are the count smallest -|s|
+    keys = magnitude_keys(scores).reshape(-1).neg_()  # the count largest |s| are the count smallest -|s|
     if count == 0:
         return smallest(keys, 0).view(scores.shape), None
     threshold = _kth_smallest(keys, count, hint)
