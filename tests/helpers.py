@@ -3,7 +3,6 @@ float64 references."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -179,16 +178,20 @@ def spawn_ranks(worker, args: tuple, nprocs: int, timeout_s: float = 180) -> Non
                 process.kill()
 
 
-@contextlib.contextmanager
-def gloo_group(rank: int, path: str, world: int):
+def gloo_rank(rank: int, path: str, world: int, run) -> None:
     """This process as ``rank`` of a gloo group of ``world`` CPU processes (one thread each, file rendezvous in
-    ``path``), destroyed on the way out: the frame of every two-process worker."""
+    ``path``): saves ``run(rank)`` to ``path/rank{rank}.pt``, the frame of every two-process worker. The group goes
+    down only after what ``run`` built is freed: a DDP wrapper alive at its group's destruction can abort the
+    process ("terminate called without an active exception")."""
+    import gc
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{path}/rendezvous", rank=rank, world_size=world)
     try:
-        yield
+        torch.save(run(rank), f"{path}/rank{rank}.pt")
+        gc.collect()
     finally:
         dist.destroy_process_group()
 

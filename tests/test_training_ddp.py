@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import gloo_group, rank_results
+from helpers import gloo_rank, rank_results
 from test_training_imp import same
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -136,19 +136,22 @@ DIVERGED = [("rigl", "sparse"), ("set", "masked"), ("imp", "masked"), ("imp", "s
 
 
 def _worker(rank: int, path: str):
-    with gloo_group(rank, path, WORLD):
-        results = {}
-        for layout in LAYOUTS:
-            results["rigl", layout] = _rigl_run(rank, layout)
-            results["imp", layout] = _imp_run(rank, layout)
-        for method, layout in DIVERGED:
-            results["diverged", method, layout] = _diverged(rank, method, layout)
-        try:  # sparsify(layout="sparse") replaces the Linear layers a wrapper made before IMP holds
-            IMP(DDP(nn.Sequential(nn.Linear(4, 4))), 0.5, layout="sparse")
-            results["wrapped"] = "no error"
-        except ValueError as exc:
-            results["wrapped"] = str(exc)
-        torch.save(results, f"{path}/rank{rank}.pt")
+    gloo_rank(rank, path, WORLD, _worker_results)
+
+
+def _worker_results(rank: int) -> dict:
+    results = {}
+    for layout in LAYOUTS:
+        results["rigl", layout] = _rigl_run(rank, layout)
+        results["imp", layout] = _imp_run(rank, layout)
+    for method, layout in DIVERGED:
+        results["diverged", method, layout] = _diverged(rank, method, layout)
+    try:  # sparsify(layout="sparse") replaces the Linear layers a wrapper made before IMP holds
+        IMP(DDP(nn.Sequential(nn.Linear(4, 4))), 0.5, layout="sparse")
+        results["wrapped"] = "no error"
+    except ValueError as exc:
+        results["wrapped"] = str(exc)
+    return results
 
 
 @pytest.fixture(scope="module")

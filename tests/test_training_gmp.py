@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import gloo_group, rank_results
+from helpers import gloo_rank, rank_results
 from test_training_atomic import COMMIT_POINTS, Injected, inject, snapshot, without_ids
 from test_training_imp import same
 from torch import nn
@@ -387,47 +387,50 @@ def ddp_gmp(model, group, scope):
 
 
 def _worker(rank: int, path: str):
+    gloo_rank(rank, path, WORLD, _worker_results)
+
+
+def _worker_results(rank: int) -> dict:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    with gloo_group(rank, path, WORLD):
-        results = {}
-        for scope in SCOPES:
-            model = make("masked")
-            ddp = DDP(model)
-            opt, gmp = ddp_gmp(ddp, None, scope)
-            masks = []
-            for step in range(1, DDP_STEPS + 1):
-                nn.functional.cross_entropy(ddp(rank_batch(step, rank)[0]), rank_batch(step, rank)[1]).backward()
-                gmp.step()
-                opt.zero_grad()
-                masks.append(gmp.masks())
-            results[scope] = {"masks": masks, "state": copy.deepcopy(model.state_dict())}
-        # diverged weights: every rank raises before the prune, nothing changes
+    results = {}
+    for scope in SCOPES:
         model = make("masked")
         ddp = DDP(model)
-        opt, gmp = ddp_gmp(ddp, None, "layer")
-        for step in range(1, 3):
+        opt, gmp = ddp_gmp(ddp, None, scope)
+        masks = []
+        for step in range(1, DDP_STEPS + 1):
             nn.functional.cross_entropy(ddp(rank_batch(step, rank)[0]), rank_batch(step, rank)[1]).backward()
             gmp.step()
             opt.zero_grad()
-        nn.functional.cross_entropy(ddp(rank_batch(3, rank)[0]), rank_batch(3, rank)[1]).backward()
-        if rank == 1:
-            with torch.no_grad():
-                model[3].weight.mul_(2 * torch.rand(model[3].weight.shape, generator=torch.Generator().manual_seed(1)))
-        before = copy.deepcopy((model.state_dict(), opt.state_dict(), gmp.state_dict()))
-        try:
-            gmp.step()
-            results["diverged"] = None
-        except RuntimeError as exc:
-            results["diverged"] = str(exc)
-        results["unchanged"] = same(before, (model.state_dict(), opt.state_dict(), gmp.state_dict()))
-        try:
-            sparse = make("sparse")
-            GMP(DDP(sparse), torch.optim.SGD(sparse.parameters(), lr=0.1), sparsity=0.5, total_steps=10, delta_t=2)
-            results["refused"] = "no error"
-        except ValueError as exc:
-            results["refused"] = str(exc)
-        torch.save(results, f"{path}/rank{rank}.pt")
+            masks.append(gmp.masks())
+        results[scope] = {"masks": masks, "state": copy.deepcopy(model.state_dict())}
+    # diverged weights: every rank raises before the prune, nothing changes
+    model = make("masked")
+    ddp = DDP(model)
+    opt, gmp = ddp_gmp(ddp, None, "layer")
+    for step in range(1, 3):
+        nn.functional.cross_entropy(ddp(rank_batch(step, rank)[0]), rank_batch(step, rank)[1]).backward()
+        gmp.step()
+        opt.zero_grad()
+    nn.functional.cross_entropy(ddp(rank_batch(3, rank)[0]), rank_batch(3, rank)[1]).backward()
+    if rank == 1:
+        with torch.no_grad():
+            model[3].weight.mul_(2 * torch.rand(model[3].weight.shape, generator=torch.Generator().manual_seed(1)))
+    before = copy.deepcopy((model.state_dict(), opt.state_dict(), gmp.state_dict()))
+    try:
+        gmp.step()
+        results["diverged"] = None
+    except RuntimeError as exc:
+        results["diverged"] = str(exc)
+    results["unchanged"] = same(before, (model.state_dict(), opt.state_dict(), gmp.state_dict()))
+    try:
+        sparse = make("sparse")
+        GMP(DDP(sparse), torch.optim.SGD(sparse.parameters(), lr=0.1), sparsity=0.5, total_steps=10, delta_t=2)
+        results["refused"] = "no error"
+    except ValueError as exc:
+        results["refused"] = str(exc)
+    return results
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import assert_bits_equal, gloo_group, rank_results
+from helpers import assert_bits_equal, gloo_rank, rank_results
 from torch import nn
 
 import sparsekern
@@ -425,44 +425,47 @@ WORLD = 2
 
 
 def _worker(rank: int, path: str):
-    with gloo_group(rank, path, WORLD):
-        out = {}
-        data = batches((2, 7, 7), 2, seed=10)[rank]  # each rank its own batch
-        for layout in ("sparse", "masked"):
-            torch.manual_seed(0)
-            model = cnn()
-            if layout == "sparse":  # SparseLinear replaces the Linear layers: wrap afterwards
-                out["scores", layout] = grasp_scores(model, [data], group=dist.group.WORLD)
-                sparsify(model, 0.8, distribution="global", scores=out["scores", layout], layout=layout)
-                ddp = nn.parallel.DistributedDataParallel(model)
-            else:  # the wrapper's group
-                ddp = nn.parallel.DistributedDataParallel(model)
-                out["scores", layout] = grasp_scores(ddp, [data])
-                sparsify(ddp, 0.8, distribution="global", scores=out["scores", layout], layout=layout)
-            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-            sparsifier = GraSP(ddp, opt)  # checks the masks across ranks
-            nn.functional.cross_entropy(ddp(data[0]), data[1]).backward()
-            sparsifier.step()
-            out["masks", layout] = sparsifier.masks()
-            # the parameters (BatchNorm's running statistics are per rank under DDP)
-            out["state", layout] = {k: v.detach().clone() for k, v in model.named_parameters()}
-        # Scores from each rank's own batch alone: the masks differ, and the sparsifier says so on every rank.
+    gloo_rank(rank, path, WORLD, _worker_results)
+
+
+def _worker_results(rank: int) -> dict:
+    out = {}
+    data = batches((2, 7, 7), 2, seed=10)[rank]  # each rank its own batch
+    for layout in ("sparse", "masked"):
         torch.manual_seed(0)
         model = cnn()
-        sparsify(model, 0.8, distribution="global", scores=grasp_scores(model, [data]), layout="masked")
-        try:
-            GraSP(model, torch.optim.SGD(model.parameters(), lr=0.1), group=dist.group.WORLD)
-            out["diverged"] = "no error"
-        except RuntimeError as exc:
-            out["diverged"] = str(exc)
-        # A rank whose loss fails: every rank raises instead of waiting for it.
-        loss = (lambda m: m(data[0]).sum()) if rank == 0 else (lambda m: 1 / 0)
-        try:
-            grasp_scores(cnn(), loss, group=dist.group.WORLD)
-            out["failed"] = "no error"
-        except (ValueError, ZeroDivisionError) as exc:
-            out["failed"] = f"{type(exc).__name__}: {exc}"
-        torch.save(out, f"{path}/rank{rank}.pt")
+        if layout == "sparse":  # SparseLinear replaces the Linear layers: wrap afterwards
+            out["scores", layout] = grasp_scores(model, [data], group=dist.group.WORLD)
+            sparsify(model, 0.8, distribution="global", scores=out["scores", layout], layout=layout)
+            ddp = nn.parallel.DistributedDataParallel(model)
+        else:  # the wrapper's group
+            ddp = nn.parallel.DistributedDataParallel(model)
+            out["scores", layout] = grasp_scores(ddp, [data])
+            sparsify(ddp, 0.8, distribution="global", scores=out["scores", layout], layout=layout)
+        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+        sparsifier = GraSP(ddp, opt)  # checks the masks across ranks
+        nn.functional.cross_entropy(ddp(data[0]), data[1]).backward()
+        sparsifier.step()
+        out["masks", layout] = sparsifier.masks()
+        # the parameters (BatchNorm's running statistics are per rank under DDP)
+        out["state", layout] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    # Scores from each rank's own batch alone: the masks differ, and the sparsifier says so on every rank.
+    torch.manual_seed(0)
+    model = cnn()
+    sparsify(model, 0.8, distribution="global", scores=grasp_scores(model, [data]), layout="masked")
+    try:
+        GraSP(model, torch.optim.SGD(model.parameters(), lr=0.1), group=dist.group.WORLD)
+        out["diverged"] = "no error"
+    except RuntimeError as exc:
+        out["diverged"] = str(exc)
+    # A rank whose loss fails: every rank raises instead of waiting for it.
+    loss = (lambda m: m(data[0]).sum()) if rank == 0 else (lambda m: 1 / 0)
+    try:
+        grasp_scores(cnn(), loss, group=dist.group.WORLD)
+        out["failed"] = "no error"
+    except (ValueError, ZeroDivisionError) as exc:
+        out["failed"] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.distributed as dist
-from helpers import gloo_group, rank_results
+from helpers import gloo_rank, rank_results
 from test_training_atomic import Injected, inject, snapshot, without_ids
 from test_training_imp import same
 from torch import nn
@@ -653,15 +653,18 @@ DDP_CASES = [("snfs", "sparse"), ("snfs", "masked"), ("rigl", "masked"), ("rigl"
 
 
 def _ddp_worker(rank: int, path: str):
-    with gloo_group(rank, path, WORLD):
-        results = {case: _ddp_run(rank, *case) for case in DDP_CASES}
-        try:
-            model = DDP(build("sparse"))
-            SNFS(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=STEPS)
-            results["refused"] = "no error"
-        except ValueError as exc:
-            results["refused"] = str(exc)
-        torch.save(results, f"{path}/rank{rank}.pt")
+    gloo_rank(rank, path, WORLD, _ddp_worker_results)
+
+
+def _ddp_worker_results(rank: int) -> dict:
+    results = {case: _ddp_run(rank, *case) for case in DDP_CASES}
+    try:
+        model = DDP(build("sparse"))
+        SNFS(model, torch.optim.SGD(model.parameters(), lr=0.1), total_steps=STEPS)
+        results["refused"] = "no error"
+    except ValueError as exc:
+        results["refused"] = str(exc)
+    return results
 
 
 @pytest.fixture(scope="module")

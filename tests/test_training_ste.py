@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from helpers import gloo_group, rank_results
+from helpers import gloo_rank, rank_results
 from test_training_imp import same
 from torch import nn
 from torch.nn import functional as F
@@ -511,8 +511,11 @@ def _ddp_run(rank: int, method: str) -> dict:
 
 
 def _worker(rank: int, path: str):
-    with gloo_group(rank, path, WORLD):
-        torch.save({m: _ddp_run(rank, m) for m in ("srste", "ste")}, f"{path}/rank{rank}.pt")
+    gloo_rank(rank, path, WORLD, _worker_results)
+
+
+def _worker_results(rank: int) -> dict:
+    return {m: _ddp_run(rank, m) for m in ("srste", "ste")}
 
 
 @pytest.fixture(scope="module")
