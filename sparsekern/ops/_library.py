@@ -46,3 +46,14 @@ lib.define(
     "outer_topk(Tensor x, Tensor g, int k, Tensor row_ptr, Tensor col_idx, bool fast=False) "
     "-> (Tensor index, Tensor score)"
 )
+
+# Constant fan-in (ELL) sparse matmul: every row of W (n_out, n_in) keeps the same number k of nonzeros, stored as
+# cols int32 (n_out, k), ascending and unique per row, and values (n_out, k) in x's dtype (a CSR index whose rows
+# all hold k entries, viewed as a matrix: no row_ptr). fp32 accumulation. See ops/ell_spmm.py, ops/ell_spmm_t.py,
+# ops/ell_sddmm.py; SparseLinear takes these kernels when its rows are equal.
+# ell_spmm: y (B, n_out), y[b, o] = sum_t values[o, t] * x[b, cols[o, t]].
+lib.define("ell_spmm(Tensor x, Tensor cols, Tensor values) -> Tensor")
+# ell_spmm_t: dX = g @ W, dx (B, n_in), dx[b, i] = sum over (o, t) with cols[o, t] == i of g[b, o] * values[o, t].
+lib.define("ell_spmm_t(Tensor g, Tensor cols, Tensor values, int n_in) -> Tensor")
+# ell_sddmm: dvalues (n_out, k), out[o, t] = sum_b g[b, o] * x[b, cols[o, t]].
+lib.define("ell_sddmm(Tensor g, Tensor x, Tensor cols) -> Tensor")
