@@ -241,7 +241,27 @@ def test_transposable_grow_matches_brute_force(n, m, ties, fraction):
     assert not bool((grown & kept).any()) and nm.violation(kept | grown, nm.count(shape, 0)) is None
 
 
-def test_transposable_grow_chunks_agree():
+@pytest.fixture
+def without_table(monkeypatch):
+    """Run the transposable grow on its general path (the pattern matmul that m = 5 takes) for every m."""
+    import sparsekern.training.structure_nm as structure_nm
+
+    monkeypatch.setattr(structure_nm, "_MAX_TABLE_M", 0)
+    structure_nm._infeasible_table.cache_clear()
+    structure_nm._infeasible_table_cpu.cache_clear()
+    yield
+    structure_nm._infeasible_table.cache_clear()
+    structure_nm._infeasible_table_cpu.cache_clear()
+
+
+@pytest.mark.parametrize("n, m", [(2, 4), (1, 3)], ids=str)
+def test_transposable_grow_general_path_matches_brute_force(without_table, n, m):
+    test_transposable_grow_matches_brute_force(n, m, True, 0.5)
+    _infeasible_grow()
+
+
+@pytest.mark.parametrize("chunk", [1, 5])
+def test_transposable_grow_chunks_agree(monkeypatch, chunk):
     import sparsekern.training.structure_nm as structure_nm
 
     nm = NM(2, 4, transposable=True)
@@ -249,11 +269,18 @@ def test_transposable_grow_chunks_agree():
     mask = nm.initial(_scores(shape), nm.count(shape, 0))
     kept, scores = mask & ~nm.drop(mask, torch.rand(shape), 0.5), _scores(shape, ties=True)
     whole = nm.grow(kept, scores)
-    chunk, structure_nm._TILE_CHUNK = structure_nm._TILE_CHUNK, 5
-    try:
-        assert torch.equal(nm.grow(kept, scores), whole)
-    finally:
-        structure_nm._TILE_CHUNK = chunk
+    monkeypatch.setattr(structure_nm, "_TILE_CHUNK", chunk)
+    assert torch.equal(nm.grow(kept, scores), whole)
+
+
+def test_transposable_five_by_five_tiles():
+    nm = NM(2, 5, transposable=True)
+    shape = (10, 15)
+    mask = nm.initial(_scores(shape), nm.count(shape, 0))
+    for fraction in (0.5, 1.0, 0.2):
+        kept = mask & ~nm.drop(mask, torch.rand(shape), fraction)
+        mask = kept | nm.grow(kept, _scores(shape, ties=True))
+        assert nm.violation(mask, 60) is None and NM(2, 5).violation(mask.T.contiguous()) is None
 
 
 @pytest.mark.parametrize("structure", [NM(2, 4), NM(1, 4), NM(2, 4, transposable=True), NM(1, 2, transposable=True)],
@@ -353,9 +380,17 @@ def test_grow_errors():
         nm.grow(kept[:, 4:], torch.tensor([[1.0, 2.0, -torch.inf, 0.0]]))
     with pytest.raises(ValueError, match="scores must have kept's shape"):
         nm.grow(kept, torch.rand(8))
-    # every row and column at most 2, but no 2-per-row-and-column pattern contains it: a 2x2 "checkerboard" hole
+    # every row and column at most 2, and a pattern contains it
     kept = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
-    assert nmt.grow(kept, torch.rand(4, 4)).sum() == 3  # (this one fits: rows 2, 3 and columns 2, 3 complete)
-    kept = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
-    with pytest.raises(ValueError, match=r"tile rows 0..3, columns 0..3 fit no pattern with 2 per row and column"):
-        nmt.grow(kept.repeat(1, 2).contiguous(), torch.rand(4, 8))
+    assert nmt.grow(kept, torch.rand(4, 4)).sum() == 3
+    _infeasible_grow()
+
+
+def _infeasible_grow():
+    """A kept set with at most 2 per row and column that no 2-per-row-and-column pattern contains (row 3 could only
+    use column 3), in the tile at rows 4..7, columns 8..11."""
+    nmt = NM(2, 4, transposable=True)
+    kept = torch.zeros(8, 12, dtype=torch.bool)
+    kept[4:8, 8:12] = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"tile rows 4..7, columns 8..11 fit no pattern with 2 per row and column"):
+        nmt.grow(kept, torch.rand(8, 12))

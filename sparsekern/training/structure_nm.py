@@ -15,13 +15,35 @@ nonnegative already).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..ops.semi24_mask import _tile_patterns, group_topk_mask, transposable_mask
 from .structure import Structure
 
 _MAX_TRANSPOSABLE_M = 5  # the m x m tile patterns are enumerated (m = 5: 2040 patterns for n = 2); m = 6 is too many
+_MAX_TABLE_M = 4  # kept sets of an m x m tile looked up in a (2^(m*m), patterns) table up to 4 x 4 (5.9 MB)
 _TILE_CHUNK = 1 << 15  # tiles scored against every pattern at once (a (chunk, patterns) float64 block)
+
+
+@functools.cache
+def _infeasible_table_cpu(m: int, n: int) -> torch.Tensor | None:
+    """bool (2^(m*m), P): True where tile pattern p lacks a kept entry of the kept set with those bits (p cannot
+    complete it); None for m > 4 (too large)."""
+    if m > _MAX_TABLE_M:
+        return None
+    patterns = _tile_patterns(m, n).to(torch.int64)
+    codes = (patterns * (1 << torch.arange(m * m, dtype=torch.int64))).sum(1)  # (P,)
+    kept = torch.arange(1 << (m * m), dtype=torch.int64).unsqueeze(1)
+    return (kept & ~codes.unsqueeze(0)) != 0
+
+
+@functools.cache
+def _infeasible_table(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The table on ``device``, and per kept set whether any pattern completes it."""
+    table = _infeasible_table_cpu(m, n)
+    return None if table is None else (table.to(device), (~table).any(1).to(device))
 
 
 class NM(Structure):
@@ -131,16 +153,29 @@ class NM(Structure):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{fn}: fraction must be a number in [0, 1], got {fraction!r}")
         magnitude = keys.detach().abs()
+        if not magnitude.dtype.is_floating_point or magnitude.element_size() < 4:
+            magnitude = magnitude.float()  # exact for half precision and int; kthvalue covers float32 everywhere
         if bool(torch.isnan(magnitude[mask]).any()):
             raise ValueError(f"{fn}: keys hold NaN at active connections (no magnitude order)")
-        counts = mask.sum(1, dtype=torch.int64)
-        n_drop = (counts.double() * float(fraction)).round()  # half to even, as Python's round
-        # rank the row's entries by (inactive, |key|, column): two stable sorts; the first ranks are the active ones
-        order = magnitude.argsort(dim=1, stable=True)
-        order = order.gather(1, (~mask).gather(1, order).to(torch.uint8).argsort(dim=1, stable=True))
-        columns = torch.arange(mask.shape[1], device=mask.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(1, order, columns)
-        return (rank < n_drop.to(torch.int64).unsqueeze(1)) & mask
+        n_drop = (mask.sum(1, dtype=torch.int64).double() * float(fraction)).round().to(torch.int64)  # half to even
+        ranked = magnitude.masked_fill(~mask, torch.inf)
+        dropped = torch.zeros_like(mask)
+        for k in n_drop.unique().tolist():  # one k for every row of a valid mask
+            if k == 0:
+                continue
+            rows = None if bool((n_drop == k).all()) else (n_drop == k).nonzero().reshape(-1)
+            sub, sub_mask = (ranked, mask) if rows is None else (ranked[rows], mask[rows])
+            # the row's k smallest without a sort: below the k-th smallest key, then its lowest-column ties (active
+            # ones: an inactive position's +inf ties only with an active +inf key)
+            threshold = sub.kthvalue(k, dim=1, keepdim=True).values
+            chosen = sub < threshold
+            ties = (sub == threshold) & sub_mask
+            chosen |= ties & (ties.cumsum(1) <= k - chosen.sum(1, keepdim=True))
+            if rows is None:
+                dropped = chosen
+            else:
+                dropped[rows] = chosen
+        return dropped
 
     def grow(self, kept: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         fn = f"{self.name} grow"
@@ -166,31 +201,48 @@ class NM(Structure):
         return group_topk_mask(ranked, keep=self.n, group=self.m) & ~kept
 
     def _grow_tiles(self, fn: str, kept: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        m = self.m
+        m, full = self.m, self.n * self.m
         rows, cols = kept.shape
-        patterns = _tile_patterns(m, self.n).to(kept.device)  # (P, m*m) 0/1 float64, the tie order
 
         def tiles(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(rows // m, m, cols // m, m).transpose(1, 2).reshape(-1, m * m)
 
-        kept_tiles = tiles(kept).double()
-        gain_tiles = tiles(scores.detach().abs().double().masked_fill(kept, 0.0))
+        def fault(tile: int) -> ValueError:
+            r, c = (m * i for i in divmod(tile, cols // m))
+            return ValueError(
+                f"{fn}: the kept entries of tile rows {r}..{r + m - 1}, columns {c}..{c + m - 1} fit no pattern with "
+                f"{self.n} per row and column"
+            )
+
+        kept_tiles = tiles(kept)
+        grown_tiles = torch.zeros_like(kept_tiles)
+        todo = (kept_tiles.sum(1, dtype=torch.int64) < full).nonzero().reshape(-1)  # full tiles grow nothing
+        if not todo.numel():
+            return grown_tiles.view(rows // m, cols // m, m, m).transpose(1, 2).reshape(rows, cols)
+        kept_todo = kept_tiles[todo]
+        gains = tiles(scores.detach().abs().masked_fill(kept, 0))[todo]  # kept entries count 0
+        patterns = _tile_patterns(m, self.n).to(kept.device)  # (P, m*m) 0/1 float64, the tie order
+        lookup = _infeasible_table(m, self.n, kept.device)
+        if lookup is not None:  # the patterns that cannot complete each kept set, looked up by its bits
+            codes = (kept_todo.to(torch.int64) << torch.arange(m * m, device=kept.device)).sum(1)
+            completable = lookup[1][codes]
+            if not bool(completable.all()):
+                raise fault(int(todo[int((~completable).nonzero()[0])]))
         choice = []
-        for part_kept, part_gain in zip(kept_tiles.split(_TILE_CHUNK), gain_tiles.split(_TILE_CHUNK), strict=True):
-            outside = part_kept @ (1.0 - patterns).T  # kept positions a pattern lacks (exact small integers)
-            feasible = outside == 0
-            if not bool(feasible.any(1).all()):
-                tile = len(choice) * _TILE_CHUNK + int((~feasible.any(1)).nonzero()[0])
-                r, c = (m * i for i in divmod(tile, cols // m))
-                raise ValueError(
-                    f"{fn}: the kept entries of tile rows {r}..{r + m - 1}, columns {c}..{c + m - 1} fit no pattern "
-                    f"with {self.n} per row and column"
-                )
-            gain = (part_gain @ patterns.T).masked_fill_(~feasible, -torch.inf)
+        for i, (part_kept, part_gain) in enumerate(
+            zip(kept_todo.split(_TILE_CHUNK), gains.split(_TILE_CHUNK), strict=True)
+        ):
+            if lookup is not None:
+                infeasible = lookup[0][codes[i * _TILE_CHUNK : (i + 1) * _TILE_CHUNK]]
+            else:
+                infeasible = (part_kept.double() @ (1.0 - patterns).T) != 0  # a kept entry outside the pattern
+                if not bool((~infeasible).any(1).all()):
+                    raise fault(int(todo[i * _TILE_CHUNK + int(infeasible.all(1).nonzero()[0])]))
+            # the sum of the scores over each feasible pattern's new entries, in float64
+            gain = (part_gain.double() @ patterns.T).masked_fill_(infeasible, -torch.inf)
             choice.append(gain.argmax(dim=1))  # the first maximum: the pattern order's tie rule
-        chosen = patterns[torch.cat(choice)].bool()
-        mask = chosen.view(rows // m, cols // m, m, m).transpose(1, 2).reshape(rows, cols)
-        return mask & ~kept
+        grown_tiles[todo] = patterns[torch.cat(choice)].bool() & ~kept_todo
+        return grown_tiles.view(rows // m, cols // m, m, m).transpose(1, 2).reshape(rows, cols)
 
     # -- checks -------------------------------------------------------------------------------------------------
     def violation(self, mask: torch.Tensor, count: int | None = None) -> str | None:
