@@ -22,6 +22,7 @@ from .sparsify import (
     to_sparse_linear,
 )
 from .ste import SRSTE, STE, nm_mask
+from .structure_nm import NM
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -29,6 +30,7 @@ __all__ = [
     "IMP",
     "IMPRound",
     "LAYOUTS",
+    "NM",
     "SET",
     "SNFS",
     "SNIP",
