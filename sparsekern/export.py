@@ -185,15 +185,25 @@ class Semi24Int8Linear(nn.Linear):
         return w.to_dense() if isinstance(w, torch.sparse.SparseSemiStructuredTensor) else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not x.dtype.is_floating_point:
-            raise TypeError(f"Semi24Int8Linear: x must be a floating-point tensor, got {x.dtype}")
+        return self._forward(x, emulate=False)
+
+    def emulated_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward computed without 2:4 kernels, on any device: the int32 sums exactly (in float64), then the
+        same float32 epilogue as the CUTLASS path. What ``forward`` runs on the CPU; on CUDA, the reference the
+        CUTLASS path must match."""
+        return self._forward(x, emulate=True)
+
+    def _forward(self, x: torch.Tensor, emulate: bool) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"Semi24Int8Linear: x must be a floating-point tensor, got {got}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         x_scale = x2.abs().amax(dim=1, keepdim=True).float() / _INT8_MAX
         x_scale = torch.where(x_scale > 0, x_scale, torch.ones_like(x_scale))
         xq = (x2.float() / x_scale).round().clamp(-_INT8_MAX, _INT8_MAX).to(torch.int8)
         w = self.weight
-        if x.device.type == "cuda" and isinstance(w, torch.sparse.SparseSemiStructuredTensor):
+        if not emulate and x.device.type == "cuda" and isinstance(w, torch.sparse.SparseSemiStructuredTensor):
             tokens = xq.shape[0]
             pad = (-tokens) % _INT8_TOKEN_PAD
             xt = torch.nn.functional.pad(xq, (0, 0, 0, pad)).t() if pad else xq.t()
@@ -587,15 +597,22 @@ def decompress_model(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"decompress_model: model must be an nn.Module, got {type(model).__name__}")
-    target = model if inplace else copy.deepcopy(model)
-    for module in target.modules():
-        if isinstance(module, Semi24Int8Linear):
-            continue
+    if not isinstance(inplace, bool):
+        raise TypeError(f"decompress_model: inplace must be True or False, got {inplace!r}")
+    dense: dict[int, nn.Parameter] = {}  # by id of the 2:4 weight; the 2:4 tensors themselves are never copied
+    for module in model.modules():
         weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
-            if isinstance(weight, torch.sparse.SparseSemiStructuredTensorCUTLASS):
-                dense = semi24_decompress(weight.packed, weight.meta)
+        if isinstance(weight, torch.sparse.SparseSemiStructuredTensor) and id(weight) not in dense:
+            if isinstance(module, Semi24Int8Linear):
+                dense[id(weight)] = weight  # kept (shared with a copy): its forward decompresses where needed
+            elif isinstance(weight, torch.sparse.SparseSemiStructuredTensorCUTLASS):
+                dense[id(weight)] = nn.Parameter(semi24_decompress(weight.packed, weight.meta), requires_grad=False)
             else:
-                dense = weight.to_dense()
-            module.weight = nn.Parameter(dense, requires_grad=False)
-    return target
+                dense[id(weight)] = nn.Parameter(weight.to_dense(), requires_grad=False)
+    if not inplace:
+        return copy.deepcopy(model, dict(dense))
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if id(weight) in dense and not isinstance(module, Semi24Int8Linear):
+            module.weight = dense[id(weight)]
+    return model

@@ -334,6 +334,7 @@ def test_int8_export_round_trip_and_cpu_forward(kind):
     expected = (acc * layer.weight_scale * xs + model[0].bias.detach()).reshape(3, 5, 256)
     with torch.no_grad():
         assert_bits_equal(layer(x), expected)
+        assert_bits_equal(layer.emulated_forward(x), expected)
         # quantization error: bounded well within a few % of the output scale on random data
         y, y_ref = exported(x), _dense_twin(model)(x)
     assert (y - y_ref).abs().max() <= 0.05 * y_ref.abs().max()
@@ -347,8 +348,28 @@ def test_int8_layer_keeps_a_half_precision_model_half():
     with torch.no_grad():
         y = exported(x)
     assert y.dtype == torch.bfloat16 and exported[0].bias.dtype == torch.bfloat16
-    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int8"):
         exported(x.to(torch.int8))
+    # decompress_model keeps int8 layers (their forward decompresses) and shares their frozen weights
+    copied = decompress_model(exported)
+    assert isinstance(copied[0], Semi24Int8Linear) and copied[0] is not exported[0]
+    assert copied[0].weight is exported[0].weight
+
+
+def test_decompress_model_copies_or_changes_in_place():
+    gen = torch.Generator().manual_seed(_seed())
+    shared = _linear_24(128, 128, "plain", torch.float16, gen)
+    exported, _ = export_semi24(nn.Sequential(shared, nn.ReLU(), shared))
+    expected = _masked_dense(shared)
+    copied = decompress_model(exported)
+    assert isinstance(exported[0].weight, torch.sparse.SparseSemiStructuredTensorCUTLASS)  # the original is kept
+    assert copied[0] is copied[2] and type(copied[0].weight) is nn.Parameter
+    assert_bits_equal(copied[0].weight.detach(), expected)
+    assert decompress_model(exported, inplace=True) is exported
+    assert exported[0] is exported[2] and type(exported[0].weight) is nn.Parameter
+    assert_bits_equal(exported[0].weight.detach(), expected)
+    with pytest.raises(TypeError, match="decompress_model: inplace must be True or False, got 1"):
+        decompress_model(exported, inplace=1)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -544,12 +565,14 @@ def test_cuda_int8_forward(fmt):
     x = torch.randn(100, 1024, generator=gen).to(torch.bfloat16).cuda()  # 100 tokens: padded to 112
     with torch.no_grad():
         y = exported[0](x).float()
-        y_cpu = exported[0].cpu()(x.cpu()).float().cuda()  # the exact CPU emulation of the CUTLASS path
-    exported[0].cuda()
-    if fmt == "cutlass":  # exact int32 sums, the same float32 epilogue: equal up to the bf16 output rounding
-        torch.testing.assert_close(y, y_cpu, rtol=2**-7, atol=0)
-    else:  # sums rounded to bf16 before the scales
-        torch.testing.assert_close(y, y_cpu, rtol=2**-6, atol=1e-3 * y_cpu.abs().max().item())
+        y_ref = exported[0].emulated_forward(x).float()  # exact int32 sums, the same float32 epilogue
+    if fmt == "cutlass":  # the same sums and epilogue: equal up to one bf16 rounding of the output
+        torch.testing.assert_close(y, y_ref, rtol=2**-7, atol=0)
+    else:  # the sums rounded to bf16 before the scales
+        torch.testing.assert_close(y, y_ref, rtol=2**-6, atol=1e-3 * y_ref.abs().max().item())
+    with torch.no_grad():  # and the whole model is close to the float model (quantization error only)
+        y_model, y_float = exported(x).float(), model(x).float()
+    assert (y_model - y_float).abs().max() <= 0.05 * y_float.abs().max()
 
 
 @requires_gpu
