@@ -25,7 +25,7 @@ from .nn.semi24 import _fused_readers
 from .nn.sparse_linear import SparseLinear
 from .ops import _backend
 from .ops.semi24_decompress import semi24_decompress
-from .ops.semi24_mask import semi24_mask
+from .ops.semi24_mask import group_topk_mask
 from .ops.to_semi_structured import to_semi_structured
 
 FORMATS = ("auto", "cutlass", "cusparselt")
@@ -130,7 +130,10 @@ class ExportReport:
     def __str__(self) -> str:
         rows = [("layer", "kind", "shape", "dtype", "nnz", "|w| kept", "result")]
         for r in self.layers:
-            dtype = r.dtype if r.export_dtype is None or r.export_dtype == r.dtype else f"{r.dtype}->{r.export_dtype}"
+            after = r.export_dtype
+            if after is None and self.dtype in ("float16", "bfloat16") and r.dtype in ("float32", "float64"):
+                after = self.dtype  # skipped, but cast with the whole model
+            dtype = r.dtype if after is None or after == r.dtype else f"{r.dtype}->{after}"
             rows.append(
                 (
                     r.name or "(model)",
@@ -356,16 +359,24 @@ def _tied_weights(model: nn.Module) -> dict[int, str]:
     return {key: " and ".join(names) for key, names in holders.items() if len(names) > 1}
 
 
-def _first_bad(weight: torch.Tensor) -> tuple[int, int, int, int] | None:
+def _group_counts(weight: torch.Tensor) -> torch.Tensor:
+    """Nonzeros of every group of 4 along the rows: uint8 (rows, cols / 4)."""
+    return (weight != 0).view(weight.shape[0], -1, 4).sum(-1, dtype=torch.uint8)
+
+
+def _first_bad(counts: torch.Tensor) -> tuple[int, int, int, int] | None:
     """(row, first column, nonzeros, bad groups) of the first group of 4 holding more than 2 nonzeros, or None."""
-    counts = (weight != 0).reshape(weight.shape[0], -1, 4).sum(-1)
     bad = counts > 2
-    n_bad = int(bad.sum())
-    if n_bad == 0:
+    if not bool(bad.any()):
         return None
     flat = int(bad.flatten().nonzero()[0])
     row, group = divmod(flat, counts.shape[1])
-    return row, group * 4, int(counts[row, group]), n_bad
+    return row, group * 4, int(counts[row, group]), int(bad.sum())
+
+
+def _l1(w: torch.Tensor) -> float:
+    """sum |w| in float64 (one pass, no float64 copy)."""
+    return float(torch.linalg.vector_norm(w, 1, dtype=torch.float64))
 
 
 def _quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,11 +399,13 @@ def _plan_layer(fn, module, entry, dtype, fmt, prune) -> tuple[_Plan | None, str
             "export needs finite weights",
         )
     float_dtype = dtype if dtype in _FLOAT_DTYPES else dense.dtype
-    w = dense.to(float_dtype)
-    w = torch.where(w == 0, torch.zeros((), dtype=w.dtype, device=w.device), w)  # -0.0 and underflows: +0.0
-    entry.nnz_before = int(torch.count_nonzero(w))
-    l1_before = float(w.double().abs().sum())
-    bad = _first_bad(w)
+    # + 0.0 turns -0.0 into +0.0 (IEEE round-to-nearest) and changes nothing else: the zeros of the exported
+    # weight are +0.0, as the decompressed 2:4 tensor's are, so the round trip is bit-exact
+    w = dense.to(float_dtype) + 0.0
+    counts = _group_counts(w)
+    entry.nnz_before = int(counts.sum(dtype=torch.int64))
+    l1_before = _l1(w)
+    bad = _first_bad(counts)
     if bad is not None and not prune:
         row, col, count, n_bad = bad
         return None, (
@@ -401,17 +414,18 @@ def _plan_layer(fn, module, entry, dtype, fmt, prune) -> tuple[_Plan | None, str
             f"{'s' if n_bad > 1 else ''} in this layer); pass prune=True to prune it by magnitude, or "
             f"exclude={entry.name!r} to leave it dense"
         )
-    if bad is not None:
-        w = torch.where(semi24_mask(w), w, torch.zeros((), dtype=w.dtype, device=w.device))
+    entry.l1_before, entry.l1_kept, entry.nnz = l1_before, l1_before, entry.nnz_before
+    if bad is not None:  # keep the 2 largest |w| of every group (ties: lower index), as semi24_mask does
+        w = w * group_topk_mask(w, keep=2, group=4)  # finite, no -0.0: the product keeps +0.0 zeros
         entry.pruned = True
-    entry.l1_before, entry.l1_kept = l1_before, float(w.double().abs().sum())
+        entry.l1_kept, entry.nnz = _l1(w), int(torch.count_nonzero(w))
     entry.magnitude_kept = 1.0 if l1_before == 0 else entry.l1_kept / l1_before
     resolved = _resolve_format(fmt, w.device)
     scale = None
     bias = None if module.bias is None else module.bias.detach().to(float_dtype)
     if dtype == torch.int8:
         w, scale = _quantize_rows(w)
-    entry.nnz = int(torch.count_nonzero(w))
+        entry.nnz = int(torch.count_nonzero(w))  # weights below half a step round to 0
     entry.export_dtype = _dtype_name(w.dtype)
     entry.format = resolved
     return _Plan(module, entry, w.contiguous(), bias, resolved, scale), None
@@ -500,10 +514,11 @@ def export_semi24(
 
         >>> model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
         >>> exported, report = sparsekern.export_semi24(model, prune=True, dtype=torch.float16)
-        >>> print(report)  # doctest: +SKIP
-        layer  kind    shape   dtype           nnz           |w| kept  result
-        0      Linear  64x128  float32->float16  4096 (50.0%)  ...       converted: cutlass, pruned to 2:4 ...
-        2      Linear  10x64   float32           -             -         skipped: the weight has 10 rows, ...
+        >>> print(report)
+        layer  kind    shape   dtype             nnz           |w| kept  result
+        0      Linear  64x128  float32->float16  4096 (50.0%)  70.12%    converted: cutlass float16, pruned to 2:4 ...
+        2      Linear  10x64   float32->float16  -             -         skipped: the weight has 10 rows, ...
+        1 converted, 1 skipped; 70.12% of the converted layers' |w| kept
         >>> type(exported[0].weight).__name__
         'SparseSemiStructuredTensorCUTLASS'
         >>> y = sparsekern.export.decompress_model(exported)(torch.randn(4, 128, dtype=torch.float16))  # CPU check

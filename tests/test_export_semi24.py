@@ -589,3 +589,18 @@ def test_cuda_bench_semi24_on_an_exported_model(tmp_path):
     assert [r["layer"] for r in rows] == ["0", "2", "(whole model)"]
     assert all("error" not in r for r in rows), rows
     assert all(r["ok"] for r in rows[:2]), rows
+
+
+def test_bench_semi24_exported_command(tmp_path, capsys):
+    from sparsekern import cli
+
+    argv = ["bench", "semi24", "--exported", "--shape", "256x128", "--shape", "128x256", "--dtype", "int8"]
+    assert cli.main([*argv, "--batch", "16", "--repeat", "1", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "semi24-exported.json").read_text())
+    assert [r["layer"] for r in data["rows"]] == ["0", "2", "(whole model)"]
+    assert all("error" not in r for r in data["rows"])  # int8 layers run on the CPU (exact emulation)
+    assert [layer["export_dtype"] for layer in data["report"]["layers"]] == ["int8", "int8"]
+    assert "export_semi24 took" in capsys.readouterr().out
+    bad = ["bench", "semi24", "--exported", "--shape", "256x128", "--shape", "256x128", "--out", str(tmp_path)]
+    assert cli.main(bad) == 2
+    assert "the shapes must chain" in capsys.readouterr().out

@@ -23,6 +23,7 @@ few faults instead of thousands.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import resource
 import statistics
@@ -593,8 +594,71 @@ def select_weights(
     return weights
 
 
+EXPORTED_SHAPES = ((4096, 11008), (11008, 4096))  # (in, out) of each nn.Linear: the Llama-7B MLP
+
+
+def exported_chain(shapes: Sequence[tuple[int, int]], dtype: torch.dtype, device: str, seed: int = 0):
+    """A chain of nn.Linear(in, out) with ReLU between them, random weights, in ``dtype`` on ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for n_in, n_out in shapes:
+        linear = torch.nn.Linear(n_in, n_out, device="meta")
+        linear.weight = torch.nn.Parameter(torch.randn(n_out, n_in, generator=gen).div_(n_in**0.5).to(dtype))
+        linear.bias = torch.nn.Parameter(torch.randn(n_out, generator=gen).to(dtype))
+        layers += [linear, torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1]).to(device)
+
+
+def run_exported_cli(args: argparse.Namespace) -> int:
+    """``sparsekern bench semi24 --exported``: export a random chain of linear layers, pruned to 2:4, and time it
+    against the dense pruned model (on a GPU; on the CPU the export itself is timed and the rows say why the float
+    2:4 layers cannot run)."""
+    shapes = [tuple(s) for s in args.shape] if args.shape else list(EXPORTED_SHAPES)
+    for (_, n_out), (n_in, _) in zip(shapes, shapes[1:], strict=False):
+        if n_out != n_in:
+            print(f"sparsekern bench semi24 --exported: the shapes must chain (OUT of one is IN of the next): {shapes}")
+            return 2
+    dtype_name = (args.dtype or ["fp16"])[0]
+    if dtype_name not in ("fp16", "bf16", "int8"):
+        print(f"sparsekern bench semi24 --exported: --dtype must be fp16, bf16 or int8, got {dtype_name}")
+        return 2
+    gpu, _ = gpu_status()
+    device = "cuda" if gpu else "cpu"
+    float_dtype = torch.bfloat16 if dtype_name in ("bf16", "int8") else torch.float16
+    model = exported_chain(shapes, float_dtype, device)
+    start = time.perf_counter()
+    exported, report = sparsekern.export_semi24(model, prune=True, dtype=DTYPES[dtype_name], inplace=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    export_s = time.perf_counter() - start
+    reference = sparsekern.export.decompress_model(exported) if dtype_name != "int8" else _pruned_twin(model, report)
+    tokens = (args.batch or [2048])[0]
+    x = torch.randn(tokens, shapes[0][0], generator=torch.Generator().manual_seed(1)).to(float_dtype).to(device)
+    settings = Settings(repeat=args.repeat or 5, warmup=1, min_time=0.1, max_time=2.0)
+    rows, markdown = run_exported(exported, reference, x, report, out=args.out, settings=settings)
+    print(markdown)
+    print(f"export_semi24 took {export_s:.2f} s on {device} ({len(report.converted)} layers, prune=True)")
+    print(f"wrote {Path(args.out) / 'semi24-exported.md'} and {Path(args.out) / 'semi24-exported.json'}")
+    failed = gpu and any("error" in r or r.get("ok") is False for r in rows)
+    return 1 if failed else 0
+
+
+def _pruned_twin(model: torch.nn.Module, report) -> torch.nn.Module:
+    """The dense model pruned as the export pruned it (for int8 exports, whose layers keep no float weight)."""
+    from sparsekern.ops.semi24_mask import semi24_mask
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for entry in report.converted:
+            layer = twin.get_submodule(entry.name)
+            layer.weight.mul_(semi24_mask(layer.weight))
+    return twin
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sparsekern bench semi24``."""
+    if getattr(args, "exported", False):
+        return run_exported_cli(args)
     quick = args.quick
     # min_time gives sub-millisecond calls enough samples for a stable median; max_time keeps the multi-second
     # torch baselines of the big shapes from dominating the run.
