@@ -564,7 +564,8 @@ def export_semi24(
         elif (reason := _skip_reason(module, name, kind, readers, tied, dtype, format)) is not None:
             entry.reason = reason
         else:
-            plan, error = _plan_layer(fn, module, entry, dtype, format, prune)
+            with torch.no_grad():
+                plan, error = _plan_layer(fn, module, entry, dtype, format, prune)
             if error is not None:
                 errors.append(error)
             else:

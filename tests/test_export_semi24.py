@@ -173,6 +173,30 @@ def test_a_module_used_twice_becomes_one_module_used_twice():
     assert exported[0] is exported[2] and isinstance(exported[0].weight, torch.sparse.SparseSemiStructuredTensor)
 
 
+def test_a_model_trained_with_srste_exports_without_pruning():
+    """The path of issue 15: train with 2:4 masks (SR-STE), finalize, export: every group is already 2:4."""
+    torch.manual_seed(_seed())
+    model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    srste = sparsekern.SRSTE(model, optimizer, exclude="4")
+    for _ in range(3):
+        x, y = torch.randn(32, 128), torch.randint(0, 10, (32,))
+        nn.functional.cross_entropy(model(x), y).backward()
+        srste.step()
+        optimizer.zero_grad()
+    srste.finalize()
+    exported, report = export_semi24(model, dtype=torch.bfloat16)
+    assert [(r.name, r.converted, r.pruned) for r in report.layers] == [
+        ("0", True, False),
+        ("2", True, False),
+        ("4", False, False),
+    ]
+    assert report.magnitude_kept == 1.0 and "10 rows" in report["4"].reason
+    x = torch.randn(16, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        assert_bits_equal(decompress_model(exported)(x), model.to(torch.bfloat16)(x))
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Pruning and the report's figures
 
