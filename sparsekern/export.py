@@ -185,7 +185,12 @@ class Semi24Int8Linear(nn.Linear):
         w = self.weight
         if isinstance(w, torch.sparse.SparseSemiStructuredTensorCUTLASS):
             return semi24_decompress(w.packed, w.meta)
-        return w.to_dense() if isinstance(w, torch.sparse.SparseSemiStructuredTensor) else w
+        if isinstance(w, torch.sparse.SparseSemiStructuredTensorCUSPARSELT):
+            # W @ I through cuSPARSELt (exact: one product per output); its int8 path wants a column-major dense
+            # operand, so the identity goes in transposed (torch's own to_dense passes a row-major one)
+            eye = torch.eye(self.in_features, dtype=torch.int8, device=w.packed.device)
+            return torch._cslt_sparse_mm(w.packed, eye.t())
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x, emulate=False)
@@ -322,7 +327,7 @@ def _resolve_format(fmt: str, device: torch.device) -> str:
 
 
 def _skip_reason(module, name, kind, readers, tied, dtype, fmt) -> str | None:
-    weight = getattr(module, "weight", None)
+    weight = None if kind == "SparseLinear" else getattr(module, "weight", None)  # SparseLinear.weight: a dense copy
     if kind == "Semi24Int8Linear" or isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
         return "already a 2:4 semi-structured layer"
     if kind not in ("SparseLinear", "Linear", "Linear (masked)"):

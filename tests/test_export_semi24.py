@@ -347,7 +347,8 @@ def test_int8_export_round_trip_and_cpu_forward(kind):
         assert_bits_equal(layer.weight.packed, packed)
         assert_bits_equal(layer.weight.meta, meta)
         assert report.layers[i // 2].nnz == int(torch.count_nonzero(q))
-        assert ((layer.dequantized_weight() - w).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+        # half a step, plus the float32 rounding of q * scale (|q| <= 127: a few ulps of 127 * scale)
+        assert ((layer.dequantized_weight() - w).abs() <= scale[:, None] * (0.5 + 1e-4)).all()
     # the CPU forward is the CUTLASS int8 computation, exactly: int32 sums, then the scales in float32
     x = torch.randn(3, 5, 128, generator=gen)
     layer = exported[0]
