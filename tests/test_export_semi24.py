@@ -629,3 +629,21 @@ def test_bench_semi24_exported_command(tmp_path, capsys):
     bad = ["bench", "semi24", "--exported", "--shape", "256x128", "--shape", "256x128", "--out", str(tmp_path)]
     assert cli.main(bad) == 2
     assert "the shapes must chain" in capsys.readouterr().out
+
+
+def test_docstring_examples():
+    """The examples of sparsekern.export run as written (as tests/test_package.py runs the ops/nn/training ones)."""
+    import doctest
+
+    import sparsekern.export
+
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    out: list[str] = []
+    torch.manual_seed(0)
+    tests = doctest.DocTestFinder().find(
+        sparsekern.export, "sparsekern.export", extraglobs={"torch": torch, "nn": nn, "sparsekern": sparsekern}
+    )
+    assert sum(len(t.examples) for t in tests) >= 4
+    for test in tests:
+        runner.run(test, out=out.append)
+    assert runner.summarize(verbose=False).failed == 0, "".join(out)
