@@ -330,6 +330,11 @@ def _skip_reason(module, name, kind, readers, tied, dtype, fmt) -> str | None:
     weight = None if kind == "SparseLinear" else getattr(module, "weight", None)  # SparseLinear.weight: a dense copy
     if kind == "Semi24Int8Linear" or isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
         return "already a 2:4 semi-structured layer"
+    if kind == "Conv1D":
+        return (
+            "Conv1D (Hugging Face's transposed linear, y = x @ W): its weight is (in, out), so its 2:4 groups run "
+            "along the other dimension; convert it to an nn.Linear first"
+        )
     if kind not in ("SparseLinear", "Linear", "Linear (masked)"):
         return f"{kind}: torch's 2:4 kernels are matrix products for nn.Linear weights only (no convolution)"
     if id(module) in readers:

@@ -311,6 +311,14 @@ def test_skip_reasons():
     assert "shared with tied.weight and tied2.weight (tied)" in reasons["tied"][1]
     assert not any(r.converted for r in report.layers if r.name != "fc")
     assert "emb" not in reasons  # embeddings are no layers to report
+
+    class Conv1D(nn.Module):  # Hugging Face's transposed linear, recognised by its class name
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(64, 128, dtype=torch.float16))
+
+    _, report = export_semi24(nn.Sequential(Conv1D()))
+    assert report["0"].kind == "Conv1D" and "convert it to an nn.Linear first" in report["0"].reason
     # an exported model exported again: its layers are already 2:4
     exported, _ = export_semi24(nn.Sequential(model.fc))
     _, again = export_semi24(exported)
