@@ -6,6 +6,7 @@ Importing sparsekern never initialises CUDA. Triton kernels are defined on first
 
 from . import _extension, nn, tickets  # noqa: F401  (_extension loads the compiled kernels)
 from ._csr import CSRIndex
+from .export import ExportReport, export_semi24
 from .ops import (
     BACKENDS,
     BackendUnavailableError,
@@ -57,6 +58,8 @@ __all__ = [
     "SynFlow",
     "Ticket",
     "drop_and_grow",
+    "export_semi24",
+    "ExportReport",
     "flops_report",
     "grasp_scores",
     "nn",

@@ -190,6 +190,13 @@ def add_semi24_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("cpu", "triton", "cuda", "reference"),
         help="sparsekern backend whose conversions are timed; repeatable (default: every one that runs here)",
     )
+    parser.add_argument(
+        "--exported",
+        action="store_true",
+        help="instead: time a model exported by sparsekern.export_semi24 (a chain of nn.Linear of the --shape "
+        "weights, default the Llama-7B MLP 4096->11008->4096, pruned to 2:4; --dtype fp16, bf16 or int8) against "
+        "the dense model at the first --batch tokens (default 2048); writes <out>/semi24-exported.md and .json",
+    )
 
 
 _BENCHES: dict[str, _Bench] = {

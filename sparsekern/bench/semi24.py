@@ -23,6 +23,7 @@ few faults instead of thousands.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import resource
 import statistics
@@ -593,8 +594,71 @@ def select_weights(
     return weights
 
 
+EXPORTED_SHAPES = ((4096, 11008), (11008, 4096))  # (in, out) of each nn.Linear: the Llama-7B MLP
+
+
+def exported_chain(shapes: Sequence[tuple[int, int]], dtype: torch.dtype, device: str, seed: int = 0):
+    """A chain of nn.Linear(in, out) with ReLU between them, random weights, in ``dtype`` on ``device``."""
+    gen = torch.Generator().manual_seed(seed)
+    layers: list[torch.nn.Module] = []
+    for n_in, n_out in shapes:
+        linear = torch.nn.Linear(n_in, n_out, device="meta")
+        linear.weight = torch.nn.Parameter(torch.randn(n_out, n_in, generator=gen).div_(n_in**0.5).to(dtype))
+        linear.bias = torch.nn.Parameter(torch.randn(n_out, generator=gen).to(dtype))
+        layers += [linear, torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1]).to(device)
+
+
+def run_exported_cli(args: argparse.Namespace) -> int:
+    """``sparsekern bench semi24 --exported``: export a random chain of linear layers, pruned to 2:4, and time it
+    against the dense pruned model (on a GPU; on the CPU the export itself is timed and the rows say why the float
+    2:4 layers cannot run)."""
+    shapes = [tuple(s) for s in args.shape] if args.shape else list(EXPORTED_SHAPES)
+    for (_, n_out), (n_in, _) in zip(shapes, shapes[1:], strict=False):
+        if n_out != n_in:
+            print(f"sparsekern bench semi24 --exported: the shapes must chain (OUT of one is IN of the next): {shapes}")
+            return 2
+    dtype_name = (args.dtype or ["fp16"])[0]
+    if dtype_name not in ("fp16", "bf16", "int8"):
+        print(f"sparsekern bench semi24 --exported: --dtype must be fp16, bf16 or int8, got {dtype_name}")
+        return 2
+    gpu, _ = gpu_status()
+    device = "cuda" if gpu else "cpu"
+    float_dtype = torch.bfloat16 if dtype_name in ("bf16", "int8") else torch.float16
+    model = exported_chain(shapes, float_dtype, device)
+    start = time.perf_counter()
+    exported, report = sparsekern.export_semi24(model, prune=True, dtype=DTYPES[dtype_name], inplace=False)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    export_s = time.perf_counter() - start
+    reference = sparsekern.export.decompress_model(exported) if dtype_name != "int8" else _pruned_twin(model, report)
+    tokens = (args.batch or [2048])[0]
+    x = torch.randn(tokens, shapes[0][0], generator=torch.Generator().manual_seed(1)).to(float_dtype).to(device)
+    settings = Settings(repeat=args.repeat or 5, warmup=1, min_time=0.1, max_time=2.0)
+    rows, markdown = run_exported(exported, reference, x, report, out=args.out, settings=settings)
+    print(markdown)
+    print(f"export_semi24 took {export_s:.2f} s on {device} ({len(report.converted)} layers, prune=True)")
+    print(f"wrote {Path(args.out) / 'semi24-exported.md'} and {Path(args.out) / 'semi24-exported.json'}")
+    failed = gpu and any("error" in r or r.get("ok") is False for r in rows)
+    return 1 if failed else 0
+
+
+def _pruned_twin(model: torch.nn.Module, report) -> torch.nn.Module:
+    """The dense model pruned as the export pruned it (for int8 exports, whose layers keep no float weight)."""
+    from sparsekern.ops.semi24_mask import semi24_mask
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for entry in report.converted:
+            layer = twin.get_submodule(entry.name)
+            layer.weight.mul_(semi24_mask(layer.weight))
+    return twin
+
+
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sparsekern bench semi24``."""
+    if getattr(args, "exported", False):
+        return run_exported_cli(args)
     quick = args.quick
     # min_time gives sub-millisecond calls enough samples for a stable median; max_time keeps the multi-second
     # torch baselines of the big shapes from dominating the run.
@@ -626,3 +690,147 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return code
+
+
+# ---------------------------------------------------------------------------------------------------------
+# An exported model (sparsekern.export_semi24) against the dense masked model it came from
+
+
+def _layer_inputs(model: torch.nn.Module, names: Sequence[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each named layer sees in one forward of ``model(x)``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, args[0]))
+        for name in names
+    ]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def exported_model_rows(
+    exported: torch.nn.Module,
+    reference: torch.nn.Module,
+    x: torch.Tensor,
+    report,
+    settings: Settings | None = None,
+) -> list[dict[str, Any]]:
+    """Time an exported model against the dense model it came from, on the same input.
+
+    ``exported, report = sparsekern.export_semi24(reference, ...)`` (``reference``: the masked or pruned dense model
+    in the exported dtype, e.g. ``sparsekern.export.decompress_model(exported)``). One row per converted layer
+    (dense ``F.linear`` on the reference layer's weight against the 2:4 layer, at the input the layer sees in
+    ``reference(x)``) and one row for the whole forward. speedup = dense time / 2:4 time. Each row also gives the
+    largest |2:4 - dense| output difference; float layers are called ok by the rule of :func:`linear_rows` (error
+    against an fp32 computation at most twice dense's), int8 layers are not judged (their error is quantization).
+    A failing case becomes a row saying why.
+    """
+    settings = settings or Settings(repeat=5, min_time=0.1, max_time=2.0)
+    device = str(x.device)
+    kw = settings.kwargs(device)
+    names = [layer.name for layer in report.converted]
+    inputs = _layer_inputs(reference, names, x)  # the reference runs anywhere (no 2:4 matmul on the CPU)
+    rows: list[dict[str, Any]] = []
+    for entry in report.converted:
+        row: dict[str, Any] = {"layer": entry.name, "shape": list(entry.shape), "dtype": entry.export_dtype}
+        row.update(format=entry.format, tokens=0, device=device)
+        try:
+            layer = exported.get_submodule(entry.name)
+            ref_layer = reference.get_submodule(entry.name)
+            inp = inputs[entry.name].reshape(-1, layer.in_features)
+            row["tokens"] = inp.shape[0]
+            w_dense = ref_layer.weight.detach()
+            bias = None if ref_layer.bias is None else ref_layer.bias.detach()
+            with torch.no_grad():
+                dense_stats = harness.measure(lambda inp=inp, w=w_dense, b=bias: F.linear(inp, w, b), **kw)
+                stats = harness.measure(lambda inp=inp, layer=layer: layer(inp), **kw)
+                y_dense = F.linear(inp, w_dense, bias).float()
+                y = layer(inp).float()
+                y_exact = F.linear(inp.float(), w_dense.float(), None if bias is None else bias.float())
+            err, dense_err = (y - y_exact).abs().max().item(), (y_dense - y_exact).abs().max().item()
+            row.update(
+                dense=dense_stats.to_dict(),
+                stats=stats.to_dict(),
+                speedup=dense_stats.median / stats.median,
+                max_abs_diff_vs_dense=(y - y_dense).abs().max().item(),
+                sparse_err_vs_fp32=err,
+                dense_err_vs_fp32=dense_err,
+                ok=None
+                if entry.export_dtype == "int8"
+                else harness.within_twice(err, dense_err, y_exact.abs().max().item(), inp.dtype),
+            )
+        except Exception as exc:  # noqa: BLE001 -- reported in the table
+            row["error"] = harness.failure(exc, 160)
+        rows.append(row)
+    row = {"layer": "(whole model)", "shape": list(x.shape), "dtype": str(x.dtype).replace("torch.", "")}
+    row.update(format="-", tokens=x.reshape(-1, x.shape[-1]).shape[0], device=device)
+    try:
+        with torch.no_grad():
+            dense_stats = harness.measure(lambda: reference(x), **kw)
+            stats = harness.measure(lambda: exported(x), **kw)
+            diff = (exported(x).float() - reference(x).float()).abs().max().item()
+        row.update(dense=dense_stats.to_dict(), stats=stats.to_dict(), speedup=dense_stats.median / stats.median)
+        row.update(max_abs_diff_vs_dense=diff, ok=None)
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = harness.failure(exc, 160)
+    rows.append(row)
+    return rows
+
+
+def exported_section(rows: list[dict[str, Any]]) -> harness.Section:
+    headers = ["layer", "shape", "dtype", "format", "tokens", "dense ms median (IQR)", "2:4 ms median (IQR)"]
+    headers += ["speedup (dense / 2:4)", "max |2:4 - dense|", "ok"]
+    table = []
+    for r in rows:
+        head = [r["layer"], "x".join(map(str, r["shape"])), r["dtype"], r["format"], r["tokens"]]
+        if "error" in r:
+            table.append([*head, harness.fmt_ms(harness.Stats.from_dict(r.get("dense"))), r["error"], "-", "-", "-"])
+            continue
+        table.append(
+            [
+                *head,
+                harness.fmt_ms(harness.Stats.from_dict(r["dense"])),
+                harness.fmt_ms(harness.Stats.from_dict(r["stats"])),
+                harness.fmt_ratio(r["speedup"]),
+                f"{r['max_abs_diff_vs_dense']:.3g}",
+                _yes_no(r.get("ok")),
+            ]
+        )
+    notes = [
+        "An exported model (sparsekern.export_semi24) against the dense model it came from, on the same input: each "
+        "converted layer at the input it sees in the dense forward, then the whole forward. speedup = dense "
+        "time / 2:4 time; below 1x is a slowdown. ok: as in the F.linear table (float layers only; '-' for int8 "
+        "layers, whose error is quantization, and for the whole model)."
+    ]
+    return harness.Section("exported model: dense vs 2:4", headers, table, notes)
+
+
+def run_exported(
+    exported: torch.nn.Module,
+    reference: torch.nn.Module,
+    x: torch.Tensor,
+    report,
+    *,
+    out: str,
+    settings: Settings | None = None,
+    name: str = "semi24-exported",
+) -> tuple[list[dict[str, Any]], str]:
+    """:func:`exported_model_rows` written to ``<out>/<name>.md`` and ``.json``; returns (rows, markdown)."""
+    gpu, seen = gpu_status()
+    env = harness.environment(gpu=gpu)
+    rows = exported_model_rows(exported, reference, x, report, settings)
+    notes = [
+        f"GPU: {seen}." if gpu else f"{NO_GPU_MESSAGE} (seen: {seen})",
+        "Export report:",
+        "```",
+        str(report),
+        "```",
+    ]
+    markdown = harness.render_markdown("sparsekern bench semi24: exported model", env, notes, [exported_section(rows)])
+    data = {"benchmark": name, "environment": env, "report": report.to_dict(), "rows": rows}
+    harness.write_report(out, name, markdown, data)
+    return rows, markdown
