@@ -231,59 +231,63 @@ def goals(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[st
 
 def ell_goals(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Issue 15's goals, from the rows whose weight has constant fan-in (``--fan-in``, ``--online``): the ELL
-    kernels against the CSR kernels on the same weight, and online inference against dense. None without such rows."""
+    kernels against the CSR kernels on the same weight (per mode and dtype), and online inference against dense
+    (per dtype, forward). A goal whose cases the run lacks says "not run"; a run without such rows has none."""
     fan = [r for r in rows if r.get("fan_in")]
     out: list[dict[str, Any]] = []
     if not fan:
         return out
-    modes = list(dict.fromkeys(r["mode"] for r in fan))
-    for mode in modes:
-        scoped = [
-            r
-            for r in fan
-            if r["mode"] == mode
-            and r["batch"] in ELL_VS_CSR_BATCHES
-            and any(math.isclose(r["sparsity"], s) for s in ELL_VS_CSR_SPARSITIES)
-        ]
-        for dtype in dict.fromkeys(r["dtype"] for r in scoped):
-            cases = [r for r in scoped if r["dtype"] == dtype]
-            measured = [r for r in cases if r.get("ell_vs_csr") is not None]
-            worst = min(measured, key=lambda r: r["ell_vs_csr"], default=None)
-            isa = f", {cases[0]['cpu_isa']}" if cases[0].get("cpu_isa") else ""
-            out.append(
-                {
-                    "goal": f"ELL kernels >= {ELL_VS_CSR}x the CSR kernels (constant fan-in)",
-                    "mode": mode,
-                    "scope": f"{len(cases)} cases at 90-98%, B 256/2048, {dtype}{isa}"
-                    + (f" (worst: {_case_name(worst)})" if worst else ""),
-                    "target": ELL_VS_CSR,
-                    "sparse": worst["ell_vs_csr"] if worst else None,
-                    "auto": None,
-                    "met": _met(worst["ell_vs_csr"], ELL_VS_CSR) if worst else "-",
-                }
+
+    def goal(name, mode, dtype, cases, key, target, where):
+        measured = [r for r in cases if key(r) is not None]
+        worst = min(measured, key=key, default=None)
+        isa = next((f", {r['cpu_isa']}" for r in cases if r.get("cpu_isa")), "")
+        scope = f"{len(cases)} cases {where}, {dtype}{isa}" + (f" (worst: {_case_name(worst)})" if worst else "")
+        met = "not run" if not cases else (_met(key(worst), target) if worst else "-")
+        return {"goal": name, "mode": mode, "scope": scope, "target": target, "met": met, "worst": worst}
+
+    dtypes = list(dict.fromkeys(r["dtype"] for r in fan))
+    for mode in dict.fromkeys(r["mode"] for r in fan):
+        for dtype in dtypes:
+            cases = [
+                r
+                for r in fan
+                if (r["mode"], r["dtype"]) == (mode, dtype)
+                and r["batch"] in ELL_VS_CSR_BATCHES
+                and any(math.isclose(r["sparsity"], s) for s in ELL_VS_CSR_SPARSITIES)
+            ]
+            g = goal(
+                f"ELL kernels >= {ELL_VS_CSR}x the CSR kernels (constant fan-in)",
+                mode,
+                dtype,
+                cases,
+                lambda r: r.get("ell_vs_csr"),
+                ELL_VS_CSR,
+                "at 90-98%, B 256/2048",
             )
-    online = [
-        r
-        for r in fan
-        if r["mode"] == "fwd" and r["batch"] <= ONLINE_MAX_BATCH and math.isclose(r["sparsity"], ONLINE_SPARSITY)
-    ]
-    for dtype in dict.fromkeys(r["dtype"] for r in online):
-        cases = [r for r in online if r["dtype"] == dtype]
-        measured = [r for r in cases if r["speedup"].get("auto") is not None]
-        worst = min(measured, key=lambda r: r["speedup"]["auto"], default=None)
-        isa = f", {cases[0]['cpu_isa']}" if cases[0].get("cpu_isa") else ""
-        out.append(
-            {
-                "goal": f"online inference >= {ONLINE_VS_DENSE}x dense at {harness.fmt_pct(ONLINE_SPARSITY)} (SRigL)",
-                "mode": "fwd",
-                "scope": f"{len(cases)} cases at B <= {ONLINE_MAX_BATCH}, {dtype}{isa}"
-                + (f" (worst: {_case_name(worst)})" if worst else ""),
-                "target": ONLINE_VS_DENSE,
-                "sparse": worst["speedup"].get("ell") if worst else None,
-                "auto": worst["speedup"]["auto"] if worst else None,
-                "met": _met(worst["speedup"]["auto"], ONLINE_VS_DENSE) if worst else "-",
-            }
-        )
+            worst = g.pop("worst")
+            out.append({**g, "sparse": worst["ell_vs_csr"] if worst else None, "auto": None})
+    if any(r["mode"] == "fwd" for r in fan):
+        for dtype in dtypes:
+            cases = [
+                r
+                for r in fan
+                if (r["mode"], r["dtype"]) == ("fwd", dtype)
+                and r["batch"] <= ONLINE_MAX_BATCH
+                and math.isclose(r["sparsity"], ONLINE_SPARSITY)
+            ]
+            g = goal(
+                f"online inference >= {ONLINE_VS_DENSE}x dense at {harness.fmt_pct(ONLINE_SPARSITY)} (SRigL)",
+                "fwd",
+                dtype,
+                cases,
+                lambda r: r["speedup"].get("auto"),
+                ONLINE_VS_DENSE,
+                f"at B <= {ONLINE_MAX_BATCH}",
+            )
+            worst = g.pop("worst")
+            sparse = worst["speedup"].get("ell") if worst else None
+            out.append({**g, "sparse": sparse, "auto": worst["speedup"]["auto"] if worst else None})
     return out
 
 

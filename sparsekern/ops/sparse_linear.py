@@ -12,13 +12,13 @@ import torch.nn.functional as F
 
 from .._csr import VALUE_DTYPES, CSRIndex, check_index
 from .._validate import check_same_device, check_tensor
-from . import ell_sddmm as _ell_sddmm
-from . import ell_spmm as _ell_spmm
-from . import ell_spmm_t as _ell_spmm_t
 from . import sddmm as _sddmm
 from . import spmm as _spmm
-from ._backend import resolve_tensor, warn_once
+from ._backend import BackendUnavailableError, resolve_tensor, warn_once
 from .csr_dense import csr_dense_gather, csr_dense_scatter_
+from .ell_sddmm import run as _ell_sddmm  # by run(): the package exports functions of the modules' names
+from .ell_spmm import run as _ell_spmm
+from .ell_spmm_t import run as _ell_spmm_t
 
 PATHS = ("auto", "sparse", "dense")
 KERNELS = ("auto", "csr", "ell")
@@ -148,6 +148,29 @@ def choose_kernels(kernels: str, index: CSRIndex, fan_in: int | None = None, fn:
             )
         return width
     return width if width else None  # auto: a weight without nonzeros keeps the CSR kernels
+
+
+_ELL_OPS = ("ell_spmm", "ell_spmm_t", "ell_sddmm")
+
+
+def ell_backend(fn: str, x: torch.Tensor, chosen: str, backend: str, kernels: str) -> str | None:
+    """The backend that runs the ELL kernels for a call that resolved to ``chosen`` (asked for ``backend``), or None
+    for the CSR kernels: an extension built before the ELL kernels has no C++/CUDA kernel for them, so "auto"
+    keeps the CSR kernels (a fast path) and "ell" runs the reference (``backend="auto"``, with a warning) or raises
+    (an explicit backend)."""
+    if chosen in ("reference", "triton") or torch.compiler.is_compiling():
+        return chosen
+    key = "CPU" if x.device.type == "cpu" else "CUDA"
+    if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", key) for op in _ELL_OPS):
+        return chosen
+    why = f"sparsekern._C has no {key} kernels for the ELL ops (built before them; rebuild it)"
+    if kernels == "auto":
+        warn_once(f"sparsekern.{fn}: constant fan-in weights run the CSR kernels ({why})")
+        return None
+    if backend != "auto":
+        raise BackendUnavailableError(f"{fn}: kernels='ell' with backend={backend!r} is not available: {why}")
+    warn_once(f"sparsekern.{fn}: kernels='ell' runs the plain-PyTorch reference ({why})")
+    return "reference"
 
 
 class DenseWorkspace:
@@ -417,7 +440,7 @@ class _SparseLinearEll(torch.autograd.Function):
     def forward(ctx, x, values, bias, row_ptr, col_idx, csc_ptr, csc_row, csc_perm, n_in, width, backend):
         n_out = row_ptr.shape[0] - 1
         cols = col_idx.view(n_out, width)
-        y = _ell_spmm.run(backend, x, cols, values.view(n_out, width))
+        y = _ell_spmm(backend, x, cols, values.view(n_out, width))
         if bias is not None:
             y = y.add_(bias)
         ctx.save_for_backward(x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm)
@@ -436,9 +459,9 @@ class _SparseLinearEll(torch.autograd.Function):
         else:
             cols = col_idx.view(n_out, ctx.width)
             if needs[0]:
-                grad_x = _ell_spmm_t.run(ctx.backend, grad, cols, values.view(n_out, ctx.width), ctx.n_in)
+                grad_x = _ell_spmm_t(ctx.backend, grad, cols, values.view(n_out, ctx.width), ctx.n_in)
             if needs[1]:
-                grad_values = _ell_sddmm.run(ctx.backend, grad, x, cols).view(-1)
+                grad_values = _ell_sddmm(ctx.backend, grad, x, cols).view(-1)
         if ctx.has_bias and needs[2]:
             grad_bias = grad.sum(0)
         return grad_x, grad_values, grad_bias, *([None] * 8)
@@ -539,9 +562,10 @@ def sparse_linear(
         chosen_path = "sparse"
     if chosen_path == "dense":
         return _dense_path(x2, values, index, bias, workspace, chosen, training).reshape(*lead, index.n_out)
-    if width is not None:
+    ell = ell_backend(fn, x2, chosen, backend, kernels) if width is not None else None
+    if ell is not None:
         tensors = (index.row_ptr, index.col_idx, index.csc_ptr, index.csc_row, index.csc_perm)
-        y = _SparseLinearEll.apply(x2, values.contiguous(), bias, *tensors, index.n_in, width, chosen)
+        y = _SparseLinearEll.apply(x2, values.contiguous(), bias, *tensors, index.n_in, width, ell)
         return y.reshape(*lead, index.n_out)
     op = torch.ops.sparsekern.sparse_linear if torch.compiler.is_compiling() else _SparseLinearEager.apply
     y = op(
