@@ -151,6 +151,15 @@ def choose_kernels(kernels: str, index: CSRIndex, fan_in: int | None = None, fn:
 
 
 _ELL_OPS = ("ell_spmm", "ell_spmm_t", "ell_sddmm")
+_ell_kernels: dict[str, bool] = {}  # by dispatch key: does the loaded extension have the ELL kernels?
+
+
+def _has_ell_kernels(key: str) -> bool:
+    has = _ell_kernels.get(key)
+    if has is None:  # 3 dispatcher look-ups, once: they would cost ~1 us a call of a small layer
+        has = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", key) for op in _ELL_OPS)
+        _ell_kernels[key] = has
+    return has
 
 
 def ell_backend(fn: str, x: torch.Tensor, chosen: str, backend: str, kernels: str) -> str | None:
@@ -161,7 +170,7 @@ def ell_backend(fn: str, x: torch.Tensor, chosen: str, backend: str, kernels: st
     if chosen in ("reference", "triton") or torch.compiler.is_compiling():
         return chosen
     key = "CPU" if x.device.type == "cpu" else "CUDA"
-    if all(torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", key) for op in _ELL_OPS):
+    if _has_ell_kernels(key):
         return chosen
     why = f"sparsekern._C has no {key} kernels for the ELL ops (built before them; rebuild it)"
     if kernels == "auto":
@@ -563,6 +572,10 @@ def sparse_linear(
     if chosen_path == "dense":
         return _dense_path(x2, values, index, bias, workspace, chosen, training).reshape(*lead, index.n_out)
     ell = ell_backend(fn, x2, chosen, backend, kernels) if width is not None else None
+    if ell is not None and not (training or (bias is not None and bias.requires_grad and torch.is_grad_enabled())):
+        # inference: the kernel alone (an autograd.Function costs ~5 us a call, felt at online batch sizes)
+        y = _ell_spmm(ell, x2, index.col_idx.view(index.n_out, width), values.contiguous().view(index.n_out, width))
+        return (y if bias is None else y.add_(bias)).reshape(*lead, index.n_out)
     if ell is not None:
         tensors = (index.row_ptr, index.col_idx, index.csc_ptr, index.csc_row, index.csc_perm)
         y = _SparseLinearEll.apply(x2, values.contiguous(), bias, *tensors, index.n_in, width, ell)
