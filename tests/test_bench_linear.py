@@ -116,10 +116,10 @@ def test_bench_linear_reports_failures_and_wrong_results(tmp_path, monkeypatch, 
     """A sparse path that raises becomes failure rows, one that is wrong is marked NO; both fail the run."""
     real = linear.sparse_linear
 
-    def broken(x, values, index, bias=None, *, backend="auto", path="auto", workspace=None):
+    def broken(x, values, index, bias=None, *, backend="auto", path="auto", workspace=None, **kw):
         if x.dtype == torch.bfloat16:
             raise RuntimeError("boom")
-        return real(x, values, index, bias, backend=backend, path=path, workspace=workspace) * 1.01
+        return real(x, values, index, bias, backend=backend, path=path, workspace=workspace, **kw) * 1.01
 
     monkeypatch.setattr(linear, "sparse_linear", broken)
     argv = [*QUICK, "--batch", "8", "--sparsity", "0.9", "--repeat", "1", "--out", str(tmp_path)]
@@ -137,6 +137,76 @@ def test_bench_linear_reports_failures_and_wrong_results(tmp_path, monkeypatch, 
             assert r["failed"] == [] and r["ok"] is False
             assert r["results"]["sparse"]["ok"] is False
     assert "| FAILED |" in captured.out and "| NO |" in captured.out
+
+
+def test_bench_linear_fan_in_times_the_ell_kernels(tmp_path, capsys):
+    """--fan-in: equal rows, the ELL column next to CSR, auto is the ELL call, and the issue-15 goals are read."""
+    argv = [*QUICK, "--fan-in", "--batch", "8", "--dtype", "fp32", "--repeat", "1", "--max-time", "0.01"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    data = _load(tmp_path)
+    assert data["grid"]["fan_in"] is True and len(data["rows"]) == 3 * 2
+    for r in data["rows"]:
+        res = r["results"]
+        assert r["fan_in"] is True and r["ok"] is True and r["failed"] == []
+        assert r["nnz"] == 96 * round((1 - r["sparsity"]) * 64)  # the same count in every row
+        assert res["ell"]["ok"] is True and res["ell"]["stats"]["median"] > 0
+        assert res["auto"]["same_as"] == "ell" and r["ell_vs_csr"] > 0 and r["speedup"]["ell"] > 0
+    goals = {g["goal"]: g for g in data["goals"]}
+    ell_goal = goals["ELL kernels >= 1.3x the CSR kernels (constant fan-in)"]
+    assert ell_goal["scope"].startswith("0 cases") and ell_goal["met"] == "not run"  # B=8 is out of its scope
+    assert goals["online inference >= 3.4x dense at 90% (SRigL)"]["auto"] is not None
+    assert "| ELL ms median (IQR) |" in printed and "ELL vs CSR" in printed
+
+
+def test_bench_linear_unequal_rows_skip_the_ell_column(tmp_path, capsys):
+    argv = [*QUICK, "--batch", "8", "--sparsity", "0.9", "--mode", "fwd", "--dtype", "fp32", "--repeat", "1"]
+    assert cli.main([*argv, "--out", str(tmp_path)]) == 0
+    capsys.readouterr()
+    (r,) = _load(tmp_path)["rows"]
+    assert r["results"]["ell"] == {"skipped": "rows hold unequal counts"} and r["ell_vs_csr"] is None
+    assert r["results"]["auto"]["same_as"] == "sparse" and r["fan_in"] is False
+
+
+def test_online_grid_and_fan_in_flag():
+    import argparse
+
+    blank = dict(quick=False, shape=None, batch=None, sparsity=None, dtype=None, mode=None)
+    assert linear.grid_from_args(argparse.Namespace(**blank, online=True, fan_in=False)) == linear.ONLINE
+    assert linear.ONLINE.batches == (1, 4, 16) and linear.ONLINE.modes == ("fwd",) and linear.ONLINE.fan_in
+    grid = linear.grid_from_args(argparse.Namespace(**blank, online=False, fan_in=True))
+    assert grid.fan_in and grid.batches == linear.FULL.batches
+
+
+def test_fan_in_problem_has_equal_rows():
+    p = linear.Problem((37, 23), 9, 0.8, "cpu", fan_in=True)
+    counts = p.index.row_ptr.diff()
+    assert p.equal_rows and bool((counts == round(0.2 * 37)).all())
+    assert not linear.Problem((37, 23), 9, 0.8, "cpu").equal_rows
+
+
+def test_ell_goals():
+    def row(batch, mode, sparsity, ell_vs_csr, auto):
+        r = _row("768->3072", batch, "fp32", mode, sparsity, 1.0, auto=auto)
+        r.update(fan_in=True, ell_vs_csr=ell_vs_csr)
+        r["speedup"]["ell"] = auto
+        return r
+
+    rows = [
+        row(256, "fwd", 0.9, 1.5, 6.0),
+        row(2048, "fwd", 0.98, 1.2, 20.0),
+        row(2048, "fwdbwd", 0.95, 1.4, 8.0),
+        row(4, "fwd", 0.9, 1.1, 3.0),
+        row(16, "fwd", 0.9, 1.1, 4.0),
+        row(16, "fwd", 0.5, 1.1, 0.5),  # outside every scope
+    ]
+    by = {(g["goal"], g["mode"]): g for g in linear_report.ell_goals(rows)}
+    fwd = by["ELL kernels >= 1.3x the CSR kernels (constant fan-in)", "fwd"]
+    assert fwd["sparse"] == 1.2 and fwd["met"] == "NO" and "768->3072 B=2048 fp32 98%" in fwd["scope"]
+    assert by["ELL kernels >= 1.3x the CSR kernels (constant fan-in)", "fwdbwd"]["met"] == "yes"
+    online = by["online inference >= 3.4x dense at 90% (SRigL)", "fwd"]
+    assert online["auto"] == 3.0 and online["met"] == "NO" and "B=4" in online["scope"]
+    assert linear_report.ell_goals([_row("a", 256, "fp32", "fwd", 0.9, 2.0)]) == []  # no fan-in rows: no goals
 
 
 def test_bench_linear_baseline_failure_keeps_exit_code(tmp_path, monkeypatch, capsys):

@@ -138,6 +138,18 @@ def add_linear_arguments(parser: argparse.ArgumentParser) -> None:
         help="sparsekern kernels to time (default: %(default)s, the C++ kernels on CPU tensors; cuda and triton "
         "run on a CUDA GPU; reference is the plain-PyTorch fallback)",
     )
+    parser.add_argument(
+        "--fan-in",
+        action="store_true",
+        help="constant fan-in masks (every row keeps round((1 - S) * IN) nonzeros): adds the ELL kernels' column "
+        "and their goals (>= 1.3x the CSR kernels)",
+    )
+    parser.add_argument(
+        "--online",
+        action="store_true",
+        help="online inference: unset axes default to B 1 4 16, forward only, fp32, sparsity 0.9 0.95 0.98, "
+        "constant fan-in masks, against dense (SRigL's 3.4x at 90%% is the bar)",
+    )
     add_isa_argument(parser)
     parser.add_argument(
         "--max-time",
@@ -223,7 +235,9 @@ _BENCHES: dict[str, _Bench] = {
             "is installed, over sparsity x batch x shape x dtype, forward and forward+backward (dX and dW at the "
             "nonzeros), checking every result against a float64 reference. Prints the DESIGN goals next to the "
             "achieved speedups and the sparsity from which the sparse path beats dense. Writes <out>/linear.md and "
-            "<out>/linear.json. Exit code 1 when a sparsekern call fails or its error exceeds twice dense's."
+            "<out>/linear.json. Exit code 1 when a sparsekern call fails or its error exceeds twice dense's. With "
+            "--fan-in every row keeps the same number of nonzeros and the constant fan-in (ELL) kernels are timed "
+            "next to the CSR ones; --online times batches of 1 to 16 (inference) on such weights."
         ),
         dtypes=("fp32", "bf16", "fp16"),
         add_arguments=add_linear_arguments,

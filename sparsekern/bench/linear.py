@@ -3,11 +3,13 @@
 Every case (shape x batch x sparsity x dtype x mode) times five implementations of ``y = x @ W.T`` for a
 random unstructured sparse ``W`` (no bias):
 
-* ``sparse``: ``sparse_linear(x, values, index, path="sparse")`` on the chosen backend (for CPU tensors the
-  C++ kernels);
+* ``sparse``: ``sparse_linear(x, values, index, path="sparse", kernels="csr")`` on the chosen backend (for CPU
+  tensors the C++ CSR kernels);
+* ``ell``: ``kernels="ell"``, the constant fan-in (ELL) kernels on the same weight, timed when every row holds the
+  same number of nonzeros (``--fan-in`` masks);
 * ``auto``: ``path="auto"``, what :class:`sparsekern.nn.SparseLinear` runs: the sparse kernels, or below the
-  measured density crossover (``DENSITY_CROSSOVER``) a dense GEMM on the scattered weight; every row says
-  which path it took;
+  measured density crossover (``DENSITY_CROSSOVER``) a dense GEMM on the scattered weight, and on a constant
+  fan-in weight the ELL kernels; every row says which path it took;
 * ``dense``: ``F.linear`` on the masked dense weight, the baseline of every speedup;
 * ``torch CSR``: ``torch.sparse.mm(W.to_sparse_csr(), x.T).T``;
 * ``SparseProp``: ``sparseprop.modules.SparseLinear`` (fp32 on the CPU only), when the package is installed.
@@ -50,7 +52,7 @@ from .harness import failure
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwdbwd")
-IMPLS = ("dense", "sparse", "auto", "torch_csr", "sparseprop")  # the keys of every row's "results", in timing order
+IMPLS = ("dense", "sparse", "ell", "auto", "torch_csr", "sparseprop")  # the keys of every row's "results", in timing order
 QUANTITIES = {"fwd": ("y",), "fwdbwd": ("y", "dX", "dW")}
 
 # Two steps: SparseProp's sdist builds against pybind11 without declaring it, so pybind11 must be there first.
@@ -69,6 +71,7 @@ class Grid:
     sparsities: tuple[float, ...]
     dtypes: tuple[str, ...]
     modes: tuple[str, ...]
+    fan_in: bool = False  # every row keeps the same number of nonzeros (constant fan-in): the ELL column runs
 
     def cases(self) -> list[tuple[tuple[int, int], int, float, str, str]]:
         """(shape, batch, sparsity, dtype, mode) in the order they run: one weight and input per
@@ -93,6 +96,10 @@ FULL = Grid(
 )
 # Odd sizes (not multiples of any tile), a batch that is not a multiple of 64: a smoke run of seconds.
 QUICK = Grid(shapes=((64, 96),), batches=(8, 70), sparsities=(0.5, 0.9, 0.98), dtypes=("fp32", "bf16"), modes=MODES)
+# Online inference (SRigL's setting): forward only, batches of 1 to 16, constant fan-in masks, against dense.
+ONLINE = Grid(
+    shapes=FULL.shapes, batches=(1, 4, 16), sparsities=(0.9, 0.95, 0.98), dtypes=("fp32",), modes=("fwd",), fan_in=True
+)
 
 
 def label(shape: Sequence[int]) -> str:
@@ -127,17 +134,34 @@ def _bf16_exact(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
-class Problem:
-    """A random (n_out, n_in) weight at ``sparsity`` (exact nnz, uniform positions), x (B, n_in) and an output
-    gradient (B, n_out), all fp32 holding bf16-exact values, with float64 references computed on first use."""
+def fan_in_mask(n_out: int, n_in: int, sparsity: float, gen: torch.Generator) -> torch.Tensor:
+    """A bool (n_out, n_in) mask whose every row keeps ``round((1 - sparsity) * n_in)`` columns, uniformly at random."""
+    k = int(round((1.0 - sparsity) * n_in))
+    mask = torch.zeros(n_out, n_in, dtype=torch.bool)
+    if k:
+        mask.scatter_(1, torch.rand(n_out, n_in, generator=gen).topk(k, dim=1).indices, True)
+    return mask
 
-    def __init__(self, shape: tuple[int, int], batch: int, sparsity: float, device: str, seed: int = 0):
+
+class Problem:
+    """A random (n_out, n_in) weight at ``sparsity`` (exact nnz, uniform positions; with ``fan_in`` the same count
+    ``round((1 - sparsity) * n_in)`` in every row), x (B, n_in) and an output gradient (B, n_out), all fp32 holding
+    bf16-exact values, with float64 references computed on first use."""
+
+    def __init__(
+        self, shape: tuple[int, int], batch: int, sparsity: float, device: str, seed: int = 0, fan_in: bool = False
+    ):
         n_in, n_out = shape
         gen = torch.Generator().manual_seed(seed)
         numel = n_in * n_out
-        nnz = int(round((1.0 - sparsity) * numel))
-        mask = torch.zeros(numel, dtype=torch.bool)
-        mask[torch.randperm(numel, generator=gen)[:nnz]] = True
+        if fan_in:
+            mask = fan_in_mask(n_out, n_in, sparsity, gen).view(-1)
+            nnz = int(mask.sum())
+        else:
+            nnz = int(round((1.0 - sparsity) * numel))
+            mask = torch.zeros(numel, dtype=torch.bool)
+            mask[torch.randperm(numel, generator=gen)[:nnz]] = True
+        self.fan_in = fan_in
         self.index = CSRIndex.from_mask(mask.view(n_out, n_in).to(device))
         bound = 1.0 / math.sqrt(n_in)
         values = _bf16_exact((torch.rand(nnz, generator=gen) * 2 - 1) * bound)
@@ -146,6 +170,7 @@ class Problem:
         self.x = _bf16_exact(torch.randn(batch, n_in, generator=gen)).to(device)
         self.grad = _bf16_exact(torch.randn(batch, n_out, generator=gen)).to(device)
         self.shape, self.batch, self.sparsity = shape, batch, sparsity
+        self.equal_rows = n_out > 0 and nnz % n_out == 0 and bool((self.index.row_ptr.diff() == nnz // n_out).all())
         self._ref: dict[str, torch.Tensor] = {}
 
     def reference(self, mode: str) -> dict[str, torch.Tensor]:
@@ -198,11 +223,17 @@ def _as_dict(mode: str, to_values: Callable[[Any], torch.Tensor] | None = None) 
     return extract
 
 
-def build_sparsekern(p: Problem, x, values, grad, mode: str, backend: str, path: str) -> tuple[Fn, Extract]:
+def build_sparsekern(
+    p: Problem, x, values, grad, mode: str, backend: str, path: str, kernels: str = "auto"
+) -> tuple[Fn, Extract]:
     # sparse_linear is looked up when called, so a test can replace it in this module. The workspace is what
     # SparseLinear keeps for the dense path (one dense weight per topology, only its nonzeros rewritten per call).
     workspace = DenseWorkspace()
-    forward = lambda xx, vv: sparse_linear(xx, vv, p.index, backend=backend, path=path, workspace=workspace)  # noqa: E731
+    kw = {} if kernels == "auto" else {"kernels": kernels}
+
+    def forward(xx, vv):
+        return sparse_linear(xx, vv, p.index, backend=backend, path=path, workspace=workspace, **kw)
+
     if mode == "fwd":  # inference: the weights do not change between calls
         return _grads(mode, forward, x, values, grad), _as_dict(mode)
     param = values.detach().clone().requires_grad_()  # its own copy: the values are shared by other cases
@@ -308,9 +339,15 @@ def run_case(
     group = (tuple(p.shape), p.batch, dtype_name, mode)
     builders: dict[str, Callable[[], tuple[Fn, Extract]]] = {
         "dense": lambda: build_dense(p, x, w, grad, mode),
-        "sparse": lambda: build_sparsekern(p, x, values, grad, mode, backend, "sparse"),
+        "sparse": lambda: build_sparsekern(p, x, values, grad, mode, backend, "sparse", "csr"),
     }
-    if row["auto_path"] != "sparse":  # else the very same call as path="sparse" once auto has chosen
+    # auto on the sparse path is the very same call as the ELL column (equal rows) or the CSR one
+    auto_same_as = "ell" if p.equal_rows and p.index.nnz else "sparse"
+    if p.equal_rows:
+        builders["ell"] = lambda: build_sparsekern(p, x, values, grad, mode, backend, "sparse", "ell")
+    else:
+        results["ell"] = {"skipped": "rows hold unequal counts"}
+    if row["auto_path"] != "sparse" or auto_same_as not in builders:
         builders["auto"] = lambda: build_sparsekern(p, x, values, grad, mode, backend, "auto")
     builders["torch_csr"] = lambda: build_torch_csr(p, x, w, grad, mode)
     if sparseprop is None:
@@ -341,7 +378,7 @@ def run_case(
         except Exception as exc:  # noqa: BLE001
             results[name] = {"error": failure(exc)}
     if "auto" not in results:
-        results["auto"] = {**results["sparse"], "same_as": "sparse"}
+        results["auto"] = {**results[auto_same_as], "same_as": auto_same_as}
     dense_median = results["dense"]["stats"]["median"] if "stats" in results["dense"] else None
     for name in ("torch_csr", "sparseprop"):
         r = results[name]
@@ -359,18 +396,20 @@ def run_case(
     def ratio(num: float | None, den: float | None) -> float | None:
         return None if num is None or den is None or den <= 0 else num / den
 
-    row["speedup"] = {name: ratio(dense_median, median(name)) for name in ("sparse", "auto")}
+    row["speedup"] = {name: ratio(dense_median, median(name)) for name in ("sparse", "ell", "auto")}
+    row["ell_vs_csr"] = ratio(median("sparse"), median("ell"))  # the CSR kernels' time / the ELL kernels'
+    row["fan_in"] = p.fan_in
     row["vs_torch_csr"] = ratio(median("torch_csr"), median("sparse"))
     row["vs_sparseprop"] = ratio(median("sparseprop"), median("sparse"))
     dense_errors = results["dense"].get("errors")
     ok: bool | None = None
-    for name in ("sparse", "auto"):
+    for name in ("sparse", "ell", "auto"):
         r = results[name]
         if "errors" in r and dense_errors is not None:
             r["ok"] = within_dense(r["errors"], dense_errors, ref, dtype)
             ok = r["ok"] if ok is None else (ok and r["ok"])
     row["ok"] = ok
-    row["failed"] = [name for name in ("sparse", "auto") if "error" in results[name]]
+    row["failed"] = [name for name in ("sparse", "ell", "auto") if "error" in results[name]]
     return row
 
 
@@ -379,15 +418,18 @@ def warm_up_process(grid: Grid, backend: str, device: str, sparseprop: type | No
     engine's threads take about 0.3 s on its first backward; thread pools, lazy library loading) land in no
     case's timings: a slow first call of a case counts as a sample (see :func:`harness.time_interleaved`)."""
     p = Problem((16, 24), 4, 0.5, device)
+    pe = Problem((16, 24), 4, 0.5, device, fan_in=True)
     for dtype_name in grid.dtypes:
         dtype = DTYPES[dtype_name]
         x, values, grad = p.x.to(dtype), p.values.to(dtype), p.grad.to(dtype)
         w = p.index.to_dense(values)
+        ell_inputs = (pe.x.to(dtype), pe.values.to(dtype), pe.grad.to(dtype))
         for mode in grid.modes:
             builds: list[tuple[Callable[..., tuple[Fn, Extract]], tuple]] = [
                 (build_dense, (p, x, w, grad, mode)),
-                (build_sparsekern, (p, x, values, grad, mode, backend, "sparse")),
+                (build_sparsekern, (p, x, values, grad, mode, backend, "sparse", "csr")),
                 (build_sparsekern, (p, x, values, grad, mode, backend, "dense")),
+                (build_sparsekern, (pe, *ell_inputs, mode, backend, "sparse", "ell")),
                 (build_torch_csr, (p, x, w, grad, mode)),
             ]
             if sparseprop is not None and dtype == torch.float32 and torch.device(device).type == "cpu":
@@ -459,7 +501,7 @@ def _run_linear(
             bar.set_postfix_str(f"{label(shape)} B={batch} {harness.fmt_pct(sparsity)} {dtype} {mode}")
         if problem is None or (problem.shape, problem.batch, problem.sparsity) != (shape, batch, sparsity):
             problem = None  # free the previous weight first
-            problem = Problem(shape, batch, sparsity, device)
+            problem = Problem(shape, batch, sparsity, device, fan_in=grid.fan_in)
         rows.append(run_case(problem, dtype, mode, backend, device, settings, sparseprop, sparseprop_note, hopeless))
         rows[-1]["load_average"] = _load_average()  # this process counts about torch_threads of it
     problem = None
@@ -511,8 +553,9 @@ def _run_linear(
 
 
 def grid_from_args(args: argparse.Namespace) -> Grid:
-    """The sweep the options ask for: each unset axis takes FULL's values (QUICK's with --quick)."""
-    base = QUICK if args.quick else FULL
+    """The sweep the options ask for: each unset axis takes FULL's values (QUICK's with --quick, ONLINE's with
+    --online); --fan-in makes every mask constant fan-in (ONLINE's always are)."""
+    base = QUICK if args.quick else ONLINE if getattr(args, "online", False) else FULL
 
     def pick(values, default):
         return tuple(dict.fromkeys(values)) if values else default
@@ -523,6 +566,7 @@ def grid_from_args(args: argparse.Namespace) -> Grid:
         sparsities=tuple(sorted(set(args.sparsity))) if args.sparsity else base.sparsities,
         dtypes=pick(args.dtype, base.dtypes),
         modes=pick(args.mode, base.modes),
+        fan_in=base.fan_in or bool(getattr(args, "fan_in", False)),
     )
 
 

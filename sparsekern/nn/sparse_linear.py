@@ -21,7 +21,7 @@ from .._csr import (
 )
 from .._validate import check_tensor
 from ..ops.semi24_mask import check_finite_weight
-from ..ops.sparse_linear import DenseWorkspace, sparse_linear
+from ..ops.sparse_linear import KERNELS, DenseWorkspace, choose_kernels, ell_width, sparse_linear
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -98,6 +98,12 @@ class SparseLinear(nn.Module):
             ``round((1 - sparsity) * out * in)``).
         mask: a bool (out_features, in_features) mask instead of ``sparsity``.
         device, dtype: as ``nn.Linear`` (float32, bfloat16, float16; float64 runs the reference kernels).
+        kernels: the sparse path's kernels: "auto" (default: the constant fan-in (ELL) kernels whenever every row
+            holds the same number of nonzeros, see :attr:`fan_in`, else the CSR kernels; a topology update that
+            makes the rows unequal moves the layer to CSR, and one that evens them out moves it back), "csr"
+            (always CSR, for comparison and debugging) or "ell" (ValueError naming the first unequal row, here and
+            in any forward after an update that made the rows unequal). A plain attribute: it may be changed
+            between calls.
 
     Inputs of any leading shape ``(..., in_features)``. Values are initialised like ``nn.Linear``'s weight
     (uniform in ±1/sqrt(in_features)). Like :func:`sparsekern.ops.sparse_linear.sparse_linear`: differentiable
@@ -123,9 +129,12 @@ class SparseLinear(nn.Module):
         mask: torch.Tensor | None = None,
         device=None,
         dtype=None,
+        kernels: str = "auto",
     ):
         super().__init__()
         fn = "SparseLinear"
+        if kernels not in KERNELS:
+            raise ValueError(f"{fn}: kernels must be one of {KERNELS}, got {kernels!r}")
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{fn}: {name} must be a positive int, got {value!r}")
@@ -144,6 +153,9 @@ class SparseLinear(nn.Module):
         else:
             index = CSRIndex.from_mask(_check_mask(fn, mask, (out_features, in_features)).to(device))
         self._set_index(index)
+        self.kernels = kernels
+        if kernels == "ell":
+            choose_kernels(kernels, index, fn=fn)  # raises naming the first unequal row
         bound = 1.0 / math.sqrt(in_features)
         self.values = nn.Parameter(torch.empty(self.index.nnz, device=device, dtype=dtype).uniform_(-bound, bound))
         self.bias = (
@@ -161,6 +173,9 @@ class SparseLinear(nn.Module):
         self.register_buffer("csc_row", index.csc_row, persistent=False)
         self.register_buffer("csc_perm", index.csc_perm, persistent=False)
         self._workspace = DenseWorkspace()  # the dense path's weight, valid for this topology only
+        # the count of nonzeros in every row when they are equal (the ELL kernels' width), else None; a Python int,
+        # so torch.compile specialises on it (a traced forward cannot read row_ptr)
+        self._fan_in = ell_width(index)
 
     def _checked_index(self) -> CSRIndex:
         """The index for a forward. The index buffers are public tensors: when one of them was modified in place or
@@ -186,6 +201,12 @@ class SparseLinear(nn.Module):
         return self.col_idx.numel()
 
     @property
+    def fan_in(self) -> int | None:
+        """The number of nonzeros in every row when all rows hold the same number (constant fan-in: the sparse
+        path can run the ELL kernels), else None."""
+        return self._fan_in
+
+    @property
     def sparsity(self) -> float:
         return 1.0 - self.nnz / (self.out_features * self.in_features)
 
@@ -206,9 +227,16 @@ class SparseLinear(nn.Module):
 
     # -- conversions ---------------------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, linear: nn.Linear, *, mask: torch.Tensor | None = None, sparsity: float | None = None):
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        *,
+        mask: torch.Tensor | None = None,
+        sparsity: float | None = None,
+        kernels: str = "auto",
+    ):
         """A SparseLinear holding ``linear``'s weights at ``mask`` (or, with ``sparsity``, at its largest |w|;
-        ties: lower flat index).
+        ties: lower flat index). ``kernels``: as for the constructor.
 
         Raises:
             ValueError: with ``sparsity``, a weight is inf or NaN (no magnitude order; ``semi24_mask`` has the
@@ -235,6 +263,7 @@ class SparseLinear(nn.Module):
             mask=mask,
             device=weight.device,
             dtype=weight.dtype,
+            kernels=kernels,
         )
         with torch.no_grad():
             layer.values.copy_(weight[mask])
@@ -289,12 +318,22 @@ class SparseLinear(nn.Module):
     # -- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = self._checked_index()  # first: it may renew the workspace
-        return sparse_linear(x, self.values, index, self.bias, workspace=self._workspace)
+        return sparse_linear(
+            x, self.values, index, self.bias, workspace=self._workspace, kernels=self.kernels, fan_in=self._fan_in
+        )
+
+    def __setstate__(self, state):  # a layer pickled before ``kernels`` existed runs as "auto"
+        super().__setstate__(state)
+        if "kernels" not in self.__dict__:
+            self.kernels = "auto"
+        if "_fan_in" not in self.__dict__:
+            self._fan_in = ell_width(self.index)
 
     def extra_repr(self) -> str:
+        fan_in = "" if self._fan_in is None else f", fan_in={self._fan_in}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"sparsity={self.sparsity:.4f}, nnz={self.nnz}"
+            f"sparsity={self.sparsity:.4f}, nnz={self.nnz}, kernels={self.kernels!r}{fan_in}"
         )
 
     # -- topology ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ dW only at the nonzeros) and a per-call choice between the sparse kernels and a 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -13,10 +14,14 @@ from .._csr import VALUE_DTYPES, CSRIndex, check_index
 from .._validate import check_same_device, check_tensor
 from . import sddmm as _sddmm
 from . import spmm as _spmm
-from ._backend import resolve_tensor, warn_once
+from ._backend import BackendUnavailableError, resolve_tensor, warn_once
 from .csr_dense import csr_dense_gather, csr_dense_scatter_
+from .ell_sddmm import run as _ell_sddmm  # by run(): the package exports functions of the modules' names
+from .ell_spmm import run as _ell_spmm
+from .ell_spmm_t import run as _ell_spmm_t
 
 PATHS = ("auto", "sparse", "dense")
+KERNELS = ("auto", "csr", "ell")
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,115 @@ def choose_path(path: str, index: CSRIndex, x: torch.Tensor, backend: str, train
         return "sparse"
     crossover = density_crossover(x.device.type, x.dtype, x.shape[0], training)
     return "sparse" if index.density <= crossover else "dense"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Constant fan-in (ELL): a CSR index whose rows all hold k nonzeros IS the ELL layout (col_idx.view(n_out, k),
+# values.view(n_out, k)), so the sparse path can run the ELL kernels on the same storage. Which rows are equal is
+# read off row_ptr once per index (O(n_out)) and remembered until row_ptr changes (its version counter).
+
+_ell_widths: dict[int, tuple] = {}
+
+
+def _row_counts(index: CSRIndex) -> torch.Tensor:
+    return index.row_ptr[1:] - index.row_ptr[:-1]
+
+
+def ell_width(index: CSRIndex) -> int | None:
+    """k when every row of ``index`` holds exactly k nonzeros (the ELL layout), else None. O(n_out) on the first
+    call for an index, then O(1) until its row_ptr is modified or replaced."""
+    row_ptr = index.row_ptr
+    key = id(row_ptr)
+    version = -1 if row_ptr.is_inference() else row_ptr._version
+    entry = _ell_widths.get(key)
+    if entry is not None and entry[0]() is row_ptr and entry[1] == version and entry[2] == index.n_out:
+        return entry[3]
+    if index.n_out == 0:
+        width = None
+    else:
+        counts = _row_counts(index)
+        lo, hi = torch.stack(torch.aminmax(counts)).tolist()  # one sync for both
+        width = int(lo) if lo == hi else None
+
+    def forget(ref, key=key):
+        current = _ell_widths.get(key)
+        if current is not None and current[0] is ref:
+            _ell_widths.pop(key, None)
+
+    _ell_widths[key] = (weakref.ref(row_ptr, forget), version, index.n_out, width)
+    return width
+
+
+def first_unequal_row(index: CSRIndex) -> tuple[int, int, int]:
+    """(row, its count, row 0's count) for the first row whose nonzero count differs from row 0's."""
+    counts = _row_counts(index)
+    r = int((counts != counts[0]).nonzero()[0])
+    return r, int(counts[r]), int(counts[0])
+
+
+def choose_kernels(kernels: str, index: CSRIndex, fan_in: int | None = None, fn: str = "sparse_linear") -> int | None:
+    """The ELL width the sparse path runs with (None: the CSR kernels). ``kernels``: "auto" (ELL when every row
+    holds the same count of nonzeros, at least one), "csr" or "ell" (ValueError naming the first unequal row when
+    the rows differ). ``fan_in``: the width the caller knows (SparseLinear keeps it per topology): under
+    torch.compile it is trusted, since a traced call cannot read row_ptr; eagerly the index itself decides."""
+    if kernels not in KERNELS:
+        raise ValueError(f"{fn}: kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "csr":
+        return None
+    if torch.compiler.is_compiling():
+        width = fan_in
+        if width is not None and width * index.n_out != index.nnz:
+            raise ValueError(f"{fn}: fan_in={width} does not fit {index.nnz} nonzeros in {index.n_out} rows")
+    else:
+        width = ell_width(index)
+    if kernels == "ell":
+        if width is None:
+            if index.n_out == 0:
+                raise ValueError(f"{fn}: kernels='ell' needs a weight with at least one row")
+            if torch.compiler.is_compiling():
+                raise ValueError(
+                    f"{fn}: kernels='ell' under torch.compile needs fan_in= (the count of nonzeros in every row); "
+                    "SparseLinear passes its own"
+                )
+            row, count, first = first_unequal_row(index)
+            raise ValueError(
+                f"{fn}: kernels='ell' needs the same number of nonzeros in every row, but row {row} holds {count} "
+                f"where row 0 holds {first} (use kernels='auto' or 'csr' for such a weight)"
+            )
+        return width
+    return width if width else None  # auto: a weight without nonzeros keeps the CSR kernels
+
+
+_ELL_OPS = ("ell_spmm", "ell_spmm_t", "ell_sddmm")
+_ell_kernels: dict[str, bool] = {}  # by dispatch key: does the loaded extension have the ELL kernels?
+
+
+def _has_ell_kernels(key: str) -> bool:
+    has = _ell_kernels.get(key)
+    if has is None:  # 3 dispatcher look-ups, once: they would cost ~1 us a call of a small layer
+        has = all(torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", key) for op in _ELL_OPS)
+        _ell_kernels[key] = has
+    return has
+
+
+def ell_backend(fn: str, x: torch.Tensor, chosen: str, backend: str, kernels: str) -> str | None:
+    """The backend that runs the ELL kernels for a call that resolved to ``chosen`` (asked for ``backend``), or None
+    for the CSR kernels: an extension built before the ELL kernels has no C++/CUDA kernel for them, so "auto"
+    keeps the CSR kernels (a fast path) and "ell" runs the reference (``backend="auto"``, with a warning) or raises
+    (an explicit backend)."""
+    if chosen in ("reference", "triton") or torch.compiler.is_compiling():
+        return chosen
+    key = "CPU" if x.device.type == "cpu" else "CUDA"
+    if _has_ell_kernels(key):
+        return chosen
+    why = f"sparsekern._C has no {key} kernels for the ELL ops (built before them; rebuild it)"
+    if kernels == "auto":
+        warn_once(f"sparsekern.{fn}: constant fan-in weights run the CSR kernels ({why})")
+        return None
+    if backend != "auto":
+        raise BackendUnavailableError(f"{fn}: kernels='ell' with backend={backend!r} is not available: {why}")
+    warn_once(f"sparsekern.{fn}: kernels='ell' runs the plain-PyTorch reference ({why})")
+    return "reference"
 
 
 class DenseWorkspace:
@@ -326,6 +440,42 @@ class _SparseLinearEager(torch.autograd.Function):
         return _backward(ctx, grad)
 
 
+class _SparseLinearEll(torch.autograd.Function):
+    """The sparse path on a constant fan-in (ELL) weight: forward by ell_spmm, dX by ell_spmm_t (straight from the
+    row-major columns: no transposed index), dvalues by ell_sddmm. The CSR index rides along only for a backward
+    with create_graph=True, which builds its gradients from differentiable sparse_linear calls."""
+
+    @staticmethod
+    def forward(ctx, x, values, bias, row_ptr, col_idx, csc_ptr, csc_row, csc_perm, n_in, width, backend):
+        n_out = row_ptr.shape[0] - 1
+        cols = col_idx.view(n_out, width)
+        y = _ell_spmm(backend, x, cols, values.view(n_out, width))
+        if bias is not None:
+            y = y.add_(bias)
+        ctx.save_for_backward(x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm)
+        ctx.n_in, ctx.width, ctx.backend, ctx.has_bias = n_in, width, backend, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, values, row_ptr, col_idx, csc_ptr, csc_row, csc_perm = ctx.saved_tensors
+        n_out, needs = row_ptr.shape[0] - 1, ctx.needs_input_grad
+        grad = grad.contiguous()
+        grad_x = grad_values = grad_bias = None
+        if torch.is_grad_enabled():  # create_graph=True
+            index = CSRIndex(row_ptr, col_idx, csc_ptr, csc_row, csc_perm, n_out, ctx.n_in)
+            grad_x, grad_values = _differentiable_backward(grad, x, values, index, ctx.backend, "sparse", needs[:2])
+        else:
+            cols = col_idx.view(n_out, ctx.width)
+            if needs[0]:
+                grad_x = _ell_spmm_t(ctx.backend, grad, cols, values.view(n_out, ctx.width), ctx.n_in)
+            if needs[1]:
+                grad_values = _ell_sddmm(ctx.backend, grad, x, cols).view(-1)
+        if ctx.has_bias and needs[2]:
+            grad_bias = grad.sum(0)
+        return grad_x, grad_values, grad_bias, *([None] * 8)
+
+
 def sparse_linear(
     x: torch.Tensor,
     values: torch.Tensor,
@@ -335,6 +485,8 @@ def sparse_linear(
     backend: str = "auto",
     path: str = "auto",
     workspace: DenseWorkspace | None = None,
+    kernels: str = "auto",
+    fan_in: int | None = None,
 ) -> torch.Tensor:
     """``x @ W.T + bias`` for a sparse ``W`` given by its nonzero ``values`` and a :class:`CSRIndex`.
 
@@ -365,9 +517,24 @@ def sparse_linear(
         workspace: a :class:`DenseWorkspace` the caller keeps for this index (``SparseLinear`` does), so the
             dense path rewrites only the nonzeros of one dense weight instead of building a new one per call.
             Safe to share between threads (a busy workspace is not waited for: the call uses its own weight).
+        kernels: the sparse path's kernel family. "auto": when every row of the index holds the same number k >= 1
+            of nonzeros (constant fan-in), the ELL kernels (``ell_spmm`` forward, ``ell_spmm_t`` for dX without the
+            transposed index, ``ell_sddmm`` for dvalues) on ``col_idx.view(n_out, k)``; otherwise the CSR kernels.
+            "csr": always the CSR kernels (for comparison and debugging). "ell": the ELL kernels, and ValueError
+            naming the first row whose count differs when the rows are unequal. Which rows are equal is read off
+            ``row_ptr`` once per index (O(n_out)) and remembered until it changes.
+        fan_in: the count of nonzeros in every row, where the caller knows the rows are equal (SparseLinear passes
+            it). Only read under ``torch.compile``, which cannot read ``row_ptr`` while tracing: there "auto" takes
+            the ELL kernels only when it is given, and "ell" without it raises. Eager calls read the index.
 
     Returns:
         (..., n_out) in x's dtype.
+
+    Raises:
+        ValueError: ``kernels="ell"`` on an index whose rows hold different numbers of nonzeros (names the first
+            such row); a bad ``kernels``, ``path`` or ``backend``; shapes that do not fit the index.
+        TypeError: a dtype other than float32, bfloat16, float16 or float64, or a ``values``/``bias`` dtype
+            other than x's.
     """
     fn = "sparse_linear"
     device_type = x.device.type if isinstance(x, torch.Tensor) else "cpu"
@@ -375,7 +542,9 @@ def sparse_linear(
         dtype = torch.get_autocast_dtype(device_type)
         x, values, bias = (_autocast(t, dtype) for t in (x, values, bias))
         with torch.autocast(device_type, enabled=False):
-            return sparse_linear(x, values, index, bias, backend=backend, path=path, workspace=workspace)
+            return sparse_linear(
+                x, values, index, bias, backend=backend, path=path, workspace=workspace, kernels=kernels, fan_in=fan_in
+            )
     if not torch.compiler.is_compiling():  # traced calls: the C++ kernels still scan the index at run time
         check_index(fn, index)  # O(1) for an index built by CSRIndex and unchanged since; else O(nnz), recorded
     check_tensor(fn, "x", x, dtypes=VALUE_DTYPES)
@@ -392,6 +561,7 @@ def sparse_linear(
     else:
         check_same_device(fn, x=x, values=values, index=index.row_ptr)
     chosen = resolve_tensor(fn, x, backend)
+    width = choose_kernels(kernels, index, fan_in, fn)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, index.n_in).contiguous()
     training = torch.is_grad_enabled() and (x.requires_grad or values.requires_grad)
@@ -401,6 +571,15 @@ def sparse_linear(
         chosen_path = "sparse"
     if chosen_path == "dense":
         return _dense_path(x2, values, index, bias, workspace, chosen, training).reshape(*lead, index.n_out)
+    ell = ell_backend(fn, x2, chosen, backend, kernels) if width is not None else None
+    if ell is not None and not (training or (bias is not None and bias.requires_grad and torch.is_grad_enabled())):
+        # inference: the kernel alone (an autograd.Function costs ~5 us a call, felt at online batch sizes)
+        y = _ell_spmm(ell, x2, index.col_idx.view(index.n_out, width), values.contiguous().view(index.n_out, width))
+        return (y if bias is None else y.add_(bias)).reshape(*lead, index.n_out)
+    if ell is not None:
+        tensors = (index.row_ptr, index.col_idx, index.csc_ptr, index.csc_row, index.csc_perm)
+        y = _SparseLinearEll.apply(x2, values.contiguous(), bias, *tensors, index.n_in, width, ell)
+        return y.reshape(*lead, index.n_out)
     op = torch.ops.sparsekern.sparse_linear if torch.compiler.is_compiling() else _SparseLinearEager.apply
     y = op(
         x2,
