@@ -140,6 +140,49 @@ def sddmm_reference(g: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor, col
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Constant fan-in (ELL) sparse matmul. W is (n_out, n_in) with k nonzeros per row: cols int32 (n_out, k), each row
+# ascending and unique, values (n_out, k). As for the CSR references, sums run over the stored positions only.
+
+
+def _ell_dense(cols: torch.Tensor, values: torch.Tensor, n_in: int, acc: torch.dtype) -> torch.Tensor:
+    """The dense (n_out, n_in) W of an ELL matrix, in ``acc``."""
+    dense = torch.zeros(cols.shape[0], n_in, dtype=acc, device=values.device)
+    return dense.scatter_(1, cols.long(), values.to(acc))
+
+
+def ell_spmm_reference(x: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """y = x @ W.T, y[b, o] = sum_t values[o, t] * x[b, cols[o, t]]; fp32 accumulation (float64 for float64).
+
+    A row of x holding inf or NaN is summed over W's nonzeros only (as :func:`spmm_reference`)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.to(acc)
+    y = xs @ _ell_dense(cols, values, x.shape[1], acc).T
+    bad = (~torch.isfinite(xs).all(1)).nonzero().reshape(-1)
+    if bad.numel():
+        y[bad] = (xs[bad][:, cols.long()] * values.to(acc)).sum(-1)  # (bad rows, n_out, k) -> (bad rows, n_out)
+    return y.to(x.dtype)
+
+
+def ell_spmm_t_reference(g: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, n_in: int) -> torch.Tensor:
+    """dx = g @ W, dx[b, i] = sum over (o, t) with cols[o, t] == i of g[b, o] * values[o, t]; fp32 accumulation
+    (float64 for float64). A row of g holding inf or NaN is summed over W's nonzeros only."""
+    acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+    gs = g.to(acc)
+    dx = gs @ _ell_dense(cols, values, n_in, acc)
+    bad = (~torch.isfinite(gs).all(1)).nonzero().reshape(-1)
+    if bad.numel():
+        products = (gs[bad].unsqueeze(-1) * values.to(acc)).reshape(bad.numel(), -1)  # (bad rows, n_out * k)
+        dx[bad] = torch.zeros_like(dx[bad]).index_add_(1, cols.reshape(-1).long(), products)
+    return dx.to(g.dtype)
+
+
+def ell_sddmm_reference(g: torch.Tensor, x: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """out[o, t] = sum_b g[b, o] * x[b, cols[o, t]]: the gradient of W's values in the layout of ``values``."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (g.to(acc).T @ x.to(acc)).gather(1, cols.long()).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Fused top-k over the outer product (RigL grow). The exclusion is a CSR pattern (row_ptr int64, col_idx int32)
 # over the (n_out, n_in) score matrix.
 
