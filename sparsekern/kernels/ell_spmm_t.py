@@ -5,7 +5,7 @@ deterministically and without atomics: the launcher builds W's transposed index 
 flattened cols (``perm``: for every input column its nonzeros' flat positions o * k + t, in ascending o) and the
 column pointers ``col_ptr`` (searchsorted of 0..n_in in the sorted cols), O(nnz) work and no host sync. One
 program then computes ``BLOCK_I`` input columns x ``BLOCK_B`` batch columns, each input column summing its
-nonzeros ``BLOCK_J`` at a time in fp32 in ascending o: the same bits on every run and every launch shape.
+nonzeros ``BLOCK_J`` (32 to 128, more for small batches) at a time in fp32 in ascending o: the same bits on every run.
 
 g is transposed to (n_out, B) first, so every gathered row of g is a contiguous batch run; dx is written as
 (n_in, B) and transposed back. The values are read through perm inside the kernel (no permuted copy).
@@ -25,9 +25,10 @@ import triton.language as tl
 
 from .spmm import _round_from_fp32
 
-_MIN_BLOCK_B = 16
-_MAX_BLOCK_B = 128
-_BLOCK_J = 32  # nonzeros of an input column per step: the (BLOCK_J, BLOCK_B) gathered tile is at most 4096 elements
+_MAX_BLOCK_B = 128  # a gathered row of g is a contiguous 512-byte fp32 / 256-byte fp16 run
+_TILE = 4096  # elements of the gathered (BLOCK_J, BLOCK_B) tile and of the fp32 accumulator
+_MIN_BLOCK_J = 32
+_MAX_BLOCK_J = 128  # small batches spend the tile on nonzeros instead of batch lanes that do not exist
 _BLOCK_I = 8  # input columns per program
 
 
@@ -102,9 +103,10 @@ def _ell_spmm_t_fwd(
     gt = g.t().contiguous()
     values = values.contiguous()
     dxt = torch.empty((n_in, batch), dtype=g.dtype, device=g.device)
-    block_b = max(_MIN_BLOCK_B, min(_MAX_BLOCK_B, triton.next_power_of_2(batch)))
+    block_b = min(_MAX_BLOCK_B, triton.next_power_of_2(batch))
+    block_j = min(_MAX_BLOCK_J, max(_MIN_BLOCK_J, _TILE // block_b))
     grid = (triton.cdiv(n_in, _BLOCK_I), triton.cdiv(batch, block_b))
     _ell_spmm_t_fwd_kernel[grid](
-        gt, col_ptr, perm, values, dxt, n_in, batch, k, BLOCK_I=_BLOCK_I, BLOCK_J=_BLOCK_J, BLOCK_B=block_b
+        gt, col_ptr, perm, values, dxt, n_in, batch, k, BLOCK_I=_BLOCK_I, BLOCK_J=block_j, BLOCK_B=block_b
     )
     return dxt.t().contiguous()
