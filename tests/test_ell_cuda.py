@@ -69,13 +69,7 @@ def test_cuda_kernels_registered(op):
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"sparsekern::{op}", "CUDA")
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
-@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
-def test_ell_ops_match_reference(batch, layer, dtype, backend):
+def check_all_ops(backend, batch, layer, dtype):
     n_out, n_in, k = layer
     cols, values, w64 = random_ell(n_out, n_in, k, dtype)
     w = w64.to(dtype)
@@ -90,6 +84,26 @@ def test_ell_ops_match_reference(batch, layer, dtype, backend):
     assert dv.dtype == dtype and dv.shape == (n_out, k) and dv.is_contiguous()
     idx = cols.long()
     assert_within_torch_error(dv, (g.double().T @ x.double()).gather(1, idx), (g.T @ x).gather(1, idx))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU or not WITH_CUDA, reason="needs a CUDA GPU and a CUDA build of sparsekern._C")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("layer", LAYERS, ids=LAYER_IDS)
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
+def test_cuda_ops_match_reference(batch, layer, dtype):
+    check_all_ops("cuda", batch, layer, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_GPU or INTERPRET, reason="needs a CUDA GPU and compiled Triton (TRITON_INTERPRET unset)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("batch", [1, 16, 300], ids=lambda b: f"B{b}")
+def test_triton_matches_reference_at_gpu_sizes(batch, dtype):
+    """Compiled Triton on a layer larger than the interpreter tests reach (tests/test_ell_triton.py also runs on
+    the GPU); a few batch sizes only, as every tile shape is one more compilation."""
+    check_all_ops("triton", batch, LAYERS[0], dtype)
 
 
 @pytest.mark.gpu

@@ -114,7 +114,9 @@ def test_ell_batch_tiles(dtype):
     assert_within_torch_error(ell_spmm._ell_spmm_fwd(dev[0], dev[2], dev[3]), x.double() @ w64.T, F.linear(x, w))
     assert_within_torch_error(ell_spmm_t._ell_spmm_t_fwd(dev[1], dev[2], dev[3], n_in), g.double() @ w64, g @ w)
     expected = (g.double().T @ x.double()).gather(1, cols.long())
-    assert_within_torch_error(ell_sddmm._ell_sddmm_fwd(dev[1], dev[0], dev[2]), expected, (g.T @ x).gather(1, cols.long()))
+    assert_within_torch_error(
+        ell_sddmm._ell_sddmm_fwd(dev[1], dev[0], dev[2]), expected, (g.T @ x).gather(1, cols.long())
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

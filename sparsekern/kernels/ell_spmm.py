@@ -96,7 +96,5 @@ def _ell_spmm_fwd(x: torch.Tensor, cols: torch.Tensor, values: torch.Tensor) -> 
     y = torch.empty((batch, n_out), dtype=x.dtype, device=x.device)
     block_o, block_t, block_b = _ell_blocks(batch, k)
     grid = (triton.cdiv(n_out, block_o), triton.cdiv(batch, block_b))
-    _ell_spmm_fwd_kernel[grid](
-        xt, cols, values, y, n_out, batch, k, BLOCK_O=block_o, BLOCK_T=block_t, BLOCK_B=block_b
-    )
+    _ell_spmm_fwd_kernel[grid](xt, cols, values, y, n_out, batch, k, BLOCK_O=block_o, BLOCK_T=block_t, BLOCK_B=block_b)
     return y
