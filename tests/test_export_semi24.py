@@ -655,3 +655,16 @@ def test_docstring_examples():
     for test in tests:
         runner.run(test, out=out.append)
     assert runner.summarize(verbose=False).failed == 0, "".join(out)
+
+
+def test_shape_constraints_per_format():
+    from sparsekern.export import _shape_reason
+
+    assert _shape_reason((32, 64), torch.float16, "cutlass") is None
+    assert _shape_reason((32, 64), torch.float16, "cusparselt") is None
+    # cuSPARSELt alone would take 16 x 16, but the weight goes through the CUTLASS compressor's checks first
+    assert "32 rows" in _shape_reason((16, 64), torch.float16, "cusparselt")
+    assert _shape_reason((16, 128), torch.int8, "cutlass") is None
+    assert _shape_reason((16, 128), torch.int8, "cusparselt") == (
+        "the weight has 16 rows, but int8 cuSPARSELt 2:4 tensors need a positive multiple of 32 rows (shape (16, 128))"
+    )
