@@ -492,7 +492,8 @@ def export_semi24(
     error leaves the model exactly as it was.
 
     Args:
-        model: the model (an ``nn.Module``).
+        model: the model (an ``nn.Module``; a DistributedDataParallel / DataParallel wrapper is looked through and
+            the wrapped model is exported).
         prune: prune groups holding more than 2 nonzeros to 2:4 by magnitude instead of raising.
         dtype: None: each layer keeps its dtype (float16 or bfloat16; float32 layers are skipped, see above).
             ``torch.float16`` / ``torch.bfloat16``: the whole model is cast first (``model.to(dtype)``, as torch's
@@ -551,6 +552,8 @@ def export_semi24(
         raise ValueError(f"{fn}: backend must be one of {_backend.BACKENDS}, got {backend!r}")
     include_p = _patterns(fn, "include", include)
     exclude_p = _patterns(fn, "exclude", exclude)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module  # the real model: its names, and what is exported (a copy of a wrapper is no model)
 
     layers = [(name, module, kind) for name, module in model.named_modules() if (kind := _kind(module)) is not None]
     names = [name for name, _, _ in layers]

@@ -164,6 +164,13 @@ def test_inplace_changes_the_model_itself_and_a_root_linear_is_replaced():
     assert isinstance(new.weight, torch.sparse.SparseSemiStructuredTensorCUTLASS)
 
 
+def test_a_data_parallel_wrapper_is_looked_through():
+    gen = torch.Generator().manual_seed(_seed())
+    model = _model(["masked"], torch.float16, gen)
+    exported, report = export_semi24(nn.DataParallel(model))
+    assert type(exported) is nn.Sequential and report.layers[0].name == "0" and report.layers[0].converted
+
+
 def test_a_module_used_twice_becomes_one_module_used_twice():
     gen = torch.Generator().manual_seed(_seed())
     shared = _linear_24(64, 64, "plain", torch.float16, gen)
