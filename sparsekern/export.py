@@ -304,9 +304,11 @@ def _masked_weight(module: nn.Module) -> torch.Tensor:
 
 
 def _shape_reason(shape: tuple[int, int], dtype: torch.dtype, fmt: str) -> str | None:
-    """Why torch's kernels of format ``fmt`` cannot take a (rows, cols) weight of ``dtype``, or None."""
-    if fmt == "cutlass":
-        error = _semi24.shape_error("", "the weight", shape, dtype)
+    """Why torch's kernels of format ``fmt`` cannot take a (rows, cols) weight of ``dtype``, or None. cuSPARSELt
+    weights must meet the CUTLASS constraints too: to_semi_structured validates every weight with the CUTLASS
+    compressor before ``torch._cslt_compress`` packs it."""
+    error = _semi24.shape_error("", "the weight", shape, dtype)
+    if error is not None or fmt == "cutlass":
         return None if error is None else error.split(": ", 1)[1]
     config = torch.sparse.SparseSemiStructuredTensorCUSPARSELT._DTYPE_SHAPE_CONSTRAINTS[dtype]
     for dim, size, need in (("rows", shape[0], config.sparse_min_rows), ("columns", shape[1], config.sparse_min_cols)):
@@ -481,16 +483,17 @@ def export_semi24(
 
     Skipped, each with its reason in the report: layers outside ``include`` or inside ``exclude``; convolutions
     (torch's 2:4 kernels are matrix products); a shape torch's kernels refuse (CUTLASS: float16/bfloat16 rows a
-    multiple of 32 and columns of 64, int8 16 x 128; cuSPARSELt: 16 x 16, int8 32 x 32); float32/float64 layers
-    when ``dtype`` is not given (torch's float32 format is 1:2, not 2:4); linear layers whose weight a fused torch
-    kernel reads dense (``nn.MultiheadAttention.out_proj``, ``nn.TransformerEncoderLayer.linear1/linear2``); tied
-    weights; layers that already hold 2:4 weights.
+    multiple of 32 and columns of 64, int8 16 x 128; cuSPARSELt also needs int8 rows a multiple of 32);
+    float32/float64 layers when ``dtype`` is not given (torch's float32 format is 1:2, not 2:4); linear layers
+    whose weight a fused torch kernel reads dense (``nn.MultiheadAttention.out_proj``,
+    ``nn.TransformerEncoderLayer.linear1/linear2``); tied weights; layers that already hold 2:4 weights.
 
     Nothing is half-converted: every layer is checked, pruned and compressed before the model is changed, and any
     error leaves the model exactly as it was.
 
     Args:
-        model: the model (an ``nn.Module``).
+        model: the model (an ``nn.Module``; a DistributedDataParallel / DataParallel wrapper is looked through and
+            the wrapped model is exported).
         prune: prune groups holding more than 2 nonzeros to 2:4 by magnitude instead of raising.
         dtype: None: each layer keeps its dtype (float16 or bfloat16; float32 layers are skipped, see above).
             ``torch.float16`` / ``torch.bfloat16``: the whole model is cast first (``model.to(dtype)``, as torch's
@@ -549,6 +552,8 @@ def export_semi24(
         raise ValueError(f"{fn}: backend must be one of {_backend.BACKENDS}, got {backend!r}")
     include_p = _patterns(fn, "include", include)
     exclude_p = _patterns(fn, "exclude", exclude)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module  # the real model: its names, and what is exported (a copy of a wrapper is no model)
 
     layers = [(name, module, kind) for name, module in model.named_modules() if (kind := _kind(module)) is not None]
     names = [name for name, _, _ in layers]

@@ -164,6 +164,13 @@ def test_inplace_changes_the_model_itself_and_a_root_linear_is_replaced():
     assert isinstance(new.weight, torch.sparse.SparseSemiStructuredTensorCUTLASS)
 
 
+def test_a_data_parallel_wrapper_is_looked_through():
+    gen = torch.Generator().manual_seed(_seed())
+    model = _model(["masked"], torch.float16, gen)
+    exported, report = export_semi24(nn.DataParallel(model))
+    assert type(exported) is nn.Sequential and report.layers[0].name == "0" and report.layers[0].converted
+
+
 def test_a_module_used_twice_becomes_one_module_used_twice():
     gen = torch.Generator().manual_seed(_seed())
     shared = _linear_24(64, 64, "plain", torch.float16, gen)
@@ -655,3 +662,16 @@ def test_docstring_examples():
     for test in tests:
         runner.run(test, out=out.append)
     assert runner.summarize(verbose=False).failed == 0, "".join(out)
+
+
+def test_shape_constraints_per_format():
+    from sparsekern.export import _shape_reason
+
+    assert _shape_reason((32, 64), torch.float16, "cutlass") is None
+    assert _shape_reason((32, 64), torch.float16, "cusparselt") is None
+    # cuSPARSELt alone would take 16 x 16, but the weight goes through the CUTLASS compressor's checks first
+    assert "32 rows" in _shape_reason((16, 64), torch.float16, "cusparselt")
+    assert _shape_reason((16, 128), torch.int8, "cutlass") is None
+    assert _shape_reason((16, 128), torch.int8, "cusparselt") == (
+        "the weight has 16 rows, but int8 cuSPARSELt 2:4 tensors need a positive multiple of 32 rows (shape (16, 128))"
+    )
