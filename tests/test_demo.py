@@ -43,9 +43,14 @@ def test_demo_quick(tmp_path, capsys):
         if method in ("dense", "small_dense"):
             assert r["report"] is None
         else:
-            assert abs(r["report"]["overall"]["sparsity"] - 0.9) < 1e-3
+            sparsity = r["report"]["overall"]["sparsity"]
+            if method == "rigl_2:4":
+                assert sparsity == 0.5  # 2:4 whatever --sparsity says
+            else:  # constant fan-in rounds each layer's budget to whole rows: at most half a row per layer
+                assert abs(sparsity - 0.9) < (0.5 / 64 if method == "rigl_fan_in" else 1e-3)
             assert [layer["layout"] for layer in r["report"]["layers"]] == ["sparse"] * 3
     assert [row["round"] for row in by_method["imp"]["extra"]["rounds"]] == [0, 1, 2, 3]
+    _check_structured_rows(by_method, small)
     _check_flops(by_method, table)
     assert by_method["dense"]["accuracy"] > 50  # 3 epochs already learn the digits
     png = (tmp_path / "accuracy.png").read_bytes()
@@ -101,6 +106,21 @@ def _check_flops(by_method, table):
     )
     rows = {line.split()[0]: line.split() for line in table}
     assert rows["rigl"][5] == f"{flops['rigl']['training']:.3f}x" and rows["rigl"][6] == f"{f_s:.3f}x"
+
+
+def _check_structured_rows(by_method: dict, out: str) -> None:
+    """The fan-in row: every layer's nnz is rows x its fan-in, both kernels timed; the 2:4 row: the layers torch's
+    float16 2:4 tensors take (multiples of 32 rows and 64 columns) exported, the 10-row head skipped with why."""
+    fan_in = by_method["rigl_fan_in"]
+    layers = {layer["name"]: layer for layer in fan_in["report"]["layers"]}
+    for name, k in fan_in["extra"]["fan_in"].items():
+        assert layers[name]["nnz"] == layers[name]["shape"][0] * k
+    assert fan_in["extra"]["ell_layer_ms"] > 0 and fan_in["extra"]["csr_layer_ms"] > 0
+    semi = by_method["rigl_2:4"]["extra"]
+    assert semi["exported"] == ["0", "2"] and list(semi["skipped"]) == ["4"]
+    assert "multiple of 32 rows" in semi["skipped"]["4"]
+    assert 0 <= semi["fp16_accuracy"] <= 100
+    assert "on the ELL kernels vs" in out and "identical to the trained model's in float16" in out
 
 
 def test_demo_quick_new_methods(tmp_path, capsys):
@@ -276,4 +296,6 @@ def test_config_check_names_fields():
 def test_demo_header_names_only_the_methods_run():
     assert demo._starts(("dense", "rigl")) == "ERK"
     assert demo._starts(("synflow", "gmp")) == "ERK; SynFlow: global; GMP: dense to ERK"
-    assert demo._starts(tuple(METHODS)) == "ERK; SNIP, GraSP, SynFlow, IMP: global; GMP: dense to ERK; SR-STE: 2:4"
+    assert demo._starts(tuple(METHODS)) == (
+        "ERK; SNIP, GraSP, SynFlow, IMP: global; GMP: dense to ERK; RigL fan-in: ERK, equal rows; RigL 2:4, SR-STE: 2:4"
+    )

@@ -8,6 +8,7 @@ models use SparseLinear layers (the sparse kernels), and the results are a table
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -27,7 +28,9 @@ from torch import nn
 # The default run: the RigL paper's headline comparison and IMP, about 40 s per seed on one thread of the 2-core
 # machine, idle (IMP's rounds half of it; the whole default demo with the wide MLP: under 4 minutes); --methods
 # all adds the rest (GraSP, SynFlow, STE, SR-STE)
-DEFAULT_METHODS = ("dense", "small_dense", "static", "snip", "set", "rigl", "snfs", "gmp", "imp")
+DEFAULT_METHODS = (
+    "dense", "small_dense", "static", "snip", "set", "rigl", "rigl_fan_in", "rigl_2:4", "snfs", "gmp", "imp"
+)  # fmt: skip
 OUT_FILES = ("results.json", "accuracy.png")  # what the demo writes into --out
 
 
@@ -354,6 +357,80 @@ def _rigl(model, data, cfg):
     return _with_sparsifier(model, data, cfg, factory, "rigl")
 
 
+@_method("rigl_fan_in")
+def _rigl_fan_in(model, data, cfg):
+    """RigL under constant fan-in (every output row keeps the same count): the layers run the ELL kernels; their
+    time is measured against the CSR kernels on the same weights, in the same process."""
+    from ..nn.sparse_linear import SparseLinear
+    from . import RigL, sparsify
+
+    sparsify(model, cfg.sparsity, generator=torch.Generator().manual_seed(cfg.seed), rescale=True, structure="fan_in")
+    factory = lambda m, o, total: RigL(m, o, total_steps=total, delta_t=cfg.delta_t)  # noqa: E731
+    done = _with_sparsifier(model, data, cfg, factory, "rigl fan-in")
+    layers = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    x = data[0][: cfg.batch]
+    times = {}
+    for kernels in ("csr", "auto", "csr", "auto"):  # interleaved: the second pair is the one kept
+        for m in layers:
+            m.kernels = kernels
+        times[kernels] = layer_time_ms(model, x)
+    done.extra.update(
+        fan_in={f"{name}.weight": m.nnz // m.out_features for name, m in model.named_modules() if m in layers},
+        ell_layer_ms=times["auto"],
+        csr_layer_ms=times["csr"],
+    )
+    return done
+
+
+def _dense_twin(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every SparseLinear replaced by its dense nn.Linear (the same weights)."""
+    from ..nn.sparse_linear import SparseLinear
+
+    twin = copy.deepcopy(model)
+    for name, module in list(twin.named_modules()):
+        if isinstance(module, SparseLinear):
+            parent, _, attr = name.rpartition(".")
+            setattr(twin.get_submodule(parent) if parent else twin, attr, module.to_dense())
+    return twin
+
+
+@_method("rigl_2:4")
+def _rigl_24(model, data, cfg):
+    """RigL with 2:4 masks (50% sparsity, whatever --sparsity says), exported by export_semi24 to float16 2:4
+    tensors and evaluated on the CPU from their decompression: the accuracy must equal the trained model's with
+    its weights rounded to float16, since the exported tensors hold exactly those weights."""
+    from ..export import decompress_model, export_semi24
+    from . import RigL, sparsify
+
+    sparsify(
+        model,
+        0.5,
+        distribution="uniform",
+        generator=torch.Generator().manual_seed(cfg.seed),
+        rescale=True,
+        structure="2:4",
+    )
+    factory = lambda m, o, total: RigL(m, o, total_steps=total, delta_t=cfg.delta_t)  # noqa: E731
+    done = _with_sparsifier(model, data, cfg, factory, "rigl 2:4")
+    exported, report = export_semi24(model, dtype=torch.float16)
+    x_test, y_test = data[2], data[3]
+    # both evaluated in float32 from dense float16 weights: the trained ones rounded, and the exported ones
+    trained = _dense_twin(model).half().float()
+    deployed = _dense_twin(decompress_model(exported)).float()
+    for (name, a), (_, b) in zip(trained.state_dict().items(), deployed.state_dict().items(), strict=True):
+        if not torch.equal(a, b):
+            raise RuntimeError(f"demo: the exported weights differ from the trained ones at {name}")
+    acc_trained, acc_exported = accuracy(trained, x_test, y_test), accuracy(deployed, x_test, y_test)
+    if acc_trained != acc_exported:
+        raise RuntimeError(f"demo: exported accuracy {acc_exported} != trained {acc_trained}")
+    done.extra.update(
+        exported=[layer.name for layer in report.layers if layer.converted],
+        skipped={layer.name: layer.reason for layer in report.layers if not layer.converted},
+        fp16_accuracy=acc_exported,
+    )
+    return done
+
+
 @_method("grasp")
 def _grasp(model, data, cfg):
     from . import GraSP, grasp_scores, sparsify
@@ -510,6 +587,27 @@ def format_table(results: list[Result]) -> str:
         "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True)))
         for row in rows
     )
+
+
+def structured_notes(results: list[Result]) -> list[str]:
+    """What the structured rows measured beside the table: the fan-in row's layer time on the ELL kernels against
+    the CSR kernels, and the 2:4 row's export (first seed's model)."""
+    lines = []
+    for r in results:
+        if "ell_layer_ms" in r.extra:
+            ell, csr = r.extra["ell_layer_ms"], r.extra["csr_layer_ms"]
+            lines.append(
+                f"{r.method}: fan-in per layer {r.extra['fan_in']}; layers {ell:.3f} ms/batch on the ELL kernels vs "
+                f"{csr:.3f} ms on the CSR kernels, same weights ({csr / ell:.2f}x)"
+            )
+        if "exported" in r.extra:
+            skipped = "; ".join(f"{name}: {why}" for name, why in r.extra["skipped"].items()) or "none"
+            lines.append(
+                f"{r.method}: exported to float16 2:4 tensors: layers {', '.join(r.extra['exported'])} (skipped: "
+                f"{skipped}); accuracy from the exported tensors (decompressed on the CPU) "
+                f"{r.extra['fp16_accuracy']:.2f}%, identical to the trained model's in float16"
+            )
+    return lines
 
 
 # -- the wide MLP: where the sparse layers pay off ------------------------------------------------------------
@@ -901,8 +999,10 @@ def _starts(methods: Sequence[str]) -> str:
         parts.append(f"{', '.join(scored)}: global")
     if "gmp" in methods:
         parts.append("GMP: dense to ERK")
-    if "srste" in methods:
-        parts.append("SR-STE: 2:4")
+    if "rigl_fan_in" in methods:
+        parts.append("RigL fan-in: ERK, equal rows")
+    if "srste" in methods or "rigl_2:4" in methods:
+        parts.append(f"{', '.join(n for m, n in (('rigl_2:4', 'RigL 2:4'), ('srste', 'SR-STE')) if m in methods)}: 2:4")
     return "; ".join(parts)
 
 
@@ -943,6 +1043,8 @@ def run_demo(
         "vs dense below 1x means the sparse layers are faster"
         + (": at this size they are not, see the wide MLP below" if wide is not None else "")
     )
+    for line in structured_notes(results):
+        echo(line)
     payload = {
         "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
         "torch": torch.__version__,
