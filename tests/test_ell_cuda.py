@@ -146,3 +146,53 @@ def test_cuda_argument_errors():
         ops.ell_sddmm(g, x[:3], cols)
     with pytest.raises(TypeError, match="ell_sddmm: g must be float32, bfloat16 or float16"):
         ops.ell_sddmm(g.double(), x.double(), cols)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU or not WITH_CUDA, reason="needs a CUDA GPU and a CUDA build of sparsekern._C")
+def test_opcheck_cuda_ops():
+    cols, values, _ = random_ell(30, 12, 5, torch.float32)
+    x, g = randn(17, 12, dtype=torch.float32), randn(17, 30, dtype=torch.float32)
+    x.requires_grad_(), g.requires_grad_(), values.requires_grad_()
+    torch.library.opcheck(torch.ops.sparsekern.ell_spmm.default, (x, cols, values))
+    torch.library.opcheck(torch.ops.sparsekern.ell_spmm_t.default, (g, cols, values, 12))
+    torch.library.opcheck(torch.ops.sparsekern.ell_sddmm.default, (g, x, cols))
+
+
+@pytest.mark.gpu
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_GPU or INTERPRET, reason="needs a CUDA GPU and compiled Triton (TRITON_INTERPRET unset)")
+def test_opcheck_triton_ops_on_gpu():
+    """The full opcheck of the triton_ops (on the CPU only their schema, autograd and fake checks run)."""
+    import importlib
+
+    modules = [importlib.import_module(f"sparsekern.ops.{name}") for name in OPS]
+    cols, values, _ = random_ell(30, 12, 5, torch.float32)
+    x, g = randn(17, 12, dtype=torch.float32), randn(17, 30, dtype=torch.float32)
+    x.requires_grad_(), g.requires_grad_(), values.requires_grad_()
+    torch.library.opcheck(modules[0]._triton_op(), (x, cols, values))
+    torch.library.opcheck(modules[1]._triton_op(), (g, cols, values, 12))
+    torch.library.opcheck(modules[2]._triton_op(), (g, x, cols))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_on_gpu(backend):
+    """The three ops under torch.compile(fullgraph=True) (inductor; the Triton ops through wrap_triton) give the
+    eager results bit for bit."""
+    import importlib
+
+    if backend == "cuda":
+        ops = (torch.ops.sparsekern.ell_spmm, torch.ops.sparsekern.ell_spmm_t, torch.ops.sparsekern.ell_sddmm)
+    else:
+        ops = tuple(importlib.import_module(f"sparsekern.ops.{name}")._triton_op() for name in OPS)
+    cols, values, _ = random_ell(30, 12, 5, torch.float32)
+    x, g = randn(17, 12, dtype=torch.float32), randn(17, 30, dtype=torch.float32)
+
+    def f(x, g, cols, values):
+        return ops[0](x, cols, values), ops[1](g, cols, values, 12), ops[2](g, x, cols)
+
+    compiled = torch.compile(f, fullgraph=True)
+    for a, b in zip(compiled(x, g, cols, values), f(x, g, cols, values), strict=True):
+        assert torch.equal(a, b)

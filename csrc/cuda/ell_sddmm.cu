@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kThreads)
   float acc[kGroup];
 #pragma unroll
   for (int q = 0; q < kGroup; ++q) {
-    // Slots past the row's end repeat its last nonzero and are not stored: no predicate in the batch loop.
+    // Slots past the row's end (k not a multiple of kGroup) point at its last nonzero and are skipped.
     const int64_t t = t0 + (q < count ? q : count - 1);
     x_row[q] = xt + static_cast<int64_t>(cols[o * k + t]) * batch;
     acc[q] = 0.f;
@@ -50,7 +50,9 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t b = lane; b < batch; b += cu::kWarp) {
     const float gv = static_cast<float>(g_row[b]);
 #pragma unroll
-    for (int q = 0; q < kGroup; ++q) acc[q] += gv * static_cast<float>(x_row[q][b]);
+    for (int q = 0; q < kGroup; ++q) {
+      if (q < count) acc[q] += gv * static_cast<float>(x_row[q][b]);  // count is warp-uniform: no divergence
+    }
   }
 #pragma unroll
   for (int q = 0; q < kGroup; ++q) acc[q] = cu::warp_sum(acc[q]);
