@@ -23,12 +23,13 @@ def _autograd(family: str):
     def backward(ctx, grad):
         # out[o, t] = sum_b g[b, o] * x[b, cols[o, t]] is bilinear: dg = x @ V.T and dx = g @ V for the ELL matrix
         # V with values grad (ell_spmm and ell_spmm_t).
-        from . import ell_spmm, ell_spmm_t
+        from .ell_spmm import run as spmm_run
+        from .ell_spmm_t import run as spmm_t_run
 
         g, x, cols = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_g = ell_spmm.run(family, x, cols, grad) if ctx.needs_input_grad[0] else None
-        grad_x = ell_spmm_t.run(family, g, cols, grad, x.shape[1]) if ctx.needs_input_grad[1] else None
+        grad_g = spmm_run(family, x, cols, grad) if ctx.needs_input_grad[0] else None
+        grad_x = spmm_t_run(family, g, cols, grad, x.shape[1]) if ctx.needs_input_grad[1] else None
         return grad_g, grad_x, None
 
     def setup_context(ctx, inputs, output):

@@ -81,12 +81,13 @@ def _autograd(family: str):
 
     def backward(ctx, grad):
         # y = x @ W.T: dx = grad @ W (ell_spmm_t), dvalues = grad.T @ x at W's nonzeros (ell_sddmm).
-        from . import ell_sddmm, ell_spmm_t
+        from .ell_sddmm import run as sddmm_run
+        from .ell_spmm_t import run as spmm_t_run
 
         x, cols, values = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_x = ell_spmm_t.run(family, grad, cols, values, x.shape[1]) if ctx.needs_input_grad[0] else None
-        grad_values = ell_sddmm.run(family, grad, x, cols) if ctx.needs_input_grad[2] else None
+        grad_x = spmm_t_run(family, grad, cols, values, x.shape[1]) if ctx.needs_input_grad[0] else None
+        grad_values = sddmm_run(family, grad, x, cols) if ctx.needs_input_grad[2] else None
         return grad_x, None, grad_values
 
     def setup_context(ctx, inputs, output):

@@ -25,12 +25,13 @@ def _autograd(family: str):
 
     def backward(ctx, grad):
         # dx = g @ W: dg = grad @ W.T (ell_spmm), dvalues[o, t] = sum_b g[b, o] * grad[b, cols[o, t]] (ell_sddmm).
-        from . import ell_sddmm, ell_spmm
+        from .ell_sddmm import run as sddmm_run
+        from .ell_spmm import run as spmm_run
 
         g, cols, values = ctx.saved_tensors
         grad = grad.contiguous()
-        grad_g = ell_spmm.run(family, grad, cols, values) if ctx.needs_input_grad[0] else None
-        grad_values = ell_sddmm.run(family, g, grad, cols) if ctx.needs_input_grad[2] else None
+        grad_g = spmm_run(family, grad, cols, values) if ctx.needs_input_grad[0] else None
+        grad_values = sddmm_run(family, g, grad, cols) if ctx.needs_input_grad[2] else None
         return grad_g, None, grad_values, None
 
     def setup_context(ctx, inputs, output):

@@ -1,0 +1,386 @@
+// ELL SpMM on the CPU: y = x @ W.T for a constant fan-in W (n_out, n_in), cols int32 (n_out, k), values (n_out, k).
+//
+// The CSR kernel's layout (spmm.cpp, batch_tiles.h): per batch tile of L rows x is packed to [n_in][L] and stays
+// in L2, y is written back through a [16][L] staging block and register transposes. What equal rows change: the
+// trip count is k for every row and there is no row_ptr, so R rows run interleaved, each with its own NV = L/16
+// accumulators (R * NV = 8 independent FMA chains, no per-row reduction of unrolled chains), and the work split is
+// exact. Every lane of a row is one serial FMA chain over t = 0 .. k-1 from +0, so the AVX-512 and AVX2 paths
+// give the same bits whatever their tile widths; the portable path rounds each product (no FMA on the x86-64
+// baseline). Batches of at most 8 rows (online inference) gather x instead (see kGatherBatch below).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "sparsekern/batch_tiles.h"
+#include "sparsekern/cpu_alloc.h"
+#include "sparsekern/ell.h"
+
+namespace sparsekern {
+namespace {
+
+using batch_tiles::kBlock;
+
+struct EllArgs {
+  const void* x;
+  void* y;
+  const int32_t* cols;
+  const float* values;
+  int64_t batch, n_in, n_out, k;
+};
+
+// One work item: packs batch tile `tile` (unless the worker's buffer already holds it), then computes W rows
+// [r0, r1) for it, kBlock rows at a time through the staging block.
+template <int L, typename T, typename TileT, typename Pack, typename Rows, typename Store>
+inline __attribute__((always_inline)) void ell_item(const EllArgs& a, int64_t tile, int64_t r0, int64_t r1, void* buf,
+                                                    bool pack, Pack pack_fn, Rows rows_fn, Store store_fn) {
+  const int64_t b0 = tile * L, rows = std::min<int64_t>(L, a.batch - b0);
+  TileT* t = static_cast<TileT*>(buf);
+  if (pack) pack_fn(static_cast<const T*>(a.x) + b0 * a.n_in, a.n_in, rows, a.n_in, t);
+  alignas(64) float stage[kBlock * L];
+  T* y = static_cast<T*>(a.y) + b0 * a.n_out;
+  for (int64_t o0 = r0; o0 < r1; o0 += kBlock) {
+    const int64_t n = std::min(kBlock, r1 - o0);
+    rows_fn(t, a.cols + o0 * a.k, a.values + o0 * a.k, a.k, n, stage);
+    store_fn(stage, n, y + o0, a.n_out, rows);
+  }
+}
+
+// Portable path: R = 2 rows at a time, 4-lane GCC/Clang vectors (NV = L/4 per row).
+template <int L, int R>
+inline __attribute__((always_inline)) void ell_rows_portable_r(const float* tile, const int32_t* cols,
+                                                               const float* values, int64_t k, float* stage) {
+  using batch_tiles::kVec;
+  using batch_tiles::load_vec;
+  using batch_tiles::vec4;
+  constexpr int NV = L / kVec;
+  vec4 acc[R][NV] = {};
+  for (int64_t t = 0; t < k; ++t) {
+    for (int r = 0; r < R; ++r) {
+      const float* p = tile + int64_t(cols[r * k + t]) * L;
+      const vec4 v = vec4{} + values[r * k + t];
+      for (int i = 0; i < NV; ++i) {
+        vec4 xv;
+        load_vec(xv, p + kVec * i);
+        acc[r][i] += v * xv;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(stage + r * L, acc[r], sizeof(acc[r]));
+}
+
+template <int L>
+inline __attribute__((always_inline)) void ell_rows_portable(const float* tile, const int32_t* cols,
+                                                             const float* values, int64_t k, int64_t n, float* stage) {
+  int64_t c = 0;
+  for (; c + 2 <= n; c += 2) ell_rows_portable_r<L, 2>(tile, cols + c * k, values + c * k, k, stage + c * L);
+  for (; c < n; ++c) ell_rows_portable_r<L, 1>(tile, cols + c * k, values + c * k, k, stage + c * L);
+}
+
+constexpr int kPL = batch_tiles::kPortableLanes;
+#define SPARSEKERN_ELL_SPMM_PORTABLE(NAME, T)                                                                  \
+  void NAME(const EllArgs& a, int64_t tile, int64_t r0, int64_t r1, void* buf, bool pack) {                   \
+    ell_item<kPL, T, float>(a, tile, r0, r1, buf, pack, batch_tiles::pack_tile_portable<kPL, T>,               \
+                            ell_rows_portable<kPL>, batch_tiles::store_block_portable<kPL, T>);                \
+  }
+SPARSEKERN_ELL_SPMM_PORTABLE(ell_item_portable_f32, float)
+SPARSEKERN_ELL_SPMM_PORTABLE(ell_item_portable_bf16, c10::BFloat16)
+SPARSEKERN_ELL_SPMM_PORTABLE(ell_item_portable_f16, c10::Half)
+
+#if defined(SPARSEKERN_BATCH_TILES_AVX2)
+// R rows at once, NV = L/8 ymm accumulators each: R * NV = 8 chains (FMA latency 4 x 2 per cycle); with the NV
+// loaded lanes and the broadcast that is at most 13 of the 16 ymm registers (tiles of at most 32 lanes).
+template <int L, typename TileT, int R>
+SPARSEKERN_AVX2 inline void ell_rows_avx2_r(const TileT* tile, const int32_t* cols, const float* values, int64_t k,
+                                            float* stage) {
+  using Lanes = batch_tiles::LanesAvx2<L, TileT>;
+  constexpr int NV = Lanes::NV;
+  __m256 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_setzero_ps();
+  }
+#pragma GCC unroll 2
+  for (int64_t t = 0; t < k; ++t) {
+    for (int r = 0; r < R; ++r) {
+      __m256 xv[NV];
+      Lanes::load(tile + int64_t(cols[r * k + t]) * L, xv);
+      const __m256 v = _mm256_broadcast_ss(values + r * k + t);
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(v, xv[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    Lanes::to_lane_order(acc[r]);
+    for (int i = 0; i < NV; ++i) _mm256_store_ps(stage + r * L + 8 * i, acc[r][i]);
+  }
+}
+
+template <int L, typename TileT>
+SPARSEKERN_AVX2 inline void ell_rows_avx2(const TileT* tile, const int32_t* cols, const float* values, int64_t k,
+                                          int64_t n, float* stage) {
+  constexpr int R = 8 / batch_tiles::LanesAvx2<L, TileT>::NV;
+  static_assert(R >= 1 && L <= 32, "at most 32 lanes: 8 accumulators, 4 loads and a broadcast in 16 ymm");
+  int64_t c = 0;
+  for (; c + R <= n; c += R) ell_rows_avx2_r<L, TileT, R>(tile, cols + c * k, values + c * k, k, stage + c * L);
+  for (; c < n; ++c) ell_rows_avx2_r<L, TileT, 1>(tile, cols + c * k, values + c * k, k, stage + c * L);
+}
+
+template <int L, typename T>
+SPARSEKERN_AVX2 void ell_item_avx2(const EllArgs& a, int64_t tile, int64_t r0, int64_t r1, void* buf, bool pack) {
+  using TileT = batch_tiles::tile_t<T>;
+  ell_item<L, T, TileT>(a, tile, r0, r1, buf, pack, batch_tiles::pack_tile_avx2<L, T, TileT>,
+                        ell_rows_avx2<L, TileT>, batch_tiles::store_block_avx2<L, T>);
+}
+#endif
+
+#if defined(SPARSEKERN_BATCH_TILES_AVX512)
+SPARSEKERN_AVX512_DIAGNOSTICS_BEGIN
+// R rows at once, NV = L/16 zmm accumulators each: R * NV = 8 chains; the loads of later rows and steps issue
+// while earlier ones wait on L2.
+template <int L, typename TileT, int R>
+SPARSEKERN_AVX512 inline void ell_rows_avx512_r(const TileT* tile, const int32_t* cols, const float* values,
+                                                int64_t k, float* stage) {
+  using Lanes = batch_tiles::Lanes<L, TileT>;
+  constexpr int NV = Lanes::NV;
+  __m512 acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
+  }
+#pragma GCC unroll 2
+  for (int64_t t = 0; t < k; ++t) {
+    for (int r = 0; r < R; ++r) {
+      __m512 xv[NV];
+      Lanes::load(tile + int64_t(cols[r * k + t]) * L, xv);
+      const __m512 v = _mm512_set1_ps(values[r * k + t]);
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(v, xv[i], acc[r][i]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    Lanes::to_lane_order(acc[r]);
+    for (int i = 0; i < NV; ++i) _mm512_store_ps(stage + r * L + 16 * i, acc[r][i]);
+  }
+}
+
+template <int L, typename TileT>
+SPARSEKERN_AVX512 inline void ell_rows_avx512(const TileT* tile, const int32_t* cols, const float* values, int64_t k,
+                                              int64_t n, float* stage) {
+  constexpr int R = 8 / batch_tiles::Lanes<L, TileT>::NV;
+  int64_t c = 0;
+  for (; c + R <= n; c += R) ell_rows_avx512_r<L, TileT, R>(tile, cols + c * k, values + c * k, k, stage + c * L);
+  for (; c < n; ++c) ell_rows_avx512_r<L, TileT, 1>(tile, cols + c * k, values + c * k, k, stage + c * L);
+}
+
+template <int L, typename T>
+SPARSEKERN_AVX512 void ell_item_avx512(const EllArgs& a, int64_t tile, int64_t r0, int64_t r1, void* buf, bool pack) {
+  using TileT = batch_tiles::tile_t<T>;
+  ell_item<L, T, TileT>(a, tile, r0, r1, buf, pack, batch_tiles::pack_tile_avx512<L, T, TileT>,
+                        ell_rows_avx512<L, TileT>, batch_tiles::store_block_avx512<L, T>);
+  _mm_sfence();  // the streamed write-back is visible before the worker reports done
+}
+SPARSEKERN_AVX512_DIAGNOSTICS_END
+#endif
+
+// ---------------------------------------------------------------------------------------------------------------
+// Small batches (online inference, B <= kGatherBatch): a batch tile would be mostly padding lanes, every nonzero
+// loading a 64-byte run of which B values count. Instead x stays row-major (fp32; bf16/fp16 widened once into a
+// scratch copy of B x n_in) and each row of W gathers its k inputs, 16 nonzeros at a time, into 16 fp32 lanes per
+// batch row: lane u of row o sums the products of nonzeros t = u, u + 16, ... (serial FMA chains from +0), then the
+// 16 lanes are added by one fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1). The AVX2 path keeps the 16 lanes in two ymm
+// (the same sums in the same order: the same bits); the portable one rounds each product.
+constexpr int64_t kGatherBatch = 8;
+constexpr int kGatherRows = 4;  // batch rows per pass over a row's index
+
+struct GatherArgs {
+  const float* x;  // (batch, n_in) fp32
+  void* y;
+  const int32_t* cols;
+  const float* values;
+  int64_t batch, n_in, n_out, k;
+};
+
+inline float tree16(const float lanes[16]) {
+  float s8[8], s4[4];
+  for (int i = 0; i < 8; ++i) s8[i] = lanes[i] + lanes[i + 8];
+  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
+  const float s2a = s4[0] + s4[2], s2b = s4[1] + s4[3];
+  return s2a + s2b;
+}
+
+template <typename T>
+void gather_rows_portable(const GatherArgs& a, int64_t o0, int64_t o1) {
+  T* y = static_cast<T*>(a.y);
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kGatherRows) {
+    const int64_t nb = std::min<int64_t>(kGatherRows, a.batch - b0);
+    for (int64_t o = o0; o < o1; ++o) {
+      float acc[kGatherRows][16] = {};
+      const int32_t* c = a.cols + o * a.k;
+      const float* v = a.values + o * a.k;
+      for (int64_t t = 0; t < a.k; ++t) {
+        for (int64_t b = 0; b < nb; ++b) acc[b][t % 16] += v[t] * a.x[(b0 + b) * a.n_in + c[t]];
+      }
+      for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * a.n_out + o] = static_cast<T>(tree16(acc[b]));
+    }
+  }
+}
+
+#if defined(SPARSEKERN_BATCH_TILES_AVX2)
+// The sum of 16 lanes held as lo (0-7) and hi (8-15), by tree16's order.
+SPARSEKERN_AVX2 inline float tree16_avx2(__m256 lo, __m256 hi) {
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));  // (s4[0] + s4[2], s4[1] + s4[3])
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+template <typename T, int NB>
+SPARSEKERN_AVX2 void gather_rows_avx2_nb(const GatherArgs& a, int64_t b0, int64_t o0, int64_t o1) {
+  T* y = static_cast<T*>(a.y);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t o = o0; o < o1; ++o) {
+    __m256 lo[NB], hi[NB];
+    for (int b = 0; b < NB; ++b) lo[b] = hi[b] = _mm256_setzero_ps();
+    const int32_t* c = a.cols + o * a.k;
+    const float* v = a.values + o * a.k;
+    for (int64_t t = 0; t < a.k; t += 16) {
+      const int64_t m = a.k - t;
+      const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(m, 8))), lane);
+      const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(0, std::min<int64_t>(m - 8, 8)))), lane);
+      const __m256i i0 = _mm256_maskload_epi32(c + t, m0), i1 = _mm256_maskload_epi32(c + t + 8, m1);
+      const __m256 v0 = _mm256_maskload_ps(v + t, m0), v1 = _mm256_maskload_ps(v + t + 8, m1);
+      for (int b = 0; b < NB; ++b) {
+        const float* xb = a.x + (b0 + b) * a.n_in;
+        const __m256 x0 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xb, i0, _mm256_castsi256_ps(m0), 4);
+        const __m256 x1 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xb, i1, _mm256_castsi256_ps(m1), 4);
+        lo[b] = _mm256_fmadd_ps(v0, x0, lo[b]);
+        hi[b] = _mm256_fmadd_ps(v1, x1, hi[b]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) y[(b0 + b) * a.n_out + o] = static_cast<T>(tree16_avx2(lo[b], hi[b]));
+  }
+}
+
+template <typename T>
+SPARSEKERN_AVX2 void gather_rows_avx2(const GatherArgs& a, int64_t o0, int64_t o1) {
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kGatherRows) {
+    switch (std::min<int64_t>(kGatherRows, a.batch - b0)) {
+      case 1: gather_rows_avx2_nb<T, 1>(a, b0, o0, o1); break;
+      case 2: gather_rows_avx2_nb<T, 2>(a, b0, o0, o1); break;
+      case 3: gather_rows_avx2_nb<T, 3>(a, b0, o0, o1); break;
+      default: gather_rows_avx2_nb<T, 4>(a, b0, o0, o1); break;
+    }
+  }
+}
+#endif
+
+#if defined(SPARSEKERN_BATCH_TILES_AVX512)
+SPARSEKERN_AVX512_DIAGNOSTICS_BEGIN
+template <typename T, int NB>
+SPARSEKERN_AVX512 void gather_rows_avx512_nb(const GatherArgs& a, int64_t b0, int64_t o0, int64_t o1) {
+  T* y = static_cast<T*>(a.y);
+  for (int64_t o = o0; o < o1; ++o) {
+    __m512 acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
+    const int32_t* c = a.cols + o * a.k;
+    const float* v = a.values + o * a.k;
+    for (int64_t t = 0; t < a.k; t += 16) {
+      const __mmask16 m = batch_tiles::first_n(a.k - t);
+      const __m512i idx = _mm512_maskz_loadu_epi32(m, c + t);
+      const __m512 vv = _mm512_maskz_loadu_ps(m, v + t);
+      for (int b = 0; b < NB; ++b) {
+        const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, a.x + (b0 + b) * a.n_in, 4);
+        acc[b] = _mm512_fmadd_ps(vv, xv, acc[b]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) {
+      y[(b0 + b) * a.n_out + o] =
+          static_cast<T>(tree16_avx2(_mm512_castps512_ps256(acc[b]), _mm512_extractf32x8_ps(acc[b], 1)));
+    }
+  }
+}
+
+template <typename T>
+SPARSEKERN_AVX512 void gather_rows_avx512(const GatherArgs& a, int64_t o0, int64_t o1) {
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kGatherRows) {
+    switch (std::min<int64_t>(kGatherRows, a.batch - b0)) {
+      case 1: gather_rows_avx512_nb<T, 1>(a, b0, o0, o1); break;
+      case 2: gather_rows_avx512_nb<T, 2>(a, b0, o0, o1); break;
+      case 3: gather_rows_avx512_nb<T, 3>(a, b0, o0, o1); break;
+      default: gather_rows_avx512_nb<T, 4>(a, b0, o0, o1); break;
+    }
+  }
+}
+SPARSEKERN_AVX512_DIAGNOSTICS_END
+#endif
+
+template <typename T>
+void (*gather_kernel())(const GatherArgs&, int64_t, int64_t) {
+#if defined(SPARSEKERN_BATCH_TILES_AVX512)
+  if (cpu_isa() == CpuIsa::kAvx512) return gather_rows_avx512<T>;
+#endif
+#if defined(SPARSEKERN_BATCH_TILES_AVX2)
+  if (cpu_isa() == CpuIsa::kAvx2) return gather_rows_avx2<T>;
+#endif
+  return gather_rows_portable<T>;
+}
+
+using ItemFn = void (*)(const EllArgs&, int64_t, int64_t, int64_t, void*, bool);
+
+template <typename T>
+std::pair<ItemFn, int> ell_spmm_kernel(int64_t n_in, int64_t batch) {
+  using TileT = batch_tiles::tile_t<T>;
+#if defined(SPARSEKERN_BATCH_TILES_AVX512)
+  if (cpu_isa() == CpuIsa::kAvx512) {
+    return batch_tiles::kernel_for_lanes<TileT, ItemFn, 64>(
+        n_in, batch, [](auto l) -> ItemFn { return ell_item_avx512<l.value, T>; });
+  }
+#endif
+#if defined(SPARSEKERN_BATCH_TILES_AVX2)
+  if (cpu_isa() == CpuIsa::kAvx2) {
+    return batch_tiles::kernel_for_lanes<TileT, ItemFn, 32>(
+        n_in, batch, [](auto l) -> ItemFn { return ell_item_avx2<l.value, T>; });
+  }
+#endif
+  return {batch_tiles::by_dtype<T>(ell_item_portable_f32, ell_item_portable_bf16, ell_item_portable_f16), kPL};
+}
+
+}  // namespace
+
+at::Tensor ell_spmm_cpu(const at::Tensor& x, const at::Tensor& cols, const at::Tensor& values) {
+  batch_tiles::check_activation("ell_spmm", "x", x);
+  const int64_t batch = x.size(0), n_in = x.size(1), n_out = cols.dim() == 2 ? cols.size(0) : 0;
+  const int64_t k = ell::check_cols("ell_spmm", cols, -1, n_in);
+  ell::check_values("ell_spmm", "values", values, cols, x.scalar_type());
+  at::Tensor y = empty_cpu_output({batch, n_out}, x.options(), kGlibcMmapMax);
+  if (batch == 0 || n_out == 0) return y;
+  if (k == 0) return y.zero_();
+
+  const at::Tensor values_f32 = values.to(at::kFloat);
+  if (batch <= kGatherBatch) {
+    const at::Tensor x_f32 = x.to(at::kFloat);
+    const GatherArgs a{x_f32.data_ptr<float>(), y.data_ptr(), cols.data_ptr<int32_t>(), values_f32.data_ptr<float>(),
+                       batch, n_in, n_out, k};
+    batch_tiles::dispatch_dtype(x.scalar_type(), [&](auto tag) {
+      const auto fn = gather_kernel<decltype(tag)>();
+      const int64_t grain = std::max<int64_t>(16, (int64_t{1} << 14) / (k * batch));  // ~16K products per task
+      at::parallel_for(0, n_out, grain, [&](int64_t o0, int64_t o1) { fn(a, o0, o1); });
+    });
+    return y;
+  }
+  EllArgs a{x.data_ptr(), y.data_ptr(), cols.data_ptr<int32_t>(), values_f32.data_ptr<float>(), batch, n_in, n_out, k};
+  batch_tiles::dispatch_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const auto [fn, lanes] = ell_spmm_kernel<T>(n_in, batch);
+    const batch_tiles::Split split = ell::split_rows(batch, lanes, n_out);
+    const batch_tiles::WorkerBuffers bufs(split.workers, n_in * lanes);
+    batch_tiles::for_each_item(split, [&](int64_t p, int64_t tile, int64_t r0, int64_t r1, bool new_tile) {
+      fn(a, tile, r0, r1, bufs[p], new_tile);
+    });
+  });
+  return y;
+}
+
+TORCH_LIBRARY_IMPL(sparsekern, CPU, m) { m.impl("ell_spmm", &ell_spmm_cpu); }
+
+}  // namespace sparsekern
