@@ -18,13 +18,15 @@ from sparsekern.reference import ell_sddmm_reference, ell_spmm_reference, ell_sp
 needs_ext = pytest.mark.skipif(not _extension.available(), reason=f"extension: {_extension.unavailable_reason}")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ISAS = isa_params()
-# (batch, n_in, n_out, k). Batches: 0, 1 to 8 (ell_spmm's gather path: whole and ragged groups of 4 batch rows,
-# whole and partial runs of 16 nonzeros), 9, under and past every tile width (16, 32, 64 lanes), several tiles with a
+# (batch, n_in, n_out, k). Batches: 0, 1 and 2 (ell_spmm's scalar path: k a multiple of 4 and not), 5 to 9 (under
+# the narrowest tile), under and past every tile width (16, 32, 64 lanes), several tiles with a
 # ragged last one, and past the whole-tile threshold of ell_spmm_t (128 rows per thread). k = 1 and k = n_in (a
 # dense row); n_out = 1; odd sizes everywhere; n_out a multiple of 16 (whole staged blocks, streamed write-back);
 # k = 1100 (long rows).
 SHAPES = [
     (1, 13, 7, 3),
+    (2, 50, 9, 37),
+    (2, 30, 17, 8),
     (5, 50, 9, 37),
     (8, 40, 33, 16),
     (9, 300, 20, 250),
@@ -83,13 +85,15 @@ def test_kernels_match_float64(cpu_isa, dtype, shape):
 @needs_ext
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
 @pytest.mark.parametrize(
-    "shape", [(1, 13, 7, 3), (7, 50, 9, 37), (33, 70, 29, 21), (300, 97, 64, 10), (70, 33, 48, 13)], ids=_ids
+    "shape",
+    [(1, 13, 7, 3), (2, 50, 9, 37), (7, 50, 9, 37), (33, 70, 29, 21), (300, 97, 64, 10), (70, 33, 48, 13)],
+    ids=_ids,
 )
 def test_avx512_and_avx2_agree_bitwise(dtype, shape):
     """ell_spmm and ell_spmm_t sum every output lane in one order on both wide ISAs (a serial FMA chain over the row
-    (over W's rows for dX), whatever the tile width; for batches up to 8, 16 gather lanes added by one fixed tree),
-    so their bits agree; the portable path rounds each product
-    separately and may differ in the last bit. ell_sddmm's lane reduction depends on the vector width: not
+    (over W's rows for dX), whatever the tile width; for batches of 1 and 2, four scalar FMA chains added by one
+    fixed tree), so their bits agree; the portable path rounds each product separately and may differ in the last
+    bit. ell_sddmm's lane reduction depends on the vector width: not
     compared here."""
     if "avx512" not in _extension.available_isas():
         pytest.skip("needs an AVX-512 CPU")

@@ -6,7 +6,7 @@
 // accumulators (R * NV = 8 independent FMA chains, no per-row reduction of unrolled chains), and the work split is
 // exact. Every lane of a row is one serial FMA chain over t = 0 .. k-1 from +0, so the AVX-512 and AVX2 paths
 // give the same bits whatever their tile widths; the portable path rounds each product (no FMA on the x86-64
-// baseline). Batches of at most 8 rows (online inference) gather x instead (see kGatherBatch below).
+// baseline). Batches of one or two rows read x with scalar loads instead (see kGatherBatch below).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -183,13 +183,16 @@ SPARSEKERN_AVX512_DIAGNOSTICS_END
 #endif
 
 // ---------------------------------------------------------------------------------------------------------------
-// Small batches (online inference, B <= kGatherBatch): a batch tile would be mostly padding lanes, every nonzero
+// Batches of one or two rows (B <= kGatherBatch): a batch tile would be mostly padding lanes, every nonzero
 // loading a 64-byte run of which B values count. Instead x stays row-major (fp32; bf16/fp16 widened once into a
-// scratch copy of B x n_in) and each row of W gathers its k inputs, 16 nonzeros at a time, into 16 fp32 lanes per
-// batch row: lane u of row o sums the products of nonzeros t = u, u + 16, ... (serial FMA chains from +0), then the
-// 16 lanes are added by one fixed tree (8 + 8, 4 + 4, 2 + 2, 1 + 1). The AVX2 path keeps the 16 lanes in two ymm
-// (the same sums in the same order: the same bits); the portable one rounds each product.
-constexpr int64_t kGatherBatch = 8;
+// scratch copy of B x n_in, which sits in L1/L2) and each nonzero's input is a scalar load: three loads and B
+// FMAs per nonzero. (The vector gathers were 2-3x slower on Zen 4: a 16-lane vgatherdps costs about as much as 16
+// scalar loads, plus its latency in the accumulator chain.) Lane u of a row sums the nonzeros t = u, u + 4, ...
+// (four independent chains from +0, for the FMA latency), added as (0 + 2) + (1 + 3). The AVX2 and AVX-512 paths
+// are the same scalar code with fused multiply-adds (the same bits); the portable one rounds each product.
+// Measured on Zen 4 (1024x1024, k=102, one thread): 131 us at B=1 against 195 us for a 16-lane tile, but 209 us
+// at B=4 and 364 us at B=8 against 163-179 us for the tile at B=9..16: from 3 rows on the tile is cheaper.
+constexpr int64_t kGatherBatch = 2;
 constexpr int kGatherRows = 4;  // batch rows per pass over a row's index
 
 struct GatherArgs {
@@ -200,119 +203,78 @@ struct GatherArgs {
   int64_t batch, n_in, n_out, k;
 };
 
-inline float tree16(const float lanes[16]) {
-  float s8[8], s4[4];
-  for (int i = 0; i < 8; ++i) s8[i] = lanes[i] + lanes[i + 8];
-  for (int i = 0; i < 4; ++i) s4[i] = s8[i] + s8[i + 4];
-  const float s2a = s4[0] + s4[2], s2b = s4[1] + s4[3];
-  return s2a + s2b;
+// Scalar code on purpose: GCC would otherwise turn the four lanes into (slow) vector gathers.
+#pragma GCC push_options
+#pragma GCC optimize("no-tree-vectorize")
+
+template <bool kFma>
+inline __attribute__((always_inline)) float mad(float w, float x, float acc) {
+  if constexpr (kFma) {
+    return __builtin_fmaf(w, x, acc);
+  } else {
+    return w * x + acc;  // (never contracted: the portable path is compiled for the x86-64 baseline)
+  }
+}
+
+template <typename T, int NB, bool kFma>
+inline __attribute__((always_inline)) void gather_rows_nb(const GatherArgs& a, int64_t b0, int64_t o0, int64_t o1) {
+  T* y = static_cast<T*>(a.y);
+  const float* x = a.x + b0 * a.n_in;
+  const int64_t k = a.k, n_in = a.n_in;
+  for (int64_t o = o0; o < o1; ++o) {
+    float acc[NB][4] = {};
+    const int32_t* c = a.cols + o * k;
+    const float* v = a.values + o * k;
+    int64_t t = 0;
+    for (; t + 4 <= k; t += 4) {
+      for (int u = 0; u < 4; ++u) {
+        const int64_t col = c[t + u];
+        const float w = v[t + u];
+        for (int b = 0; b < NB; ++b) acc[b][u] = mad<kFma>(w, x[b * n_in + col], acc[b][u]);
+      }
+    }
+    for (int u = 0; t < k; ++t, ++u) {
+      const int64_t col = c[t];
+      for (int b = 0; b < NB; ++b) acc[b][u] = mad<kFma>(v[t], x[b * n_in + col], acc[b][u]);
+    }
+    for (int b = 0; b < NB; ++b) {
+      y[(b0 + b) * a.n_out + o] = static_cast<T>((acc[b][0] + acc[b][2]) + (acc[b][1] + acc[b][3]));
+    }
+  }
+}
+
+template <typename T, bool kFma>
+inline __attribute__((always_inline)) void gather_rows_any(const GatherArgs& a, int64_t o0, int64_t o1) {
+  for (int64_t b0 = 0; b0 < a.batch; b0 += kGatherRows) {
+    switch (std::min<int64_t>(kGatherRows, a.batch - b0)) {
+      case 1: gather_rows_nb<T, 1, kFma>(a, b0, o0, o1); break;
+      case 2: gather_rows_nb<T, 2, kFma>(a, b0, o0, o1); break;
+      case 3: gather_rows_nb<T, 3, kFma>(a, b0, o0, o1); break;
+      default: gather_rows_nb<T, 4, kFma>(a, b0, o0, o1); break;
+    }
+  }
 }
 
 template <typename T>
 void gather_rows_portable(const GatherArgs& a, int64_t o0, int64_t o1) {
-  T* y = static_cast<T*>(a.y);
-  for (int64_t b0 = 0; b0 < a.batch; b0 += kGatherRows) {
-    const int64_t nb = std::min<int64_t>(kGatherRows, a.batch - b0);
-    for (int64_t o = o0; o < o1; ++o) {
-      float acc[kGatherRows][16] = {};
-      const int32_t* c = a.cols + o * a.k;
-      const float* v = a.values + o * a.k;
-      for (int64_t t = 0; t < a.k; ++t) {
-        for (int64_t b = 0; b < nb; ++b) acc[b][t % 16] += v[t] * a.x[(b0 + b) * a.n_in + c[t]];
-      }
-      for (int64_t b = 0; b < nb; ++b) y[(b0 + b) * a.n_out + o] = static_cast<T>(tree16(acc[b]));
-    }
-  }
+  gather_rows_any<T, false>(a, o0, o1);
 }
 
 #if defined(SPARSEKERN_BATCH_TILES_AVX2)
-// The sum of 16 lanes held as lo (0-7) and hi (8-15), by tree16's order.
-SPARSEKERN_AVX2 inline float tree16_avx2(__m256 lo, __m256 hi) {
-  const __m256 s8 = _mm256_add_ps(lo, hi);
-  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
-  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));  // (s4[0] + s4[2], s4[1] + s4[3])
-  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
-template <typename T, int NB>
-SPARSEKERN_AVX2 void gather_rows_avx2_nb(const GatherArgs& a, int64_t b0, int64_t o0, int64_t o1) {
-  T* y = static_cast<T*>(a.y);
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  for (int64_t o = o0; o < o1; ++o) {
-    __m256 lo[NB], hi[NB];
-    for (int b = 0; b < NB; ++b) lo[b] = hi[b] = _mm256_setzero_ps();
-    const int32_t* c = a.cols + o * a.k;
-    const float* v = a.values + o * a.k;
-    for (int64_t t = 0; t < a.k; t += 16) {
-      const int64_t m = a.k - t;
-      const __m256i m0 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::min<int64_t>(m, 8))), lane);
-      const __m256i m1 = _mm256_cmpgt_epi32(_mm256_set1_epi32(int(std::max<int64_t>(0, std::min<int64_t>(m - 8, 8)))), lane);
-      const __m256i i0 = _mm256_maskload_epi32(c + t, m0), i1 = _mm256_maskload_epi32(c + t + 8, m1);
-      const __m256 v0 = _mm256_maskload_ps(v + t, m0), v1 = _mm256_maskload_ps(v + t + 8, m1);
-      for (int b = 0; b < NB; ++b) {
-        const float* xb = a.x + (b0 + b) * a.n_in;
-        const __m256 x0 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xb, i0, _mm256_castsi256_ps(m0), 4);
-        const __m256 x1 = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), xb, i1, _mm256_castsi256_ps(m1), 4);
-        lo[b] = _mm256_fmadd_ps(v0, x0, lo[b]);
-        hi[b] = _mm256_fmadd_ps(v1, x1, hi[b]);
-      }
-    }
-    for (int b = 0; b < NB; ++b) y[(b0 + b) * a.n_out + o] = static_cast<T>(tree16_avx2(lo[b], hi[b]));
-  }
-}
-
 template <typename T>
 SPARSEKERN_AVX2 void gather_rows_avx2(const GatherArgs& a, int64_t o0, int64_t o1) {
-  for (int64_t b0 = 0; b0 < a.batch; b0 += kGatherRows) {
-    switch (std::min<int64_t>(kGatherRows, a.batch - b0)) {
-      case 1: gather_rows_avx2_nb<T, 1>(a, b0, o0, o1); break;
-      case 2: gather_rows_avx2_nb<T, 2>(a, b0, o0, o1); break;
-      case 3: gather_rows_avx2_nb<T, 3>(a, b0, o0, o1); break;
-      default: gather_rows_avx2_nb<T, 4>(a, b0, o0, o1); break;
-    }
-  }
+  gather_rows_any<T, true>(a, o0, o1);
 }
 #endif
 
 #if defined(SPARSEKERN_BATCH_TILES_AVX512)
-SPARSEKERN_AVX512_DIAGNOSTICS_BEGIN
-template <typename T, int NB>
-SPARSEKERN_AVX512 void gather_rows_avx512_nb(const GatherArgs& a, int64_t b0, int64_t o0, int64_t o1) {
-  T* y = static_cast<T*>(a.y);
-  for (int64_t o = o0; o < o1; ++o) {
-    __m512 acc[NB];
-    for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_ps();
-    const int32_t* c = a.cols + o * a.k;
-    const float* v = a.values + o * a.k;
-    for (int64_t t = 0; t < a.k; t += 16) {
-      const __mmask16 m = batch_tiles::first_n(a.k - t);
-      const __m512i idx = _mm512_maskz_loadu_epi32(m, c + t);
-      const __m512 vv = _mm512_maskz_loadu_ps(m, v + t);
-      for (int b = 0; b < NB; ++b) {
-        const __m512 xv = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, a.x + (b0 + b) * a.n_in, 4);
-        acc[b] = _mm512_fmadd_ps(vv, xv, acc[b]);
-      }
-    }
-    for (int b = 0; b < NB; ++b) {
-      y[(b0 + b) * a.n_out + o] =
-          static_cast<T>(tree16_avx2(_mm512_castps512_ps256(acc[b]), _mm512_extractf32x8_ps(acc[b], 1)));
-    }
-  }
-}
-
 template <typename T>
 SPARSEKERN_AVX512 void gather_rows_avx512(const GatherArgs& a, int64_t o0, int64_t o1) {
-  for (int64_t b0 = 0; b0 < a.batch; b0 += kGatherRows) {
-    switch (std::min<int64_t>(kGatherRows, a.batch - b0)) {
-      case 1: gather_rows_avx512_nb<T, 1>(a, b0, o0, o1); break;
-      case 2: gather_rows_avx512_nb<T, 2>(a, b0, o0, o1); break;
-      case 3: gather_rows_avx512_nb<T, 3>(a, b0, o0, o1); break;
-      default: gather_rows_avx512_nb<T, 4>(a, b0, o0, o1); break;
-    }
-  }
+  gather_rows_any<T, true>(a, o0, o1);
 }
-SPARSEKERN_AVX512_DIAGNOSTICS_END
 #endif
+
+#pragma GCC pop_options
 
 template <typename T>
 void (*gather_kernel())(const GatherArgs&, int64_t, int64_t) {

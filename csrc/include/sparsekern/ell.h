@@ -19,12 +19,14 @@
 namespace sparsekern {
 namespace ell {
 
-// Whether row r of cols (k per row) is valid: first >= 0, last < n_cols, strictly ascending (so all in range).
+// Whether a row of cols (k per row) is valid: first >= 0, last < n_cols, strictly ascending (so all in range).
+// The steps down are counted in an int (no early exit, no bool reduction), which GCC vectorises even for the
+// x86-64 baseline: a bool |= loop stayed scalar and cost 70 us for 1024 x 102 columns, most of a B=1 forward.
 inline bool row_ok(const int32_t* c, int64_t k, int64_t n_cols) {
   if (k == 0) return true;
-  bool bad = c[0] < 0 || c[k - 1] >= n_cols;
-  for (int64_t t = 1; t < k; ++t) bad |= c[t] <= c[t - 1];  // no early exit: vectorised
-  return !bad;
+  int32_t descents = 0;
+  for (int64_t t = 1; t < k; ++t) descents += c[t] <= c[t - 1] ? 1 : 0;
+  return descents == 0 && c[0] >= 0 && c[k - 1] < n_cols;
 }
 
 // cols: a contiguous int32 (n_rows, k) CPU tensor (n_rows < 0: any) whose rows are valid for n_cols columns.
