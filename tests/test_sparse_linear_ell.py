@@ -224,9 +224,10 @@ def test_unequal_rows_take_csr_and_ell_raises_naming_the_row(calls):
 
 
 @needs_ell_cpu
-def test_auto_keeps_csr_at_the_measured_small_batches(calls):
-    """On the C++ kernels, kernels="auto" runs CSR for batches of 2-8 rows (measured faster there), ELL for 1 and
-    from 9; kernels="ell" runs ELL at every batch size."""
+def test_auto_keeps_csr_at_the_batches_of_ell_csr_batches(calls, monkeypatch):
+    """kernels="auto" runs CSR at the batch sizes ELL_CSR_BATCHES names for a backend (a measured rule; here a
+    made-up one on the C++ kernels), ELL elsewhere; kernels="ell" runs ELL at every batch size."""
+    monkeypatch.setitem(sl.ELL_CSR_BATCHES, "cpu", (2, 8))
     index = CSRIndex.from_mask(fan_in_mask(12, 30, 3))
     values = torch.randn(index.nnz)
     expected = {1: "ell", 2: "csr", 8: "csr", 9: "ell"}

@@ -152,11 +152,11 @@ def choose_kernels(kernels: str, index: CSRIndex, fan_in: int | None = None, fn:
 
 _ELL_OPS = ("ell_spmm", "ell_spmm_t", "ell_sddmm")
 
-# Batch sizes at which kernels="auto" keeps the CSR kernels on a constant fan-in weight, by backend. CPU: the ELL
-# forward's gather path for batches of 2-8 rows grows linearly with B while CSR's batch tile does not (768->3072 at
-# 90%, one thread, Zen 4, interleaved medians; ELL time / CSR time: B=1 0.75x, 2 1.1x, 4 1.7x, 8 2.8-3.7x, 9 and 16
-# 0.85x; AVX-512 and AVX2 alike). Drop this rule once the ELL kernel's small-batch path wins there too.
-ELL_CSR_BATCHES: dict[str, tuple[int, int]] = {"cpu": (2, 8)}
+# Batch sizes at which kernels="auto" keeps the CSR kernels on a constant fan-in weight, by backend (lo, hi). Empty:
+# ELL is measured at least as fast everywhere. (The first CPU ELL forward's gather path for batches of 2-8 rows was
+# 1.1-3.7x slower than CSR and had {"cpu": (2, 8)} here; its scalar small-batch path beats CSR at every batch:
+# 768->3072 at 90%, one thread, Zen 4, CSR time / ELL time at B=1, 2, 4, 8, 9, 16: AVX-512 0.9-2.7x, AVX2 1.4-2.3x.)
+ELL_CSR_BATCHES: dict[str, tuple[int, int]] = {}
 
 
 def auto_takes_ell(backend: str, batch: int) -> bool:
