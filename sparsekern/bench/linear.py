@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from .. import _extension
 from .._csr import CSRIndex
-from ..ops.sparse_linear import DENSITY_CROSSOVER, DenseWorkspace, choose_path, sparse_linear
+from ..ops.sparse_linear import DENSITY_CROSSOVER, DenseWorkspace, auto_takes_ell, choose_path, sparse_linear
 from . import harness, linear_report
 from .harness import failure
 
@@ -342,7 +342,7 @@ def run_case(
         "sparse": lambda: build_sparsekern(p, x, values, grad, mode, backend, "sparse", "csr"),
     }
     # auto on the sparse path is the very same call as the ELL column (equal rows) or the CSR one
-    auto_same_as = "ell" if p.equal_rows and p.index.nnz else "sparse"
+    auto_same_as = "ell" if p.equal_rows and p.index.nnz and auto_takes_ell(backend, p.batch) else "sparse"
     if p.equal_rows:
         builders["ell"] = lambda: build_sparsekern(p, x, values, grad, mode, backend, "sparse", "ell")
     else:

@@ -151,6 +151,19 @@ def choose_kernels(kernels: str, index: CSRIndex, fan_in: int | None = None, fn:
 
 
 _ELL_OPS = ("ell_spmm", "ell_spmm_t", "ell_sddmm")
+
+# Batch sizes at which kernels="auto" keeps the CSR kernels on a constant fan-in weight, by backend (lo, hi). Empty:
+# ELL is measured at least as fast everywhere. (The first CPU ELL forward's gather path for batches of 2-8 rows was
+# 1.1-3.7x slower than CSR and had {"cpu": (2, 8)} here; its scalar small-batch path beats CSR at every batch:
+# 768->3072 at 90%, one thread, Zen 4, CSR time / ELL time at B=1, 2, 4, 8, 9, 16: AVX-512 0.9-2.7x, AVX2 1.4-2.3x.)
+ELL_CSR_BATCHES: dict[str, tuple[int, int]] = {}
+
+
+def auto_takes_ell(backend: str, batch: int) -> bool:
+    """Whether kernels="auto" runs the ELL kernels (rather than CSR) on a constant fan-in weight for this backend
+    and batch size (see ``ELL_CSR_BATCHES``)."""
+    lo, hi = ELL_CSR_BATCHES.get(backend, (1, 0))
+    return not lo <= batch <= hi
 _ell_kernels: dict[str, bool] = {}  # by dispatch key: does the loaded extension have the ELL kernels?
 
 
@@ -571,6 +584,8 @@ def sparse_linear(
         chosen_path = "sparse"
     if chosen_path == "dense":
         return _dense_path(x2, values, index, bias, workspace, chosen, training).reshape(*lead, index.n_out)
+    if width is not None and kernels == "auto" and not auto_takes_ell(chosen, x2.shape[0]):
+        width = None
     ell = ell_backend(fn, x2, chosen, backend, kernels) if width is not None else None
     if ell is not None and not (training or (bias is not None and bias.requires_grad and torch.is_grad_enabled())):
         # inference: the kernel alone (an autograd.Function costs ~5 us a call, felt at online batch sizes)
