@@ -41,6 +41,14 @@ def test_row_largest_matches_reference(shape, dtype):
         counts = torch.tensor([int(torch.randint(0, int(e.sum()) + 1, (1,), generator=gen)) for e in eligible])
         got = row_largest(values, eligible, counts)
         assert torch.equal(got, ref_row_largest(values.double(), eligible, counts))
+        continuous = torch.rand(shape, generator=gen).to(dtype)  # few or no ties: the partial top-k alone
+        assert torch.equal(
+            row_largest(continuous, eligible, counts), ref_row_largest(continuous.double(), eligible, counts)
+        )
+        assert torch.equal(
+            row_largest(continuous, eligible, counts, smallest=True),
+            ref_row_largest(-continuous.double(), eligible, counts),
+        )
         same = torch.full((shape[0],), int(eligible.sum(1).min()))  # one count for every row: the fast path
         assert torch.equal(row_largest(values, eligible, same), ref_row_largest(values.double(), eligible, same))
 
