@@ -22,6 +22,8 @@ from .sparsify import (
     to_sparse_linear,
 )
 from .ste import SRSTE, STE, nm_mask
+from .structure import Structure, parse_structure
+from .structure_fan_in import FanIn
 
 __all__ = [
     "DISTRIBUTIONS",
@@ -35,6 +37,7 @@ __all__ = [
     "SRSTE",
     "STE",
     "DropGrowPlan",
+    "FanIn",
     "FlopsReport",
     "LayerFlops",
     "GraSP",
@@ -43,6 +46,7 @@ __all__ = [
     "Sparsifier",
     "SparsityReport",
     "Static",
+    "Structure",
     "SynFlow",
     "Ticket",
     "UpdateSchedule",
@@ -53,6 +57,7 @@ __all__ = [
     "keep_masks",
     "layer_nnz",
     "nm_mask",
+    "parse_structure",
     "snip_scores",
     "sparsify",
     "small_dense",

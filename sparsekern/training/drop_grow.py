@@ -36,7 +36,7 @@ from ..ops.outer_topk import outer_topk
 from ..reference import outer_topk_scores_reference
 from ._optim_state import check_state, stage_state, swap_state
 from .structure import Structure
-from .structure_fan_in import all_finite, round_half_up
+from .structure_fan_in import round_half_up
 
 GROW_MODES = ("gradient", "random")
 
@@ -292,9 +292,7 @@ class _Layer(abc.ABC):
                 counts = torch.minimum(have, torch.maximum(round_half_up(have.double() * fraction), have - want))
                 drop = structure.drop(mask, keys, fraction, counts=counts)
             kept = mask & ~drop
-            scores = source.rows(r0, r1).to(active.device)
-            if not all_finite(scores):
-                raise ValueError("drop_and_grow: the gradient holds inf or NaN; no connection was changed")
+            scores = source.rows(r0, r1).to(active.device)  # Structure.grow refuses inf and NaN (before any change)
             if targets is None:
                 grown = structure.grow(kept, scores)
             else:
@@ -665,6 +663,10 @@ def drop_and_grow(
     Kept connections keep their values, gradients and optimizer state; grown ones start at 0 with zero gradient
     and zero optimizer state; a connection both dropped and grown stays as it was. The nonzero count is
     unchanged. All selections are made before anything changes, so on any error nothing changes.
+
+    A layer that keeps a structure (``sparsify(structure=)``: constant fan-in, N:M) keeps it: each row (or group)
+    drops ``n / count`` of its connections and grows back what it lost (:meth:`_Layer.plan_structured`, a block of
+    rows at a time; ``FanIn(ablation=)`` may empty rows and move their budget, so the count can then change).
 
     Args:
         layer: a :class:`~sparsekern.nn.SparseLinear`, or a Linear/Conv module masked by

@@ -133,10 +133,8 @@ class FanIn(Structure):
         return hash(tuple(self.config().items()))
 
     def __repr__(self) -> str:
-        extra = "".join(
-            f", {key}={value!r}" for key, value in (("ablation", self.ablation), ("budget", self.budget)) if value
-        )
-        return f"FanIn(k={self.k!r}{extra})" if self.k is not None or extra else "FanIn()"
+        parts = [f"{key}={value!r}" for key, value in self.config().items() if key != "name" and value is not None]
+        return f"FanIn({', '.join(parts)})"
 
     def bind(self, shape: tuple[int, int], count: int, budget: int | None = None) -> FanIn:
         """The copy for one layer of ``shape`` holding ``count`` nonzeros (k = count / n_out; live rows only when
