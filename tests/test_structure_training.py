@@ -480,3 +480,14 @@ def test_multihead_attention_projections_keep_fan_in():
         opt.zero_grad()
         check_structure(rigl)
     assert not torch.equal(initial["attn.in_proj_weight"], rigl.masks()["attn.in_proj_weight"])
+
+
+def test_to_sparse_linear_keeps_the_structure():
+    from sparsekern.training import to_sparse_linear
+
+    model = make_model()
+    sparsify(model, 0.8, layout="masked", structure="fan_in", generator=torch.Generator().manual_seed(0))
+    before = {name: as_layer(m).structure for name, m in (("3", model[3]), ("5", model[5]))}
+    to_sparse_linear(model)
+    assert type(model[3]).__name__ == "SparseLinear"
+    assert as_layer(model[3]).structure == before["3"] and as_layer(model[5]).structure == before["5"]
