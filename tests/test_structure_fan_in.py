@@ -261,3 +261,15 @@ def test_rigl_reports_ablated_rows():
     assert report.layers[1].ablated is None
     assert f"({first.ablated}/32 rows ablated)" in str(report)
     assert report.to_dict()["layers"][0]["ablated"] == first.ablated
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 0.99, 1.0])
+def test_drop_compact_equals_drop(fraction):
+    gen = torch.Generator().manual_seed(6)
+    n_out, n_in, k = 9, 25, 6
+    mask = FanIn().initial(torch.rand(n_out, n_in, generator=gen), n_out * k)
+    keys = tied((n_out, n_in), gen, levels=3) * mask
+    compact = FanIn(k).drop_compact(keys[mask].view(n_out, k), fraction)
+    dense = torch.zeros(n_out, n_in, dtype=torch.bool)
+    dense[mask] = compact.reshape(-1)
+    assert torch.equal(dense, FanIn(k).drop(mask, keys, fraction))

@@ -182,6 +182,17 @@ class FanIn(Structure):
         counts = self.drop_counts(mask, fraction) if counts is None else counts
         return row_largest(keys, mask, counts, smallest=True)
 
+    def drop_compact(self, keys: torch.Tensor, fraction: float) -> torch.Tensor:
+        """:meth:`drop` on equal rows given compactly: ``keys`` (R, c) are each row's active keys in ascending column
+        order; returns bool (R, c), the round(fraction * c) smallest per row, ties to the lower column (the same
+        selection as :meth:`drop` on the dense block, at c / n_in of its cost)."""
+        rows, c = keys.shape
+        d = min(c, int(math.floor(c * float(fraction) + 0.5)))
+        if d == 0 or rows == 0:
+            return torch.zeros(rows, c, dtype=torch.bool, device=keys.device)
+        everywhere = torch.ones(rows, c, dtype=torch.bool, device=keys.device)
+        return row_largest(keys, everywhere, torch.full((rows,), d, device=keys.device), smallest=True)
+
     def grow(self, kept: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
         """Per row as many positions as bring it back to k (the bound fan-in; ``counts``: per-row numbers to grow
         instead), the largest ``scores`` among the positions not kept, ties to the lower column."""
