@@ -232,7 +232,7 @@ def test_grow_regrows_a_dropped_connection_and_ignores_sign():
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
 def test_transposable_grow_matches_brute_force(n, m, ties, fraction):
     nm = NM(n, m, transposable=True)
-    shape = (2 * m, 4 * m)
+    shape = (2 * m, 8 * m)
     mask = nm.initial(_scores(shape), nm.count(shape, 0))
     kept = mask & ~nm.drop(mask, torch.rand(shape), fraction)
     scores = _scores(shape, torch.float32, ties)
@@ -247,11 +247,9 @@ def without_table(monkeypatch):
     import sparsekern.training.structure_nm as structure_nm
 
     monkeypatch.setattr(structure_nm, "_MAX_TABLE_M", 0)
-    structure_nm._infeasible_table.cache_clear()
-    structure_nm._infeasible_table_cpu.cache_clear()
+    structure_nm._tiles.cache_clear()
     yield
-    structure_nm._infeasible_table.cache_clear()
-    structure_nm._infeasible_table_cpu.cache_clear()
+    structure_nm._tiles.cache_clear()
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 3)], ids=str)
