@@ -29,10 +29,14 @@ import torch
 from torch import nn
 
 from .._csr import CSRIndex, random_positions, sorted_contains
+from .._distributed import all_gather_batch
 from ..nn.sparse_linear import SparseLinear, TopologyUpdate
 from ..ops.outer_topk import check_precision as check_outer_topk_precision
 from ..ops.outer_topk import outer_topk
+from ..reference import outer_topk_scores_reference
 from ._optim_state import check_state, stage_state, swap_state
+from .structure import Structure
+from .structure_fan_in import round_half_up
 
 GROW_MODES = ("gradient", "random")
 
@@ -61,6 +65,8 @@ class DropGrowPlan:
     grown: torch.Tensor  # positions added by the grow (may include dropped ones, which then stay)
     active: torch.Tensor  # the connections after the update
     update: TopologyUpdate  # old slot -> new slot (in the ascending order of the active connections)
+    structure: Structure | None = None  # a structured layer's structure after the update (ablation changes its k)
+    ablated: int | None = None  # rows a FanIn(ablation=) update left empty
 
     @property
     def n(self) -> int:
@@ -126,6 +132,35 @@ class _Layer(abc.ABC):
         return math.prod(self.shape)
 
     @property
+    def rows(self) -> tuple[int, int]:
+        """The (n_out, n_in) view a structure constrains (a conv weight as (out, in * kernel))."""
+        return self.shape[0], self.numel // self.shape[0]
+
+    @property
+    def structure(self) -> Structure | None:
+        """The structure the layer keeps (set by ``sparsify(structure=)`` or a sparsifier's ``structure=``)."""
+        return get_structure(self.module)
+
+    @structure.setter
+    def structure(self, value: Structure | None) -> None:
+        set_structure(self.module, value)
+
+    def grow_scores(self, grow: str, batches, generator, group, precision):
+        """A function (r0, r1) -> the float grow scores (r1 - r0, n_in) of rows r0..r1 of the structured view:
+        |dL/dW| (gradient) or uniform random draws from ``generator`` (random); never the whole layer at once."""
+        if grow == "random":
+            if not isinstance(generator, torch.Generator):
+                raise ValueError(f"drop_and_grow: grow='random' needs generator=torch.Generator(), got {generator!r}")
+            return _RandomScores(self.rows[1], generator, self.param.device)
+        if grow != "gradient":
+            raise ValueError(f"drop_and_grow: grow must be one of {GROW_MODES}, got {grow!r}")
+        return self.gradient_rows(batches, group, precision)
+
+    @abc.abstractmethod
+    def gradient_rows(self, batches, group, precision):
+        """As :meth:`grow_scores` for |dL/dW|."""
+
+    @property
     @abc.abstractmethod
     def param(self) -> nn.Parameter:
         """The trained parameter (SparseLinear.values or the dense weight)."""
@@ -178,7 +213,15 @@ class _Layer(abc.ABC):
     ) -> DropGrowPlan:
         """The update, the new topology included, computed once and without changing anything. ``n_grow`` (default
         ``n``) grows another number than the drop removes (a redistributed budget); ``grow="scores"`` grows the
-        largest |scores| (a dense tensor of the weight's shape) among the positions not kept."""
+        largest |scores| (a dense tensor of the weight's shape) among the positions not kept. A layer with a
+        :attr:`structure` is planned by :meth:`plan_structured`."""
+        if self.structure is not None:
+            if (n_grow is not None and n_grow != n) or grow not in GROW_MODES:
+                raise ValueError(
+                    f"drop_and_grow: a layer with structure {self.structure.name!r} grows back what each row (or "
+                    "group) dropped: no redistributed count (n_grow) and no grow by external scores"
+                )
+            return self.plan_structured(n, grow, batches=batches, generator=generator, group=group, precision=precision)
         active = self.active()
         if not 0 <= n <= active.numel():
             raise ValueError(f"drop_and_grow: n must lie in [0, active connections={active.numel()}], got {n}")
@@ -200,6 +243,75 @@ class _Layer(abc.ABC):
         keep[torch.searchsorted(active, grown[regrown])] = True
         new_active, update = TopologyUpdate.merge(active, keep, grown[~regrown])
         return DropGrowPlan(dropped, grown, new_active, update)
+
+    def plan_structured(
+        self, n: int, grow: str, *, batches=None, generator=None, group=None, precision: str = "fast"
+    ) -> DropGrowPlan:
+        """:meth:`plan` for a layer that keeps its :attr:`structure`: the drop removes ``fraction = n / count`` of
+        every row (or group) by :meth:`Structure.drop` and the grow restores the structure by
+        :meth:`Structure.grow`, a block of rows at a time (a multiple of ``structure.row_block``, at most
+        ``ROW_BLOCK_ELEMENTS`` scores): the grow scores of a block are its rows of |dL/dW| (a masked layer's
+        ``weight.grad``; a SparseLinear's ``g[:, rows].T @ x`` from the recorded batches, all ranks' under
+        ``group``) or uniform random draws (SET), never the whole dense gradient. With ``FanIn(ablation=)``, rows
+        are ablated first (see :mod:`.structure_fan_in`)."""
+        structure = self.structure
+        active = self.active()
+        count = active.numel()
+        if not 0 <= n <= count:
+            raise ValueError(f"drop_and_grow: n must lie in [0, active connections={count}], got {n}")
+        fraction = n / count if count else 0.0
+        n_out, n_in = self.rows
+        keys_all = magnitude_keys(self.active_values())
+        source = self.grow_scores(grow, batches, generator, group, precision)
+        targets, new_structure, ablated = None, structure, None
+        if getattr(structure, "ablation", None) is not None:
+            if grow != "gradient":
+                raise ValueError(
+                    "drop_and_grow: FanIn(ablation=) ranks rows by their gradient saliency (SRigL): it needs "
+                    f"grow='gradient' (RigL), got grow={grow!r}"
+                )
+            targets, new_structure, ablated = _ablation_targets(self, structure, active, keys_all, n, source)
+        block = _block_rows(structure.row_block, n_out, n_in)
+        starts = [*range(0, n_out, block), n_out]
+        bounds = torch.searchsorted(active, torch.tensor(starts, dtype=torch.int64, device=active.device) * n_in)
+        bounds = bounds.tolist()
+        dropped_parts, grown_parts = [], []
+        for i in range(len(starts) - 1):
+            r0, r1, lo, hi = starts[i], starts[i + 1], bounds[i], bounds[i + 1]
+            rows, local = r1 - r0, active[lo:hi] - r0 * n_in
+            mask = torch.zeros(rows * n_in, dtype=torch.bool, device=active.device)
+            mask[local] = True
+            mask = mask.view(rows, n_in)
+            keys = torch.zeros(rows * n_in, dtype=keys_all.dtype, device=active.device)
+            keys[local] = keys_all[lo:hi].to(active.device)
+            keys = keys.view(rows, n_in)
+            if targets is None:
+                drop = structure.drop(mask, keys, fraction)
+            else:
+                have, want = mask.sum(1), targets[r0:r1]
+                counts = torch.minimum(have, torch.maximum(round_half_up(have.double() * fraction), have - want))
+                drop = structure.drop(mask, keys, fraction, counts=counts)
+            kept = mask & ~drop
+            scores = source.rows(r0, r1).to(active.device)
+            if not bool(torch.isfinite(scores).all()):
+                raise ValueError("drop_and_grow: the gradient holds inf or NaN; no connection was changed")
+            if targets is None:
+                grown = structure.grow(kept, scores)
+            else:
+                grown = structure.grow(kept, scores, counts=targets[r0:r1] - kept.sum(1))
+            if bool((drop & ~mask).any()) or bool((grown & kept).any()):
+                raise RuntimeError(f"drop_and_grow: {structure!r} dropped an inactive or grew a kept connection")
+            dropped_parts.append(drop.reshape(-1).nonzero().reshape(-1) + r0 * n_in)
+            grown_parts.append(grown.reshape(-1).nonzero().reshape(-1) + r0 * n_in)
+        empty = torch.zeros(0, dtype=torch.int64, device=active.device)
+        dropped = torch.cat(dropped_parts) if dropped_parts else empty
+        grown = torch.cat(grown_parts) if grown_parts else empty
+        drop = sorted_contains(dropped, active)
+        regrown = sorted_contains(dropped, grown)
+        keep = ~drop
+        keep[torch.searchsorted(active, grown[regrown])] = True
+        new_active, update = TopologyUpdate.merge(active, keep, grown[~regrown])
+        return DropGrowPlan(dropped, grown, new_active, update, new_structure, ablated)
 
 
 class CompressedLayer(_Layer):
@@ -245,6 +357,35 @@ class CompressedLayer(_Layer):
         index, _ = outer_topk(x, g, n, exclude=exclude, group=group, precision=precision)
         return index.sort().values
 
+    def gradient_rows(self, batches, group, precision) -> _ScoreSource:
+        fn = "drop_and_grow"
+        n_out, n_in = self.shape
+        x = g = None
+        try:
+            if not batches:
+                raise ValueError(
+                    f"{fn}: no inputs and output gradients were recorded for this SparseLinear; run forward and "
+                    "backward (in training mode, with autograd on) before the update step"
+                )
+            x = torch.cat([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
+            g = torch.cat([b[1] for b in batches]) if len(batches) > 1 else batches[0][1]
+            if x.shape[1:] != (n_in,) or g.shape[1:] != (n_out,) or x.shape[0] != g.shape[0]:
+                raise ValueError(
+                    f"{fn}: x must be (B, {n_in}) and g (B, {n_out}), got {tuple(x.shape)} and {tuple(g.shape)}"
+                )
+            g = g.to(x.dtype)
+        except Exception as exc:
+            if group is None:
+                raise
+            all_gather_batch(fn, group, x, g, 0, failure=exc)
+            raise
+        if group is not None:
+            x, g = all_gather_batch(fn, group, x, g, 0)  # every rank: the concatenated batch, in rank order
+        for t in (x, g):
+            if not all(bool(torch.isfinite(block).all()) for block in t.reshape(-1).split(1 << 22)):
+                raise ValueError(f"{fn}: the layer's inputs or output gradients hold inf or NaN; nothing changed")
+        return _OuterScores(x, g, precision)
+
     def stage(self, plan: DropGrowPlan, optimizer) -> Callable[[], None]:
         module, values = self.module, self.module.values
         topology = module._stage_topology(plan.active, plan.update)
@@ -254,6 +395,8 @@ class CompressedLayer(_Layer):
             module._swap_topology(topology)
             if optimizer is not None:
                 swap_state(optimizer, values, state)
+            if plan.structure is not None:
+                set_structure(module, plan.structure)
 
         return swap
 
@@ -288,6 +431,12 @@ class MaskedLayer(_Layer):
             raise ValueError("drop_and_grow: the masked weight has no gradient; run backward before the update step")
         return grow_from_scores(grad, kept, n)
 
+    def gradient_rows(self, batches, group, precision) -> _ScoreSource:
+        grad = self.module.weight.grad
+        if grad is None:
+            raise ValueError("drop_and_grow: the masked weight has no gradient; run backward before the update step")
+        return _DenseGradScores(grad.detach().reshape(self.rows))
+
     def stage(self, plan: DropGrowPlan, optimizer) -> Callable[[], None]:
         module = self.module
         new = flat_mask(plan.active, self.shape, module.weight_mask.device)
@@ -306,6 +455,8 @@ class MaskedLayer(_Layer):
                 if t is not None:
                     t.masked_fill_(cleared, 0)
             module.weight_mask.copy_(new)
+            if plan.structure is not None:
+                set_structure(module, plan.structure)
 
         return swap
 
@@ -316,6 +467,120 @@ class MaskedLayer(_Layer):
     def apply_mask(self) -> None:
         with torch.no_grad():
             self.module.weight.mul_(self.module.weight_mask)
+
+
+ROW_BLOCK_ELEMENTS = 1 << 20  # grow scores a structured update holds at once (4 MiB of float32)
+
+
+def _block_rows(row_block: int, n_out: int, n_in: int) -> int:
+    """Rows per block of a structured update: a multiple of ``row_block`` whose scores fit ROW_BLOCK_ELEMENTS."""
+    return min(n_out, max(1, ROW_BLOCK_ELEMENTS // (row_block * n_in)) * row_block)
+
+
+def _structure_home(module) -> tuple[nn.Module, str]:
+    if isinstance(module, nn.Module):
+        return module, "weight_structure"
+    return module.module, f"{module.name}_structure"  # a MaskedParameter (MultiheadAttention's projections)
+
+
+def get_structure(module) -> Structure | None:
+    """The :class:`Structure` a sparse layer keeps (a plain attribute ``weight_structure``, or
+    ``<name>_structure`` for a masked MultiheadAttention projection), or None."""
+    home, attr = _structure_home(module)
+    return home.__dict__.get(attr)
+
+
+def set_structure(module, structure: Structure | None) -> None:
+    home, attr = _structure_home(module)
+    if structure is None:
+        home.__dict__.pop(attr, None)
+    else:
+        home.__dict__[attr] = structure
+
+
+class _ScoreSource:
+    """The grow scores of a structured update, a block of rows at a time."""
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def top(self, n: int) -> torch.Tensor:
+        """Ascending flat indices of the layer's n largest scores over all positions (ablation's saliency)."""
+        raise NotImplementedError
+
+
+class _RandomScores(_ScoreSource):
+    def __init__(self, n_in: int, generator: torch.Generator, device):
+        self.n_in, self.generator, self.device = n_in, generator, device
+
+    def rows(self, r0, r1):
+        return torch.rand(r1 - r0, self.n_in, generator=self.generator, device=self.generator.device).to(self.device)
+
+
+class _DenseGradScores(_ScoreSource):
+    """|weight.grad| of a masked layer (the (n_out, n_in) view), read a block of rows at a time."""
+
+    def __init__(self, grad: torch.Tensor):
+        self.grad = grad
+
+    def rows(self, r0, r1):
+        block = self.grad[r0:r1].abs()
+        return block.float() if block.element_size() < 4 else block
+
+    def top(self, n):
+        empty = torch.zeros(0, dtype=torch.int64, device=self.grad.device)
+        return grow_from_scores(self.grad, empty, n)
+
+
+class _OuterScores(_ScoreSource):
+    """|g[:, r0:r1].T @ x| of a SparseLinear, a block at a time. precision "exact": outer_topk's exact scores (float32
+    sum in batch order, products rounded, no FMA: bit-identical to outer_topk(precision="exact")); "fast": one BLAS
+    matmul in float32 (float64 for float64 inputs), within outer_topk's stated fast bound of float64 but not its
+    bits (its C++ kernel sums by FMA in batch order); the same bits on every rank of one machine type."""
+
+    def __init__(self, x: torch.Tensor, g: torch.Tensor, precision: str):
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        self.x, self.g, self.precision = x, g, precision
+        self.xs, self.gt = x.to(acc), g.to(acc).t().contiguous()
+
+    def rows(self, r0, r1):
+        if self.precision == "exact":
+            return outer_topk_scores_reference(self.xs, self.gt[r0:r1].t())
+        return (self.gt[r0:r1] @ self.xs).abs().to(torch.float32)
+
+    def top(self, n):
+        index, _ = outer_topk(self.x, self.g, n, precision=self.precision)
+        return index.sort().values
+
+
+def _ablation_targets(layer: _Layer, structure, active, keys_all, n: int, source: _ScoreSource):
+    """SRigL's neuron ablation (see :mod:`.structure_fan_in`): per-row target counts (k' for live rows, 0 for
+    ablated ones), the FanIn with the new k', and the number of ablated rows."""
+    from .structure_fan_in import FanIn
+
+    n_out, n_in = layer.rows
+    count = active.numel()
+    budget = structure.budget if structure.budget is not None else count
+    rows_of = active // n_in
+    live_now = torch.bincount(rows_of, minlength=n_out) > 0
+    k = structure.k if structure.k is not None else count // max(1, int(live_now.sum()))
+    # salient: kept by a layer-wide magnitude drop of n, or among the layer's n largest |dL/dW| (all positions)
+    kept = ~smallest(keys_all, n) if n else torch.ones(count, dtype=torch.bool, device=active.device)
+    salient = torch.bincount(rows_of[kept], minlength=n_out)
+    if n:
+        top = source.top(n).to(active.device)
+        fresh = ~sorted_contains(active[kept], top)
+        salient = salient + torch.bincount(top[fresh] // n_in, minlength=n_out)
+    live = salient.double() >= structure.ablation * k
+    least = max(1, -(-budget // n_in))  # rows that can hold the budget
+    if int(live.sum()) < least:
+        order = torch.sort(salient, descending=True, stable=True).indices[:least]
+        live = torch.zeros(n_out, dtype=torch.bool, device=active.device)
+        live[order] = True
+    n_live = int(live.sum())
+    k_new = min(n_in, budget // n_live)
+    targets = torch.where(live, k_new, 0).to(torch.int64)
+    return targets, FanIn(k_new, ablation=structure.ablation, budget=budget), n_out - n_live
 
 
 def redistribute(budget: int, weights: list[float], capacity: list[int]) -> list[int]:

@@ -16,7 +16,8 @@ from ._optim_state import check_optimizer, check_state, snapshot_step
 from .drop_grow import CompressedLayer, DropGrowPlan, MaskedLayer, as_layer, check_precision, redistribute
 from .flops import FlopsReport, flops_report
 from .schedule import UpdateSchedule
-from .sparsify import SparsityReport, _unwrap, sparse_layers, sparsity_report
+from .sparsify import SparsityReport, _last_not_ablated, _unwrap, sparse_layers, sparsity_report
+from .structure import parse_structure
 
 MAX_STEPS = 2**53  # optimizer steps a state may count: exact in float64, far past any run
 
@@ -52,9 +53,18 @@ class Sparsifier:
         model: the sparsified model (a DDP wrapper is looked through; its process group is used for RigL/SET).
         optimizer: the optimizer over the model's parameters, created after :func:`sparsify`.
         group: a ``torch.distributed`` process group for data-parallel training (default: the DDP wrapper's).
+        structure, transposable: the mask structure to keep (Static, SNIP, SET, RigL): None (default: whatever
+            each layer keeps from ``sparsify(structure=)``, unstructured otherwise), "fan_in", "N:M" (``transposable``
+            for N:M tiles) or a :class:`~sparsekern.training.structure.Structure` such as ``FanIn(ablation=0.3)``.
+            A layer sparsified with another structure raises; an unstructured layer's mask must already have it
+            (checked, the layer named) and then keeps it; an ablation setting given here replaces the layers' own
+            (never on the model's last layer). SET and RigL then drop and grow per row (or group) so the
+            structure holds after every update; ``redistribution=`` is refused. Part of ``state_dict()``.
 
     Raises:
-        ValueError: the model has no sparse layer, or the optimizer does not hold the sparse parameters.
+        ValueError: the model has no sparse layer, or the optimizer does not hold the sparse parameters; a
+            structure the masks do not have; structured layers under a sparsifier that does not keep them (GMP,
+            SNFS, IMP, STE, ...).
         TypeError: an optimizer whose state cannot follow mask updates (L-BFGS, SparseAdam, Adafactor, or any
             state tensor not shaped like its parameter).
 
@@ -79,7 +89,11 @@ class Sparsifier:
     # sparsifier class declares its own, so a new one cannot inherit a wrong count
     flops_rule: str | None = None
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None):
+    # whether this sparsifier keeps a layer's structure (sparsify(structure=)); the others refuse structured layers
+    keeps_structure = False
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, group=None, structure=None,
+                 transposable: bool = False):  # fmt: skip
         fn = type(self).__name__
         if not isinstance(model, nn.Module):
             raise TypeError(f"{fn}: model must be an nn.Module, got {type(model).__name__}")
@@ -91,12 +105,59 @@ class Sparsifier:
             raise ValueError(f"{fn}: the model has no sparse layer; call sparsekern.sparsify(model, ...) first")
         self.layers = {name: as_layer(m) for name, m in modules.items()}
         check_optimizer(fn, optimizer, [layer.param for layer in self.layers.values()])
+        bind = self._bind_structure(fn, parse_structure(fn, structure, transposable))
+        for name, bound in bind.items():  # every check passed: now the layers remember it
+            self.layers[name].structure = bound
         self.optimizer = optimizer
         self.group = group
         self.steps = 0  # optimizer steps taken (calls of step())
         self._records: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._capturing = False
         self._hooks = []
+
+    def _bind_structure(self, fn: str, structure) -> dict:
+        """{layer name: the structure it is to keep} for ``structure=``: a layer sparsified with the same structure
+        keeps its own (an ablation setting given here replaces its own); an unstructured one must already have it
+        (its mask is checked) and then keeps it; dense layers stay as they are. Raises before anything changes."""
+        bind = {}
+        for name, layer in self.layers.items():
+            own = layer.structure
+            if structure is None:
+                if own is not None and not self.keeps_structure:
+                    raise ValueError(
+                        f"{fn}: layer {name!r} keeps the structure {own.name!r} (sparsify(structure=)), which "
+                        f"{fn} does not keep; use Static, SNIP, SET or RigL, or sparsify without structure="
+                    )
+                continue
+            if not self.keeps_structure:
+                raise ValueError(f"{fn}: structure= is supported by Static, SNIP, SET and RigL, not {fn}")
+            if own is not None:
+                if own.name != structure.name:
+                    raise ValueError(
+                        f"{fn}: layer {name!r} was sparsified with structure {own.name!r}, not {structure.name!r}"
+                    )
+                if getattr(structure, "ablation", None) != getattr(own, "ablation", None):
+                    bind[name] = type(own)(own.k, ablation=structure.ablation, budget=own.budget)
+                else:
+                    bind[name] = own
+                continue
+            count = layer.count()
+            if count == layer.numel:
+                continue  # dense: left dense and unstructured
+            rows = layer.rows
+            structure.check_shape(fn, name, rows)
+            bound = structure.bind(rows, count) if hasattr(structure, "bind") and count % rows[0] == 0 else structure
+            fault = bound.violation(layer.mask().reshape(rows), count)
+            if fault is not None:
+                raise ValueError(
+                    f"{fn}: the mask of layer {name!r} does not have the structure {structure.name!r}: {fault}"
+                )
+            bind[name] = bound
+        return _last_not_ablated(bind) if structure is not None else bind
+
+    def structures(self) -> dict:
+        """{weight name: the :class:`~sparsekern.training.structure.Structure` it keeps, or None}."""
+        return {name: layer.structure for name, layer in self.layers.items()}
 
     # -- the schedule (subclasses that move connections override these) ------------------------------------
     def is_update_step(self, step: int) -> bool:
@@ -171,13 +232,16 @@ class Sparsifier:
     def state_dict(self) -> dict:
         """Step count, configuration, masks (flat indices) and RNG state: with the model's and optimizer's
         state_dicts, enough to resume and reproduce the run that did not stop."""
-        return {
+        state = {
             "kind": type(self).__name__,
             "steps": self.steps,
             "config": self._config(),
             "active": {name: layer.active().cpu() for name, layer in self.layers.items()},
             **self._extra_state(),
         }
+        if any(layer.structure is not None for layer in self.layers.values()):
+            state["structures"] = {name: _structure_state(layer.structure) for name, layer in self.layers.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict`. Load the model's state_dict (which holds the topology) first. Everything
@@ -209,7 +273,10 @@ class Sparsifier:
                 )
         steps = _step_count(fn, state["steps"])
         self._check_extra_state(fn, state)
+        structures = self._saved_structures(fn, state)
         # everything is checked: now change the sparsifier
+        for name, structure in structures.items():
+            self.layers[name].structure = structure
         self._load_extra_state(state)
         self.steps = steps
         self._records.clear()
@@ -218,6 +285,36 @@ class Sparsifier:
     def _check_extra_state(self, fn: str, state: dict) -> None:
         pass
 
+    def _saved_structures(self, fn: str, state: dict) -> dict:
+        """{layer name: structure to install} from a state's "structures" (ablation's current k), checked against
+        the layers' masks."""
+        saved = state.get("structures")
+        current = {name: layer.structure for name, layer in self.layers.items()}
+        if saved is None:
+            if any(s is not None for s in current.values()):
+                raise ValueError(f"{fn}: the state was saved without structures; this sparsifier's layers keep some")
+            return {}
+        if not isinstance(saved, dict) or set(saved) != set(self.layers):
+            raise ValueError(f"{fn}: the state's structures must name the layers {sorted(self.layers)}")
+        out = {}
+        for name, layer in self.layers.items():
+            entry, own = saved[name], current[name]
+            if (entry is None) != (own is None) or (own is not None and (
+                not isinstance(entry, dict) or entry.get("name") != own.name
+            )):  # fmt: skip
+                got = entry.get("name") if isinstance(entry, dict) else entry
+                raise ValueError(
+                    f"{fn}: layer {name!r} keeps structure {None if own is None else own.name!r}, the state has {got!r}"
+                )
+            if own is None:
+                continue
+            structure = _structure_from_state(own, entry)
+            fault = structure.violation(layer.mask().reshape(layer.rows), layer.count())
+            if fault is not None:
+                raise ValueError(f"{fn}: the mask of {name!r} does not have the saved structure {structure!r}: {fault}")
+            out[name] = structure
+        return out
+
     def remove(self) -> None:
         """Detach the hooks this sparsifier installed (the masks stay)."""
         for handle in self._hooks:
@@ -225,9 +322,28 @@ class Sparsifier:
         self._hooks.clear()
 
 
+def _structure_state(structure) -> dict | None:
+    if structure is None:
+        return None
+    config = getattr(structure, "config", None)
+    return dict(config()) if callable(config) else {"name": structure.name}
+
+
+def _structure_from_state(own, entry: dict):
+    """The layer's structure as saved (FanIn: its k and budget, which ablation changes); others are their own."""
+    from_config = getattr(type(own), "from_config", None)
+    if callable(from_config):
+        try:
+            return from_config(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"load_state_dict: a bad saved structure {entry!r}: {exc}") from None
+    return own
+
+
 class Static(Sparsifier):
     __doc__ = Sparsifier.__doc__
     flops_rule = "sparse"
+    keeps_structure = True
 
 
 class SNIP(Sparsifier):
@@ -248,6 +364,7 @@ class SNIP(Sparsifier):
     """
 
     flops_rule = "sparse"
+    keeps_structure = True
 
 
 REDISTRIBUTIONS = (None, "momentum", "magnitude")
@@ -272,12 +389,33 @@ class _DropGrow(Sparsifier):
         keep_optimizer_step: bool = False,
         redistribution: str | None = None,
         group=None,
+        structure=None,
+        transposable: bool = False,
     ):
         fn = type(self).__name__
         if redistribution not in REDISTRIBUTIONS:
             raise ValueError(f"{fn}: redistribution must be one of {REDISTRIBUTIONS}, got {redistribution!r}")
         self.schedule = UpdateSchedule(total_steps, delta_t, alpha, t_end)
-        super().__init__(model, optimizer, group=group)
+        super().__init__(model, optimizer, group=group, structure=structure, transposable=transposable)
+        structured = {name: layer.structure for name, layer in self.layers.items() if layer.structure is not None}
+        if structured and redistribution is not None:
+            raise ValueError(
+                f"{fn}: redistribution={redistribution!r} moves nonzeros between layers, which a structured layer "
+                f"({', '.join(sorted(structured))}: {next(iter(structured.values())).name!r}) cannot follow; use "
+                "redistribution=None"
+            )
+        ablating = [name for name, s in structured.items() if getattr(s, "ablation", None) is not None]
+        if ablating and self.grow != "gradient":
+            raise ValueError(f"{fn}: FanIn(ablation=) (layers {ablating}) ranks rows by their gradient: use RigL")
+        if (
+            ablating
+            and isinstance(model, nn.parallel.DistributedDataParallel)
+            and any(isinstance(self.layers[name], CompressedLayer) for name in ablating)
+        ):
+            raise ValueError(
+                f"{fn}: FanIn(ablation=) changes the size of SparseLinear.values, which a DistributedDataParallel "
+                "wrapper cannot follow; under DDP use sparsify(layout='masked'), or pass the model itself with group="
+            )
         if not isinstance(keep_optimizer_step, bool):
             raise TypeError(f"{fn}: keep_optimizer_step must be a bool, got {keep_optimizer_step!r}")
         self.keep_optimizer_step = keep_optimizer_step
@@ -477,13 +615,16 @@ class SET(_DropGrow):
     grow = "random"
     flops_rule = "sparse"  # the random grow needs no gradient: SET costs what static training costs
 
+    keeps_structure = True
+
     def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
-                 keep_optimizer_step=False, seed: int = 0, redistribution=None, group=None):  # fmt: skip
+                 keep_optimizer_step=False, seed: int = 0, redistribution=None, group=None, structure=None,
+                 transposable: bool = False):  # fmt: skip
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"SET: seed must be an int, got {seed!r}")
         super().__init__(model, optimizer, total_steps=total_steps, delta_t=delta_t, alpha=alpha, t_end=t_end,
                          keep_optimizer_step=keep_optimizer_step, redistribution=redistribution,
-                         group=group)  # fmt: skip
+                         group=group, structure=structure, transposable=transposable)  # fmt: skip
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -575,12 +716,15 @@ class RigL(_DropGrow):
     _saved_before = {**_DropGrow._saved_before, "precision": "exact"}
     flops_rule = "rigl"
 
+    keeps_structure = True
+
     def __init__(self, model, optimizer, *, total_steps, delta_t=100, alpha=0.3, t_end=0.75,
-                 keep_optimizer_step=False, precision: str = "fast", redistribution=None, group=None):  # fmt: skip
+                 keep_optimizer_step=False, precision: str = "fast", redistribution=None, group=None,
+                 structure=None, transposable: bool = False):  # fmt: skip
         self.precision = check_precision("RigL", precision)
         super().__init__(model, optimizer, total_steps=total_steps, delta_t=delta_t, alpha=alpha, t_end=t_end,
                          keep_optimizer_step=keep_optimizer_step, redistribution=redistribution,
-                         group=group)  # fmt: skip
+                         group=group, structure=structure, transposable=transposable)  # fmt: skip
         self._record_inputs()
 
     def _config(self) -> dict:

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..nn.sparse_linear import SparseLinear
 from .distribution import DISTRIBUTIONS, _check_sparsity, layer_nnz
-from .drop_grow import MaskedLayer, as_layer, is_masked
+from .drop_grow import MaskedLayer, as_layer, is_masked, set_structure
+from .structure import Structure, parse_structure
 
 LAYOUTS = ("sparse", "masked")
 # "compressed" was the sparse layout's name until "compress" came to mean 2:4 compression too.
@@ -92,6 +93,8 @@ class LayerReport:
     layout: str  # "sparse" (SparseLinear) or "masked"
     zeros: int | None = None  # entries of the weight that are 0 now (measured; None in reports saved before it)
     off_mask: int | None = None  # nonzeros off the mask: > 0 when something stepped the weight without the mask
+    structure: str | None = None  # the structure the layer keeps ("fan_in", "2:4", ...), None: unstructured
+    ablated: int | None = None  # rows emptied by FanIn(ablation=) (None without ablation)
 
     @property
     def numel(self) -> int:
@@ -193,6 +196,8 @@ class SparsityReport:
                     "zeros": r.zeros,
                     "measured_sparsity": r.measured_sparsity,
                     "off_mask": r.off_mask,
+                    "structure": r.structure,
+                    "ablated": r.ablated,
                 }
                 for r in self.layers
             ],
@@ -214,6 +219,16 @@ class SparsityReport:
             )
         rows.append(("overall", "", "", str(self.nnz), f"{self.sparsity:.4f}", measured(self.measured_sparsity), ""))
         lines = _table(rows)
+        structured = [r for r in self.layers if r.structure is not None]
+        if structured:
+            lines.append(
+                "structure: "
+                + ", ".join(
+                    f"{r.name} {r.structure}"
+                    + (f" ({r.ablated}/{r.shape[0]} rows ablated)" if r.ablated is not None else "")
+                    for r in structured
+                )
+            )
         stray = [r for r in self.layers if r.off_mask]
         if stray:
             lines.append(
@@ -299,12 +314,18 @@ def _dense_weights(model: nn.Module, sparse: set[int], holders: dict[int, list[s
 def _layer_report(name: str, layer) -> LayerReport:
     module = layer.module.module if isinstance(layer.module, MaskedParameter) else layer.module
     kind = "Linear" if isinstance(module, SparseLinear) else type(module).__name__
+    structure = layer.structure
+    ablated = None
+    if structure is not None and getattr(structure, "ablation", None) is not None:
+        rows = torch.bincount(layer.active() // layer.rows[1], minlength=layer.rows[0])
+        ablated = int((rows == 0).sum())
+    tail = (None if structure is None else structure.name, ablated)
     if isinstance(layer, MaskedLayer):
         weight, mask = layer.param.detach(), layer.module.weight_mask
         zeros, off_mask = int((weight == 0).sum()), int(((weight != 0) & ~mask).sum())
-        return LayerReport(name, kind, tuple(layer.shape), layer.count(), "masked", zeros, off_mask)
+        return LayerReport(name, kind, tuple(layer.shape), layer.count(), "masked", zeros, off_mask, *tail)
     zeros = layer.numel - layer.count() + int((layer.param.detach() == 0).sum())
-    return LayerReport(name, kind, tuple(layer.shape), layer.count(), "sparse", zeros, 0)
+    return LayerReport(name, kind, tuple(layer.shape), layer.count(), "sparse", zeros, 0, *tail)
 
 
 def sparsity_report(model: nn.Module) -> SparsityReport:
@@ -353,6 +374,45 @@ def _select(fn: str, model: nn.Module, include, exclude) -> dict[str, tuple[nn.M
         if not any(fnmatch.fnmatchcase(name, pattern) for name in matched):
             raise ValueError(f"{fn}: include pattern {pattern!r} matches no layer it can sparsify ({SUPPORTED})")
     return chosen
+
+
+def _structured_masks(fn, structure, targets, shapes, counts, dense, scored, generator, distribution, sparsity):
+    """The masks of a structured sparsify and each layer's bound structure (None for a layer kept dense)."""
+    masks, bound = {}, {}
+    gen = generator if generator is not None else torch.default_generator
+    for (key, (module, _)), shape, nnz, keep_dense in zip(targets.items(), shapes, counts, dense, strict=True):
+        if keep_dense:
+            masks[key], bound[key] = torch.ones(shape, dtype=torch.bool), None
+            continue
+        if is_conv1d(module):
+            raise ValueError(
+                f"{fn}: layer {key!r} is a transformers Conv1D, whose weight is (n_in, n_out): structure= does not "
+                "support it (exclude= it)"
+            )
+        numel = math.prod(shape)
+        rows = (shape[0], numel // shape[0])
+        structure.check_shape(fn, key, rows)
+        count = structure.count(rows, nnz)
+        if ":" in structure.name and abs(count - nnz) > 1:
+            raise ValueError(
+                f"{fn}: structure {structure.name!r} keeps a density of {count / numel:.4g} in every layer, but layer "
+                f"{key!r} was given sparsity {1 - nnz / numel:.4g} (sparsity={sparsity}, distribution="
+                f"{distribution!r}): pass sparsity=1 - N/M ({1 - count / numel:.4g}) with distribution='uniform'"
+            )
+        scores = scored[key].cpu().reshape(rows) if scored is not None else torch.rand(rows, generator=gen)
+        masks[key] = structure.initial(scores, count).reshape(shape)
+        bound[key] = structure.bind(rows, count) if hasattr(structure, "bind") else structure
+    return masks, _last_not_ablated(bound)
+
+
+def _last_not_ablated(bound: dict) -> dict:
+    """The model's last structured layer (its outputs: a classifier's logits) is never ablated, as in SRigL's
+    reference code."""
+    last = [key for key, s in bound.items() if s is not None]
+    if last and getattr(bound[last[-1]], "ablation", None) is not None:
+        own = bound[last[-1]]
+        bound = {**bound, last[-1]: type(own)(own.k, ablation=None, budget=own.budget)}
+    return bound
 
 
 def _top_mask(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -430,6 +490,8 @@ def sparsify(
     scores: dict[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     rescale: bool = False,
+    structure: str | Structure | None = None,
+    transposable: bool = False,
 ) -> SparsityReport:
     """Make a model's weight matrices sparse with exact per-layer nonzero counts.
 
@@ -468,6 +530,15 @@ def sparsify(
         rescale: multiply each layer's kept weights by sqrt(numel / nnz), so its outputs start with the variance
             the dense initialisation gives (a sparsity-aware initialisation; without it, deep very sparse
             networks start with vanishing signals).
+        structure: None (default: unstructured masks), "fan_in" (constant fan-in: every output row keeps the same
+            count k = round(layer budget / n_out), clamped to [1, n_in]; ``FanIn(ablation=gamma)`` adds SRigL's
+            neuron ablation) or "N:M" ("2:4": every group of M along the input keeps N; the sparsity must then be
+            1 - N/M with ``distribution="uniform"``). A conv weight is constrained as its (out, in * kernel) view.
+            Each layer remembers its structure (``weight_structure``), so RigL, SET and :func:`drop_and_grow` keep
+            it at every update; the kept positions are the structure's largest scores (random: uniform draws from
+            ``generator``). A layer kept dense by ``dense_first`` stays dense and unstructured.
+        transposable: with an N:M structure, keep every M x M tile N:M along rows and columns too (so W.T is
+            N:M), as ``semi24_mask(transposable=True)``.
 
     Returns:
         the :class:`SparsityReport` of the weights sparsified now, and every weight matrix left dense
@@ -475,7 +546,9 @@ def sparsify(
 
     Raises:
         ValueError: bad sparsity, distribution, layout, patterns that match nothing, no eligible layer, scores
-            missing a layer or of the wrong shape, "global" without scores.
+            missing a layer or of the wrong shape, "global" without scores; a structure that is not None, "fan_in"
+            or "N:M", a layer whose shape the structure refuses (named), an N:M structure with a sparsity other than
+            1 - N/M (the layer named), transformers' Conv1D with a structure.
         TypeError: arguments of the wrong type.
 
     Example::
@@ -500,6 +573,7 @@ def sparsify(
         raise TypeError(f"{fn}: generator must be a torch.Generator, got {type(generator).__name__}")
     if not isinstance(rescale, bool):
         raise TypeError(f"{fn}: rescale must be a bool, got {rescale!r}")
+    structure = parse_structure(fn, structure, transposable)
     model = _unwrap(model)
     targets = _select(fn, model, include, exclude)
     if not targets:
@@ -522,6 +596,17 @@ def sparsify(
             size = math.prod(shape)
             masks[key] = keep[start : start + size].view(shape)
             start += size
+    if structure is not None:
+        counts = (
+            [int(masks[key].sum()) for key in targets]
+            if distribution == "global"
+            else layer_nnz(shapes, sparsity, distribution, dense=dense)
+        )
+        masks, bound = _structured_masks(
+            fn, structure, targets, shapes, counts, dense, scored, generator, distribution, sparsity
+        )
+    elif distribution == "global":
+        pass
     else:
         counts = layer_nnz(shapes, sparsity, distribution, dense=dense)
         gen = generator if generator is not None else torch.default_generator
@@ -538,9 +623,14 @@ def sparsify(
             with torch.no_grad():
                 weight.mul_(math.sqrt(mask.numel() / nnz))
         if layout == "sparse" and type(module) is nn.Linear:
-            _replace(model, module, _to_sparse_linear(module, mask))
+            new = _to_sparse_linear(module, mask)
+            _replace(model, module, new)
+            if structure is not None:
+                set_structure(new, bound[key])
         else:
             make_masked(module, mask, param)
+            if structure is not None:
+                set_structure(module if param == "weight" else MaskedParameter(module, param), bound[key])
     report = _report(model, "not selected by include/exclude")
     return SparsityReport(tuple(r for r in report.layers if r.name in targets), report.skipped)
 
