@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def _ref_drop(mask: torch.Tensor, keys: torch.Tensor, fraction: float) -> torch.
     out = torch.zeros(mask.shape, dtype=torch.bool)
     for r, row in enumerate(mask.tolist()):
         active = [c for c, on in enumerate(row) if on]
-        for c in sorted(active, key=lambda c: (k[r][c], c))[: round(fraction * len(active))]:
+        for c in sorted(active, key=lambda c: (k[r][c], c))[: math.floor(fraction * len(active) + 0.5)]:
             out[r, c] = True
     return out
 
@@ -185,11 +186,11 @@ def test_drop_matches_reference(n, m, dtype, fraction):
     assert not bool((dropped & ~mask).any())
 
 
-def test_drop_rounds_half_to_even_per_row():
+def test_drop_rounds_half_up_per_row():
     nm = NM(2, 4)
     mask = torch.tensor([[True, True, False, False] * 2, [True, True, False, False] * 2])  # 4 active per row
     keys = torch.arange(16.0).view(2, 8)
-    assert nm.drop(mask, keys, 0.625).sum(1).tolist() == [2, 2]  # 2.5 rounds to 2
+    assert nm.drop(mask, keys, 0.625).sum(1).tolist() == [3, 3]  # 2.5 rounds to 3 (as FanIn's drop)
     assert nm.drop(mask, keys, 0.875).sum(1).tolist() == [4, 4]  # 3.5 rounds to 4
     # a partly dropped row count is per row: an uneven mask (not N:M) drops round(fraction * its own count)
     mask[1] = False

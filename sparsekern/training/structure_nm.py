@@ -22,6 +22,7 @@ import torch
 
 from ..ops.semi24_mask import _tile_patterns, group_topk_mask, transposable_mask
 from .structure import Structure
+from .structure_fan_in import round_half_up, row_largest
 
 _MAX_TRANSPOSABLE_M = 5  # the m x m tile patterns are enumerated (m = 5: 2040 patterns for n = 2); m = 6 is too many
 _MAX_TABLE_M = 4  # kept sets of an m x m tile looked up in a (2^(m*m), patterns) table up to 4 x 4 (5.9 MB)
@@ -69,8 +70,9 @@ class NM(Structure):
     Update rule (RigL, SET):
 
     - :meth:`drop`: in each row, the ``round(fraction * a)`` active connections with the smallest keys, where ``a``
-      is the row's active count (``n_in * n / m`` for a valid mask) and ``round`` rounds half to even (Python's);
-      ties drop the lower column first. The drop is per row, not per group: a group may lose any number of its n,
+      is the row's active count (``n_in * n / m`` for a valid mask) and ``round`` rounds half up (as
+      :class:`~sparsekern.training.structure_fan_in.FanIn`, whose per-row selection it runs); ties drop the lower
+      column first. The drop is per row, not per group: a group may lose any number of its n,
       and the magnitude order of the whole row decides, as unstructured RigL's does over the whole layer.
     - :meth:`grow`: every group that lost j connections grows its j largest scores among its positions not kept
       (a just-dropped one may come back); ties to the lower column. Transposable: in every m x m tile, among the
@@ -167,29 +169,11 @@ class NM(Structure):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{fn}: fraction must be a number in [0, 1], got {fraction!r}")
         magnitude = keys.detach().abs()
-        if not magnitude.dtype.is_floating_point or magnitude.element_size() < 4:
-            magnitude = magnitude.float()  # exact for half precision and int; kthvalue covers float32 everywhere
         if bool(torch.isnan(magnitude).logical_and_(mask).any()):
             raise ValueError(f"{fn}: keys hold NaN at active connections (no magnitude order)")
-        n_drop = (mask.sum(1, dtype=torch.int64).double() * float(fraction)).round().to(torch.int64)  # half to even
-        ranked = magnitude.masked_fill(~mask, torch.inf)
-        dropped = torch.zeros_like(mask)
-        for k in n_drop.unique().tolist():  # one k for every row of a valid mask
-            if k == 0:
-                continue
-            rows = None if bool((n_drop == k).all()) else (n_drop == k).nonzero().reshape(-1)
-            sub, sub_mask = (ranked, mask) if rows is None else (ranked[rows], mask[rows])
-            # the row's k smallest without a sort: below the k-th smallest key, then its lowest-column ties (active
-            # ones: an inactive position's +inf ties only with an active +inf key)
-            threshold = sub.kthvalue(k, dim=1, keepdim=True).values
-            chosen = sub < threshold
-            ties = (sub == threshold) & sub_mask
-            chosen |= ties & (ties.cumsum(1) <= k - chosen.sum(1, keepdim=True))
-            if rows is None:
-                dropped = chosen
-            else:
-                dropped[rows] = chosen
-        return dropped
+        counts = round_half_up(mask.sum(1, dtype=torch.int64).double() * float(fraction))
+        # the per-row selection FanIn's drop runs: the counts largest -|key| among the active, ties to the lower column
+        return row_largest(magnitude.neg(), mask, counts)
 
     def grow(self, kept: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         fn = f"{self.name} grow"
