@@ -181,7 +181,7 @@ class NM(Structure):
         if scores.shape != kept.shape:
             raise ValueError(f"{fn}: scores must have kept's shape {tuple(kept.shape)}, got {tuple(scores.shape)}")
         _check_finite(fn, "scores", scores)
-        groups = kept.view(kept.shape[0], -1, self.m).sum(-1, dtype=torch.int64)
+        groups = kept.reshape(kept.shape[0], -1, self.m).sum(-1, dtype=torch.int64)
         if bool((groups > self.n).any()):
             row, group = (groups > self.n).nonzero()[0].tolist()
             raise ValueError(
