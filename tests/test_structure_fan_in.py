@@ -41,6 +41,14 @@ def test_row_largest_matches_reference(shape, dtype):
         counts = torch.tensor([int(torch.randint(0, int(e.sum()) + 1, (1,), generator=gen)) for e in eligible])
         got = row_largest(values, eligible, counts)
         assert torch.equal(got, ref_row_largest(values.double(), eligible, counts))
+        continuous = torch.rand(shape, generator=gen).to(dtype)  # few or no ties: the partial top-k alone
+        assert torch.equal(
+            row_largest(continuous, eligible, counts), ref_row_largest(continuous.double(), eligible, counts)
+        )
+        assert torch.equal(
+            row_largest(continuous, eligible, counts, smallest=True),
+            ref_row_largest(-continuous.double(), eligible, counts),
+        )
         same = torch.full((shape[0],), int(eligible.sum(1).min()))  # one count for every row: the fast path
         assert torch.equal(row_largest(values, eligible, same), ref_row_largest(values.double(), eligible, same))
 
@@ -253,3 +261,15 @@ def test_rigl_reports_ablated_rows():
     assert report.layers[1].ablated is None
     assert f"({first.ablated}/32 rows ablated)" in str(report)
     assert report.to_dict()["layers"][0]["ablated"] == first.ablated
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.2, 0.5, 0.99, 1.0])
+def test_drop_compact_equals_drop(fraction):
+    gen = torch.Generator().manual_seed(6)
+    n_out, n_in, k = 9, 25, 6
+    mask = FanIn().initial(torch.rand(n_out, n_in, generator=gen), n_out * k)
+    keys = tied((n_out, n_in), gen, levels=3) * mask
+    compact = FanIn(k).drop_compact(keys[mask].view(n_out, k), fraction)
+    dense = torch.zeros(n_out, n_in, dtype=torch.bool)
+    dense[mask] = compact.reshape(-1)
+    assert torch.equal(dense, FanIn(k).drop(mask, keys, fraction))

@@ -452,3 +452,42 @@ def test_ddp_refuses_ablation_on_sparse_linear_wrapped(monkeypatch):
 
 
 assert dist is not None  # imported for the workers' collectives
+
+
+def test_multihead_attention_projections_keep_fan_in():
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
+
+    model = Block()
+    sparsify(model, 0.75, structure="fan_in", generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rigl = RigL(model, opt, total_steps=6, delta_t=1, t_end=6)
+    assert rigl.structures()["attn.in_proj_weight"].name == "fan_in"
+    initial = rigl.masks()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(4, 5, 16, generator=gen)
+        nn.functional.cross_entropy(model(x), torch.arange(4) % 3).backward()
+        rigl.step()
+        opt.zero_grad()
+        check_structure(rigl)
+    assert not torch.equal(initial["attn.in_proj_weight"], rigl.masks()["attn.in_proj_weight"])
+
+
+def test_to_sparse_linear_keeps_the_structure():
+    from sparsekern.training import to_sparse_linear
+
+    model = make_model()
+    sparsify(model, 0.8, layout="masked", structure="fan_in", generator=torch.Generator().manual_seed(0))
+    before = {name: as_layer(m).structure for name, m in (("3", model[3]), ("5", model[5]))}
+    to_sparse_linear(model)
+    assert type(model[3]).__name__ == "SparseLinear"
+    assert as_layer(model[3]).structure == before["3"] and as_layer(model[5]).structure == before["5"]

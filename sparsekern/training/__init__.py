@@ -22,6 +22,8 @@ from .sparsify import (
     to_sparse_linear,
 )
 from .ste import SRSTE, STE, nm_mask
+from .structure import Structure, parse_structure
+from .structure_fan_in import FanIn
 from .structure_nm import NM
 
 __all__ = [
@@ -37,6 +39,7 @@ __all__ = [
     "SRSTE",
     "STE",
     "DropGrowPlan",
+    "FanIn",
     "FlopsReport",
     "LayerFlops",
     "GraSP",
@@ -45,6 +48,7 @@ __all__ = [
     "Sparsifier",
     "SparsityReport",
     "Static",
+    "Structure",
     "SynFlow",
     "Ticket",
     "UpdateSchedule",
@@ -55,6 +59,7 @@ __all__ = [
     "keep_masks",
     "layer_nnz",
     "nm_mask",
+    "parse_structure",
     "snip_scores",
     "sparsify",
     "small_dense",

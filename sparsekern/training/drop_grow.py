@@ -276,32 +276,38 @@ class _Layer(abc.ABC):
         bounds = torch.searchsorted(active, torch.tensor(starts, dtype=torch.int64, device=active.device) * n_in)
         bounds = bounds.tolist()
         dropped_parts, grown_parts = [], []
+        compact = getattr(structure, "drop_compact", None) if targets is None else None
         for i in range(len(starts) - 1):
             r0, r1, lo, hi = starts[i], starts[i + 1], bounds[i], bounds[i + 1]
             rows, local = r1 - r0, active[lo:hi] - r0 * n_in
-            mask = torch.zeros(rows * n_in, dtype=torch.bool, device=active.device)
-            mask[local] = True
-            mask = mask.view(rows, n_in)
-            keys = torch.zeros(rows * n_in, dtype=keys_all.dtype, device=active.device)
-            keys[local] = keys_all[lo:hi].to(active.device)
-            keys = keys.view(rows, n_in)
-            if targets is None:
-                drop = structure.drop(mask, keys, fraction)
+            per_row = (hi - lo) // rows
+            if compact is not None and per_row * rows == hi - lo and _equal_rows(local, n_in, rows, per_row):
+                # every row holds per_row connections: drop on the (rows, per_row) keys alone, ascending columns
+                drop_c = compact(keys_all[lo:hi].to(active.device).view(rows, per_row), fraction).reshape(-1)
+                kept = torch.zeros(rows * n_in, dtype=torch.bool, device=active.device)
+                kept[local[~drop_c]] = True
+                kept = kept.view(rows, n_in)
+                dropped_parts.append(active[lo:hi][drop_c])
             else:
-                have, want = mask.sum(1), targets[r0:r1]
-                counts = torch.minimum(have, torch.maximum(round_half_up(have.double() * fraction), have - want))
-                drop = structure.drop(mask, keys, fraction, counts=counts)
-            kept = mask & ~drop
-            scores = source.rows(r0, r1).to(active.device)
-            if not bool(torch.isfinite(scores).all()):
-                raise ValueError("drop_and_grow: the gradient holds inf or NaN; no connection was changed")
+                mask = torch.zeros(rows * n_in, dtype=torch.bool, device=active.device)
+                mask[local] = True
+                mask = mask.view(rows, n_in)
+                keys = torch.zeros(rows * n_in, dtype=keys_all.dtype, device=active.device)
+                keys[local] = keys_all[lo:hi].to(active.device)
+                keys = keys.view(rows, n_in)
+                if targets is None:
+                    drop = structure.drop(mask, keys, fraction)
+                else:
+                    have, want = mask.sum(1), targets[r0:r1]
+                    counts = torch.minimum(have, torch.maximum(round_half_up(have.double() * fraction), have - want))
+                    drop = structure.drop(mask, keys, fraction, counts=counts)
+                kept = mask & ~drop
+                dropped_parts.append(drop.reshape(-1).nonzero().reshape(-1) + r0 * n_in)
+            scores = source.rows(r0, r1).to(active.device)  # Structure.grow refuses inf and NaN (before any change)
             if targets is None:
                 grown = structure.grow(kept, scores)
             else:
                 grown = structure.grow(kept, scores, counts=targets[r0:r1] - kept.sum(1))
-            if bool((drop & ~mask).any()) or bool((grown & kept).any()):
-                raise RuntimeError(f"drop_and_grow: {structure!r} dropped an inactive or grew a kept connection")
-            dropped_parts.append(drop.reshape(-1).nonzero().reshape(-1) + r0 * n_in)
             grown_parts.append(grown.reshape(-1).nonzero().reshape(-1) + r0 * n_in)
         empty = torch.zeros(0, dtype=torch.int64, device=active.device)
         dropped = torch.cat(dropped_parts) if dropped_parts else empty
@@ -467,6 +473,11 @@ class MaskedLayer(_Layer):
     def apply_mask(self) -> None:
         with torch.no_grad():
             self.module.weight.mul_(self.module.weight_mask)
+
+
+def _equal_rows(local: torch.Tensor, n_in: int, rows: int, per_row: int) -> bool:
+    """The block's active positions (ascending, block-local flat) hold exactly ``per_row`` in each of its rows."""
+    return bool((local.view(rows, per_row) // n_in == torch.arange(rows, device=local.device).view(-1, 1)).all())
 
 
 ROW_BLOCK_ELEMENTS = 1 << 20  # grow scores a structured update holds at once (4 MiB of float32)
@@ -667,6 +678,10 @@ def drop_and_grow(
     Kept connections keep their values, gradients and optimizer state; grown ones start at 0 with zero gradient
     and zero optimizer state; a connection both dropped and grown stays as it was. The nonzero count is
     unchanged. All selections are made before anything changes, so on any error nothing changes.
+
+    A layer that keeps a structure (``sparsify(structure=)``: constant fan-in, N:M) keeps it: each row (or group)
+    drops ``n / count`` of its connections and grows back what it lost (:meth:`_Layer.plan_structured`, a block of
+    rows at a time; ``FanIn(ablation=)`` may empty rows and move their budget, so the count can then change).
 
     Args:
         layer: a :class:`~sparsekern.nn.SparseLinear`, or a Linear/Conv module masked by

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..nn.sparse_linear import SparseLinear
 from .distribution import DISTRIBUTIONS, _check_sparsity, layer_nnz
-from .drop_grow import MaskedLayer, as_layer, is_masked, set_structure
+from .drop_grow import MaskedLayer, as_layer, get_structure, is_masked, set_structure
 from .structure import Structure, parse_structure
 
 LAYOUTS = ("sparse", "masked")
@@ -770,7 +770,9 @@ def to_sparse_linear(model: nn.Module) -> SparsityReport:
             "to_sparse_linear: the model has no masked nn.Linear (sparsify(model, ..., layout='masked') first)"
         )
     for module in linears:
-        _replace(model, module, _to_sparse_linear(module, module.weight_mask))
+        new = _to_sparse_linear(module, module.weight_mask)
+        set_structure(new, get_structure(module))  # a structured layer stays structured
+        _replace(model, module, new)
     return sparsity_report(model)
 
 

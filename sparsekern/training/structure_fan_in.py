@@ -34,11 +34,14 @@ def _widen(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
-def row_largest(values: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """bool (R, n): per row r, the ``counts[r]`` largest ``values`` among the ``eligible`` positions, ties to the
-    lower column. Sort-free: the counts[r]-th largest eligible value of each row by ``kthvalue``, everything above it,
-    then the lowest-index ties at it. ``counts[r]`` must not exceed the row's eligible positions; values finite or
-    +-inf (never NaN)."""
+def row_largest(
+    values: torch.Tensor, eligible: torch.Tensor, counts: torch.Tensor, *, smallest: bool = False
+) -> torch.Tensor:
+    """bool (R, n): per row r, the ``counts[r]`` largest ``values`` (``smallest``: the smallest) among the
+    ``eligible`` positions, ties to the lower column. Sort-free: an unsorted partial top-k per row, exact except for
+    which ties at the counts[r]-th value it keeps; rows where that matters (ties cross the boundary) are redone as
+    everything beyond that value plus its lowest-index ties. ``counts[r]`` must not exceed the row's eligible
+    positions; values finite or +-inf (never NaN)."""
     rows_n, n = values.shape
     out = torch.zeros(rows_n, n, dtype=torch.bool, device=values.device)
     if rows_n == 0 or n == 0:
@@ -52,17 +55,29 @@ def row_largest(values: torch.Tensor, eligible: torch.Tensor, counts: torch.Tens
         rows = None if every else (counts == c).nonzero().reshape(-1)
         v = values if every else values[rows]
         e = eligible if every else eligible[rows]
-        low = torch.tensor(-math.inf, dtype=v.dtype, device=v.device)
-        w = torch.where(e, v, low)
-        threshold = torch.kthvalue(w.neg(), c, dim=1, keepdim=True).values.neg()  # the c-th largest per row
-        above = e & (w > threshold)
-        need = c - above.sum(1, keepdim=True)
-        ties = e & (w == threshold)
-        chosen = above | (ties & (ties.cumsum(1) <= need))
+        # ineligible positions sort last: -inf for the largest, +inf for the smallest
+        w = torch.where(e, v, math.inf if smallest else -math.inf)
+        # a partial top-c (unsorted, O(n) per row): exact but for which of the ties at the c-th value it keeps
+        picked, index = torch.topk(w, c, dim=1, largest=not smallest, sorted=False)
+        threshold = picked.amax(1, keepdim=True) if smallest else picked.amin(1, keepdim=True)
+        chosen = torch.zeros_like(e).scatter_(1, index, True)
+        # rows whose ties at the threshold were all picked are exact; the others take the lowest-index ties
+        unsure = ((w == threshold).sum(1) != (picked == threshold).sum(1)).nonzero().reshape(-1)
+        if unsure.numel():
+            wu, eu, tu = w[unsure], e[unsure], threshold[unsure]
+            beyond = ((wu < tu) if smallest else (wu > tu)) & eu
+            need = c - beyond.sum(1, keepdim=True)
+            ties = eu & (wu == tu)
+            chosen[unsure] = beyond | (ties & (ties.cumsum(1) <= need))
         if every:
             return chosen
         out[rows] = chosen
     return out
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No inf or NaN in ``t``: one float64 sum (a single pass, no bool temporary; inf and NaN propagate)."""
+    return t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float64)))
 
 
 def round_half_up(x: torch.Tensor) -> torch.Tensor:
@@ -118,10 +133,8 @@ class FanIn(Structure):
         return hash(tuple(self.config().items()))
 
     def __repr__(self) -> str:
-        extra = "".join(
-            f", {key}={value!r}" for key, value in (("ablation", self.ablation), ("budget", self.budget)) if value
-        )
-        return f"FanIn(k={self.k!r}{extra})" if self.k is not None or extra else "FanIn()"
+        parts = [f"{key}={value!r}" for key, value in self.config().items() if key != "name" and value is not None]
+        return f"FanIn({', '.join(parts)})"
 
     def bind(self, shape: tuple[int, int], count: int, budget: int | None = None) -> FanIn:
         """The copy for one layer of ``shape`` holding ``count`` nonzeros (k = count / n_out; live rows only when
@@ -150,7 +163,7 @@ class FanIn(Structure):
             raise ValueError(
                 f"FanIn.initial: count must be n_out * k with 1 <= k <= n_in ({n_out} * [1, {n_in}]), got {count}"
             )
-        if not bool(torch.isfinite(scores).all()):
+        if not all_finite(scores):
             raise ValueError("FanIn.initial: scores hold inf or NaN")
         everywhere = torch.ones(n_out, n_in, dtype=torch.bool, device=scores.device)
         counts = torch.full((n_out,), count // n_out, dtype=torch.int64, device=scores.device)
@@ -167,7 +180,18 @@ class FanIn(Structure):
         if not 0.0 <= float(fraction) <= 1.0:
             raise ValueError(f"FanIn.drop: fraction must lie in [0, 1], got {fraction!r}")
         counts = self.drop_counts(mask, fraction) if counts is None else counts
-        return row_largest(_widen(keys).neg(), mask, counts)
+        return row_largest(keys, mask, counts, smallest=True)
+
+    def drop_compact(self, keys: torch.Tensor, fraction: float) -> torch.Tensor:
+        """:meth:`drop` on equal rows given compactly: ``keys`` (R, c) are each row's active keys in ascending column
+        order; returns bool (R, c), the round(fraction * c) smallest per row, ties to the lower column (the same
+        selection as :meth:`drop` on the dense block, at c / n_in of its cost)."""
+        rows, c = keys.shape
+        d = min(c, int(math.floor(c * float(fraction) + 0.5)))
+        if d == 0 or rows == 0:
+            return torch.zeros(rows, c, dtype=torch.bool, device=keys.device)
+        everywhere = torch.ones(rows, c, dtype=torch.bool, device=keys.device)
+        return row_largest(keys, everywhere, torch.full((rows,), d, device=keys.device), smallest=True)
 
     def grow(self, kept: torch.Tensor, scores: torch.Tensor, counts: torch.Tensor | None = None) -> torch.Tensor:
         """Per row as many positions as bring it back to k (the bound fan-in; ``counts``: per-row numbers to grow
@@ -179,7 +203,7 @@ class FanIn(Structure):
             if bool((counts < 0).any()):
                 row = int((counts < 0).nonzero()[0])
                 raise ValueError(f"FanIn.grow: row {row} keeps {int(kept[row].sum())} > k={self.k} connections")
-        if not bool(torch.isfinite(scores).all()):
+        if not all_finite(scores):
             raise ValueError("FanIn.grow: the grow scores hold inf or NaN")
         return row_largest(scores, ~kept, counts)
 
