@@ -3,6 +3,7 @@ random inputs with ties, exact invariants through chains of updates, violation m
 
 from __future__ import annotations
 
+import copy
 import functools
 import io
 import itertools
@@ -191,6 +192,22 @@ def test_drop_matches_reference(n, m, dtype, fraction):
     assert not bool((dropped & ~mask).any())
 
 
+@pytest.mark.parametrize("n, m", GROUPS, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.5, 1.0])
+def test_drop_compact_is_drop_on_packed_rows(n, m, dtype, fraction):
+    nm = NM(n, m)
+    mask = nm.initial(_scores((6, 4 * m)), nm.count((6, 4 * m), 0))
+    keys = _scores((6, 4 * m), dtype, ties=True)
+    packed = keys[mask].view(6, -1)
+    compact = nm.drop_compact(packed, fraction)
+    dense = torch.zeros_like(mask)
+    dense[mask] = compact.reshape(-1)
+    assert compact.shape == packed.shape and torch.equal(dense, nm.drop(mask, keys, fraction))
+    with pytest.raises(ValueError, match="keys hold NaN at active connections"):
+        nm.drop_compact(packed.double().fill_(torch.nan), fraction)
+
+
 def test_drop_rounds_half_up_per_row():
     nm = NM(2, 4)
     mask = torch.tensor([[True, True, False, False] * 2, [True, True, False, False] * 2])  # 4 active per row
@@ -352,9 +369,9 @@ def test_initial_errors():
         nm.initial(_scores((3, 6)), 9)
     with pytest.raises(ValueError, match=r"rows and n_in must be multiples of 4"):
         NM(2, 4, transposable=True).initial(_scores((6, 8)), 12)
-    with pytest.raises(ValueError, match="scores hold NaN"):
+    with pytest.raises(ValueError, match="scores hold inf or NaN"):
         nm.initial(torch.tensor([[0.0, torch.nan, 1.0, 2.0]]), 2)
-    with pytest.raises(ValueError, match="scores hold inf"):
+    with pytest.raises(ValueError, match="scores hold inf or NaN"):
         nm.initial(torch.tensor([[0.0, torch.inf, 1.0, 2.0]]), 2)
     with pytest.raises(TypeError, match="scores must be a tensor"):
         nm.initial([[0.0, 1.0, 1.0, 2.0]], 2)
@@ -380,7 +397,7 @@ def test_grow_errors():
     kept = torch.tensor([[True, True, True, False, False, False, False, False]])
     with pytest.raises(ValueError, match=r"kept row 0, columns 0..3 holds 3, more than n=2"):
         nm.grow(kept, torch.rand(1, 8))
-    with pytest.raises(ValueError, match="scores hold inf"):
+    with pytest.raises(ValueError, match="scores hold inf or NaN"):
         nm.grow(kept[:, 4:], torch.tensor([[1.0, 2.0, -torch.inf, 0.0]]))
     with pytest.raises(ValueError, match="scores must have kept's shape"):
         nm.grow(kept, torch.rand(8))
@@ -637,6 +654,22 @@ def test_rigl_adopts_matching_unstructured_masks():
         assert rigl.step()
         opt.zero_grad()
         check_nm(rigl)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_gradient_changes_nothing(layout):
+    from test_structure_training import _same, batch, build, loss_of
+
+    model, opt, rigl, _ = build(NM_CASES[1], layout, delta_t=1)
+    gen = torch.Generator().manual_seed(0)
+    loss_of(model, *batch(gen)).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("nan")  # the masked conv
+    if layout == "sparse":  # poison a recorded output gradient of a SparseLinear as well
+        rigl._records["3.weight"][0][1][0, 0] = float("inf")
+    snapshot = copy.deepcopy((model.state_dict(), opt.state_dict(), rigl.state_dict()))
+    with pytest.raises(ValueError, match="inf or NaN"):
+        rigl.step()
+    assert _same(snapshot, (model.state_dict(), opt.state_dict(), rigl.state_dict()))
 
 
 # -- data parallel ----------------------------------------------------------------------------------------------------

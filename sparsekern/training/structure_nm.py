@@ -22,7 +22,7 @@ import torch
 
 from ..ops.semi24_mask import _tile_patterns, group_topk_mask, transposable_mask
 from .structure import Structure
-from .structure_fan_in import round_half_up, row_largest
+from .structure_fan_in import all_finite, round_half_up, row_largest
 
 _MAX_TRANSPOSABLE_M = 5  # the m x m tile patterns are enumerated (m = 5: 2040 patterns for n = 2); m = 6 is too many
 _MAX_TABLE_M = 4  # kept sets of an m x m tile looked up in a (2^(m*m), patterns) table up to 4 x 4 (5.9 MB)
@@ -172,8 +172,24 @@ class NM(Structure):
         if bool(torch.isnan(magnitude).logical_and_(mask).any()):
             raise ValueError(f"{fn}: keys hold NaN at active connections (no magnitude order)")
         counts = round_half_up(mask.sum(1, dtype=torch.int64).double() * float(fraction))
-        # the per-row selection FanIn's drop runs: the counts largest -|key| among the active, ties to the lower column
-        return row_largest(magnitude.neg(), mask, counts)
+        # the per-row selection FanIn's drop runs: the counts smallest |key| among the active, ties to the lower column
+        return row_largest(magnitude, mask, counts, smallest=True)
+
+    def drop_compact(self, keys: torch.Tensor, fraction: float) -> torch.Tensor:
+        """:meth:`drop` on rows that hold equally many connections (every valid N:M mask), given compactly:
+        ``keys`` (R, c) are each row's active keys in ascending column order; returns bool (R, c). The same
+        selection as :meth:`drop` on the dense rows, at c / n_in of its cost (the structured plan calls it)."""
+        fn = f"{self.name} drop"
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 2:
+            raise ValueError(f"{fn}: compact keys must be a 2-D tensor (rows, active per row), got {keys!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{fn}: fraction must be a number in [0, 1], got {fraction!r}")
+        magnitude = keys.detach().abs()
+        if bool(torch.isnan(magnitude).any()):
+            raise ValueError(f"{fn}: keys hold NaN at active connections (no magnitude order)")
+        rows, c = keys.shape
+        counts = round_half_up(torch.full((rows,), c, dtype=torch.float64, device=keys.device) * float(fraction))
+        return row_largest(magnitude, torch.ones_like(magnitude, dtype=torch.bool), counts, smallest=True)
 
     def grow(self, kept: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         fn = f"{self.name} grow"
@@ -311,6 +327,5 @@ class NM(Structure):
 
 
 def _check_finite(fn: str, name: str, t: torch.Tensor) -> None:
-    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-        what = "NaN" if bool(torch.isnan(t).any()) else "inf"
-        raise ValueError(f"{fn}: {name} hold {what}; a selection by magnitude needs finite scores")
+    if t.dtype.is_floating_point and not all_finite(t):
+        raise ValueError(f"{fn}: {name} hold inf or NaN; a selection by magnitude needs finite scores")
