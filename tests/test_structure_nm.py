@@ -3,12 +3,19 @@ random inputs with ties, exact invariants through chains of updates, violation m
 
 from __future__ import annotations
 
+import copy
 import functools
+import io
 import itertools
+import math
 
 import pytest
 import torch
+from helpers import gloo_rank, rank_results
+from torch import nn
 
+from sparsekern.training import SET, RigL, drop_and_grow, sparsify
+from sparsekern.training.drop_grow import set_structure
 from sparsekern.training.structure import parse_structure
 from sparsekern.training.structure_nm import NM
 
@@ -39,7 +46,7 @@ def _ref_drop(mask: torch.Tensor, keys: torch.Tensor, fraction: float) -> torch.
     out = torch.zeros(mask.shape, dtype=torch.bool)
     for r, row in enumerate(mask.tolist()):
         active = [c for c, on in enumerate(row) if on]
-        for c in sorted(active, key=lambda c: (k[r][c], c))[: round(fraction * len(active))]:
+        for c in sorted(active, key=lambda c: (k[r][c], c))[: math.floor(fraction * len(active) + 0.5)]:
             out[r, c] = True
     return out
 
@@ -185,11 +192,27 @@ def test_drop_matches_reference(n, m, dtype, fraction):
     assert not bool((dropped & ~mask).any())
 
 
-def test_drop_rounds_half_to_even_per_row():
+@pytest.mark.parametrize("n, m", GROUPS, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS, ids=str)
+@pytest.mark.parametrize("fraction", [0.0, 0.1, 0.3, 0.5, 1.0])
+def test_drop_compact_is_drop_on_packed_rows(n, m, dtype, fraction):
+    nm = NM(n, m)
+    mask = nm.initial(_scores((6, 4 * m)), nm.count((6, 4 * m), 0))
+    keys = _scores((6, 4 * m), dtype, ties=True)
+    packed = keys[mask].view(6, -1)
+    compact = nm.drop_compact(packed, fraction)
+    dense = torch.zeros_like(mask)
+    dense[mask] = compact.reshape(-1)
+    assert compact.shape == packed.shape and torch.equal(dense, nm.drop(mask, keys, fraction))
+    with pytest.raises(ValueError, match="keys hold NaN at active connections"):
+        nm.drop_compact(packed.double().fill_(torch.nan), fraction)
+
+
+def test_drop_rounds_half_up_per_row():
     nm = NM(2, 4)
     mask = torch.tensor([[True, True, False, False] * 2, [True, True, False, False] * 2])  # 4 active per row
     keys = torch.arange(16.0).view(2, 8)
-    assert nm.drop(mask, keys, 0.625).sum(1).tolist() == [2, 2]  # 2.5 rounds to 2
+    assert nm.drop(mask, keys, 0.625).sum(1).tolist() == [3, 3]  # 2.5 rounds to 3 (as FanIn's drop)
     assert nm.drop(mask, keys, 0.875).sum(1).tolist() == [4, 4]  # 3.5 rounds to 4
     # a partly dropped row count is per row: an uneven mask (not N:M) drops round(fraction * its own count)
     mask[1] = False
@@ -232,7 +255,7 @@ def test_grow_regrows_a_dropped_connection_and_ignores_sign():
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0])
 def test_transposable_grow_matches_brute_force(n, m, ties, fraction):
     nm = NM(n, m, transposable=True)
-    shape = (2 * m, 4 * m)
+    shape = (2 * m, 8 * m)
     mask = nm.initial(_scores(shape), nm.count(shape, 0))
     kept = mask & ~nm.drop(mask, torch.rand(shape), fraction)
     scores = _scores(shape, torch.float32, ties)
@@ -247,11 +270,9 @@ def without_table(monkeypatch):
     import sparsekern.training.structure_nm as structure_nm
 
     monkeypatch.setattr(structure_nm, "_MAX_TABLE_M", 0)
-    structure_nm._infeasible_table.cache_clear()
-    structure_nm._infeasible_table_cpu.cache_clear()
+    structure_nm._tiles.cache_clear()
     yield
-    structure_nm._infeasible_table.cache_clear()
-    structure_nm._infeasible_table_cpu.cache_clear()
+    structure_nm._tiles.cache_clear()
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (1, 3)], ids=str)
@@ -348,9 +369,9 @@ def test_initial_errors():
         nm.initial(_scores((3, 6)), 9)
     with pytest.raises(ValueError, match=r"rows and n_in must be multiples of 4"):
         NM(2, 4, transposable=True).initial(_scores((6, 8)), 12)
-    with pytest.raises(ValueError, match="scores hold NaN"):
+    with pytest.raises(ValueError, match="scores hold inf or NaN"):
         nm.initial(torch.tensor([[0.0, torch.nan, 1.0, 2.0]]), 2)
-    with pytest.raises(ValueError, match="scores hold inf"):
+    with pytest.raises(ValueError, match="scores hold inf or NaN"):
         nm.initial(torch.tensor([[0.0, torch.inf, 1.0, 2.0]]), 2)
     with pytest.raises(TypeError, match="scores must be a tensor"):
         nm.initial([[0.0, 1.0, 1.0, 2.0]], 2)
@@ -376,7 +397,7 @@ def test_grow_errors():
     kept = torch.tensor([[True, True, True, False, False, False, False, False]])
     with pytest.raises(ValueError, match=r"kept row 0, columns 0..3 holds 3, more than n=2"):
         nm.grow(kept, torch.rand(1, 8))
-    with pytest.raises(ValueError, match="scores hold inf"):
+    with pytest.raises(ValueError, match="scores hold inf or NaN"):
         nm.grow(kept[:, 4:], torch.tensor([[1.0, 2.0, -torch.inf, 0.0]]))
     with pytest.raises(ValueError, match="scores must have kept's shape"):
         nm.grow(kept, torch.rand(8))
@@ -394,3 +415,313 @@ def _infeasible_grow():
     kept[4:8, 8:12] = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
     with pytest.raises(ValueError, match=r"tile rows 4..7, columns 8..11 fit no pattern with 2 per row and column"):
         nmt.grow(kept, torch.rand(8, 12))
+
+
+# -- end to end: sparsify(structure="N:M"), RigL and SET on SparseLinear and masked layers ----------------------------
+# The model and the training loop of tests/test_structure_training.py: a masked Conv2d ((8, 36) view), Linear(128, 32)
+# and Linear(32, 8); every one of them suits 2:4, 1:4 and the 4 x 4 tiles of 2:4T.
+NM_CASES = [
+    ("2:4", "2:4", dict(sparsity=0.5, distribution="uniform")),
+    ("2:4T", "2:4", dict(sparsity=0.5, distribution="uniform", transposable=True)),
+    ("1:4", "1:4", dict(sparsity=0.75, distribution="uniform")),
+    ("2:4_dense_first", "2:4", dict(sparsity=0.5, distribution="uniform", dense_first=True)),
+]
+NM_IDS = [case[0] for case in NM_CASES]
+LAYOUTS = ("sparse", "masked")
+TRAIN = [
+    pytest.param(case, method, layout, id=f"{case[0]}-{method}-{layout}")
+    for case in NM_CASES[:3]
+    for method in ("rigl", "set")
+    for layout in LAYOUTS
+]
+
+
+def check_nm(sparsifier, counts=None) -> None:
+    """Every structured layer is N:M (transposable: every tile row and column, so W.T is N:M) with its count."""
+    from test_structure_training import check_structure
+
+    check_structure(sparsifier, counts)
+    for name, layer in sparsifier.layers.items():
+        structure = layer.structure
+        if structure is None:
+            continue
+        rows = layer.mask().reshape(layer.rows)
+        assert layer.count() == structure.count(layer.rows, 0), name
+        if structure.transposable:
+            assert NM(structure.n, structure.m).violation(rows.T.contiguous()) is None, name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("case", NM_CASES, ids=NM_IDS)
+def test_sparsify_gives_nm(case, layout):
+    from test_structure_training import build
+
+    model, _, sparsifier, report = build(case, layout, "static")
+    check_nm(sparsifier)
+    want = case[1] + ("T" if case[2].get("transposable") else "")
+    names = [layer.structure for layer in report.layers]
+    assert names == ([None, want, want] if case[2].get("dense_first") else [want] * 3)
+    assert {s.name for s in sparsifier.structures().values() if s is not None} == {want}
+    assert report.layers[-1].nnz == 8 * 32 * (1 if case[1] == "1:4" else 2) // 4
+    assert report.layers[1].layout == layout
+
+
+@pytest.mark.parametrize("transposable", [False, True])
+def test_sparsify_keeps_the_best_scores_the_structure_allows(transposable):
+    from test_structure_training import make_model
+
+    model = make_model()
+    scores = {n: _scores(p.shape, ties=True) for n, p in model.named_parameters() if p.dim() > 1}
+    sparsify(model, 0.5, distribution="uniform", layout="masked", structure="2:4", transposable=transposable,
+             scores=scores)  # fmt: skip
+    for (name, score), module in zip(scores.items(), (model[0], model[3], model[5]), strict=True):
+        rows = score.reshape(score.shape[0], -1)
+        want = _ref_tiles(torch.zeros_like(rows, dtype=torch.bool), rows, 2, 4) if transposable else (
+            _ref_initial(rows, 2, 4))  # fmt: skip
+        assert torch.equal(module.weight_mask.reshape(rows.shape), want), name
+
+
+@pytest.mark.parametrize(("case", "method", "layout"), TRAIN)
+def test_training_keeps_nm_after_every_update(case, method, layout):
+    from test_structure_training import batch, build, loss_of
+
+    model, opt, sparsifier, _ = build(case, layout, method)
+    counts = {name: layer.count() for name, layer in sparsifier.layers.items()}
+    initial, moved, updates = sparsifier.masks(), 0, 0
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(12):
+        for _ in range(2):  # micro-batches
+            loss_of(model, *batch(gen)).backward()
+        before = sparsifier.masks()
+        if sparsifier.step():
+            updates += 1
+            after = sparsifier.masks()
+            moved += sum(int((before[k] != after[k]).sum()) for k in before)
+        opt.zero_grad()
+        check_nm(sparsifier, counts)
+        for name, layer in sparsifier.layers.items():  # nothing trains off the mask
+            weight = layer.module.weight if layout == "masked" or name == "0.weight" else None
+            if weight is not None:
+                assert not bool((weight.detach().reshape(layer.rows) * ~layer.mask().reshape(layer.rows)).any())
+    assert updates >= 4 and moved > 0
+    assert all(not torch.equal(initial[k], sparsifier.masks()[k]) for k in initial)
+
+
+def reference_nm_update(mask, weight, scores, n, structure):
+    """One drop-and-grow by the plain-Python references: fraction = n / count, per row the round-half-up(fraction *
+    row count) smallest |w| (ties: lower column), then per group (or per tile, brute force) the best scores."""
+    dropped = _ref_drop(mask, weight, n / int(mask.sum()))
+    kept = mask & ~dropped
+    if structure.transposable:
+        return kept | _ref_tiles(kept, scores, structure.n, structure.m)
+    return kept | _ref_grow(kept, scores, structure.n, structure.m)
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["2:4", "2:4T"])
+@pytest.mark.parametrize("n", [0, 13, 60, 160])
+def test_sparse_linear_exact_update_matches_reference(transposable, n):
+    from sparsekern.reference import outer_topk_scores_reference
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 20))
+    sparsify(model, 0.5, distribution="uniform", structure="2:4", transposable=transposable,
+             generator=torch.Generator().manual_seed(0))  # fmt: skip
+    layer = model[0]
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # ties in |w|: a few levels
+        layer.values.copy_(torch.randint(-3, 4, layer.values.shape, generator=gen).float())
+    x = torch.randint(-2, 3, (9, 32), generator=gen).float()  # ties in the scores too
+    g = torch.randint(-2, 3, (9, 20), generator=gen).float()
+    mask, weight = layer.mask.clone(), layer.dense_weight().detach().clone()
+    want = reference_nm_update(mask, weight, outer_topk_scores_reference(x, g), n, NM(2, 4, transposable))
+    drop_and_grow(layer, n, x=x, g=g, precision="exact")
+    assert torch.equal(layer.mask, want)
+    assert NM(2, 4, transposable).violation(layer.mask, 320) is None
+
+
+@pytest.mark.parametrize("transposable", [False, True], ids=["2:4", "2:4T"])
+def test_masked_conv_update_matches_reference_and_blocks_do_not_matter(monkeypatch, transposable):
+    from sparsekern.training import drop_grow as drop_grow_module
+
+    results = []
+    for block_elements in (1 << 20, 36, 4 * 36):  # one block; one row_block at a time; 4 or 8 rows
+        monkeypatch.setattr(drop_grow_module, "ROW_BLOCK_ELEMENTS", block_elements)
+        torch.manual_seed(0)
+        conv = nn.Conv2d(4, 8, 3)
+        sparsify(nn.Sequential(conv), 0.5, distribution="uniform", structure="2:4", transposable=transposable,
+                 generator=torch.Generator().manual_seed(0))  # fmt: skip
+        gen = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            conv.weight.copy_(torch.randint(-3, 4, conv.weight.shape, generator=gen).float() * conv.weight_mask)
+        conv.weight.grad = torch.randint(-2, 3, conv.weight.shape, generator=gen).float()
+        mask, weight = conv.weight_mask.reshape(8, 36).clone(), conv.weight.detach().reshape(8, 36).clone()
+        want = reference_nm_update(mask, weight, conv.weight.grad.reshape(8, 36), 50, NM(2, 4, transposable))
+        drop_and_grow(conv, 50)
+        assert torch.equal(conv.weight_mask.reshape(8, 36), want)
+        results.append(conv.weight_mask.clone())
+    assert all(torch.equal(r, results[0]) for r in results)
+
+
+@pytest.mark.parametrize(("case", "method", "layout"), TRAIN)
+def test_resume_is_bit_exact(case, method, layout):
+    from test_structure_training import STEPS, STOP, build, train
+
+    model, opt, sparsifier, _ = build(case, layout, method)
+    train(model, opt, sparsifier, torch.Generator().manual_seed(9), STEPS)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}, sparsifier.masks(), sparsifier.structures()
+
+    model, opt, sparsifier, _ = build(case, layout, method)
+    gen = torch.Generator().manual_seed(9)
+    train(model, opt, sparsifier, gen, STOP)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sparsifier": sparsifier.state_dict(),
+                "data": gen.get_state()}, buffer)  # fmt: skip
+    buffer.seek(0)
+    checkpoint = torch.load(buffer, weights_only=True)
+
+    model, opt, sparsifier, _ = build(case, layout, method, seed=1)  # other weights and masks, all overwritten
+    model.load_state_dict(checkpoint["model"])
+    opt.load_state_dict(checkpoint["opt"])
+    sparsifier.load_state_dict(checkpoint["sparsifier"])
+    gen = torch.Generator()
+    gen.set_state(checkpoint["data"])
+    train(model, opt, sparsifier, gen, STEPS - STOP)
+    state, masks, structures = expected
+    assert sparsifier.structures() == structures
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for key, value in sparsifier.masks().items():
+        assert torch.equal(value, masks[key]), key
+
+
+def test_load_state_dict_tells_2_4_from_2_4t():
+    from test_structure_training import build
+
+    for mine, theirs, match in ((0, 1, "keeps structure '2:4', the state has '2:4T'"),
+                                (1, 0, "keeps structure '2:4T', the state has '2:4'")):  # fmt: skip
+        model, _, sparsifier, _ = build(NM_CASES[mine], "masked", "rigl")
+        other_model, _, other, _ = build(NM_CASES[theirs], "masked", "rigl")
+        assert other.state_dict()["structures"]["3.weight"] == {"name": NM_IDS[theirs]}
+        model.load_state_dict(other_model.state_dict())
+        with pytest.raises(ValueError, match=match):
+            sparsifier.load_state_dict(other.state_dict())
+
+
+def test_sparsify_errors_name_the_layer():
+    from test_structure_training import make_model
+
+    with pytest.raises(ValueError, match=r"structure '2:4' keeps a density of 0.5 in every layer, but layer '0.weight' "
+                       r"was given sparsity 0.79.* pass sparsity=1 - N/M \(0.5\)"):  # fmt: skip
+        sparsify(make_model(), 0.8, distribution="uniform", structure="2:4")
+    with pytest.raises(ValueError, match=r"structure '2:4' keeps a density .* distribution='erk'"):
+        sparsify(make_model(), 0.5, structure="2:4")  # ERK gives the layers other densities
+    with pytest.raises(ValueError, match=r"sparsify: 0.weight has 30 inputs .* not a multiple of m=4"):
+        sparsify(nn.Sequential(nn.Linear(30, 8)), 0.5, distribution="uniform", structure="2:4")
+    with pytest.raises(ValueError, match=r"sparsify: 0.weight has 10 outputs .* both dims multiples of 4"):
+        sparsify(nn.Sequential(nn.Linear(32, 10)), 0.5, distribution="uniform", structure="2:4", transposable=True)
+    for bad, match in (("2:4:8", "structure must be None"), ("4:4", "0 < N < M"), ("0:2", "0 < N < M")):
+        with pytest.raises(ValueError, match=match):
+            sparsify(make_model(), 0.5, distribution="uniform", structure=bad)
+    model = make_model()
+    sparsify(model, 0.5, distribution="uniform", layout="masked", generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"the mask of layer '0.weight' does not have the structure '2:4': row 0"):
+        RigL(model, opt, total_steps=10, delta_t=2, structure="2:4")
+    with pytest.raises(ValueError, match="structure must be None"):
+        SET(model, opt, total_steps=10, delta_t=2, structure="2-4")
+    # a 2:4 layer refused by a sparsifier of another structure
+    from test_structure_training import build
+
+    model, opt, _, _ = build(NM_CASES[0], "masked", "static")
+    with pytest.raises(ValueError, match=r"layer '0.weight' was sparsified with structure '2:4', not '2:4T'"):
+        RigL(model, opt, total_steps=10, delta_t=2, structure="2:4", transposable=True)
+
+
+def test_rigl_adopts_matching_unstructured_masks():
+    """structure="2:4" on masks that happen to be 2:4 (SR-STE's, semi24_mask's) binds them."""
+    from test_structure_training import batch, loss_of, make_model
+
+    model = make_model()
+    sparsify(model, 0.5, distribution="uniform", layout="masked", structure="2:4")
+    for module in (model[0], model[3], model[5]):
+        set_structure(module, None)  # as after SR-STE's finalize() and Static
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    rigl = RigL(model, opt, total_steps=10, delta_t=1, structure="2:4")
+    assert {s.name for s in rigl.structures().values()} == {"2:4"}
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        loss_of(model, *batch(gen)).backward()
+        assert rigl.step()
+        opt.zero_grad()
+        check_nm(rigl)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_nan_gradient_changes_nothing(layout):
+    from test_structure_training import _same, batch, build, loss_of
+
+    model, opt, rigl, _ = build(NM_CASES[1], layout, delta_t=1)
+    gen = torch.Generator().manual_seed(0)
+    loss_of(model, *batch(gen)).backward()
+    model[0].weight.grad[0, 0, 0, 0] = float("nan")  # the masked conv
+    if layout == "sparse":  # poison a recorded output gradient of a SparseLinear as well
+        rigl._records["3.weight"][0][1][0, 0] = float("inf")
+    snapshot = copy.deepcopy((model.state_dict(), opt.state_dict(), rigl.state_dict()))
+    with pytest.raises(ValueError, match="inf or NaN"):
+        rigl.step()
+    assert _same(snapshot, (model.state_dict(), opt.state_dict(), rigl.state_dict()))
+
+
+# -- data parallel ----------------------------------------------------------------------------------------------------
+WORLD, DDP_STEPS = 2, 4
+DDP_CASES = [("2:4", "sparse"), ("2:4T", "masked"), ("2:4T", "sparse")]
+
+
+def _ddp_run(rank: int, case_id: str, layout: str) -> list:
+    from test_structure_training import build, loss_of, rank_batch
+
+    case = next(c for c in NM_CASES if c[0] == case_id)
+    model, _, _, _ = build(case, layout, "static")
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    rigl = RigL(ddp, opt, total_steps=DDP_STEPS, delta_t=1, t_end=DDP_STEPS)
+    history = []
+    for step in range(1, DDP_STEPS):
+        loss_of(ddp, *rank_batch(step, rank)).backward()
+        rigl.step()
+        opt.zero_grad()
+        history.append(rigl.masks())
+    del ddp
+    return history
+
+
+def _worker(rank: int, path: str):
+    gloo_rank(rank, path, WORLD, lambda r: {key: _ddp_run(r, *key) for key in DDP_CASES})
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    return rank_results(_worker, tmp_path_factory.mktemp("ddp_nm"), WORLD, 240)
+
+
+@pytest.mark.parametrize(("case_id", "layout"), DDP_CASES)
+def test_ddp_masks_equal_one_process_on_the_whole_batch(case_id, layout, ddp_runs):
+    from test_structure_training import build, loss_of, rank_batch
+
+    ranks = [run[case_id, layout] for run in ddp_runs]
+    for a, b in zip(*ranks, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    case = next(c for c in NM_CASES if c[0] == case_id)
+    model, _, _, _ = build(case, layout, "static")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rigl = RigL(model, opt, total_steps=DDP_STEPS, delta_t=1, t_end=DDP_STEPS)
+    initial = rigl.masks()
+    for step in range(1, DDP_STEPS):
+        for rank in range(WORLD):  # each loss halved as DDP averages: the same gradient (halving is exact)
+            (loss_of(model, *rank_batch(step, rank)) / WORLD).backward()
+        assert rigl.step()
+        opt.zero_grad()
+        got = rigl.masks()
+        check_nm(rigl)
+        assert all(torch.equal(got[k], ranks[0][step - 1][k]) for k in got), step
+    assert any(not torch.equal(initial[k], got[k]) for k in got)

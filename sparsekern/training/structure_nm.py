@@ -15,35 +15,50 @@ nonnegative already).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
 
 from ..ops.semi24_mask import _tile_patterns, group_topk_mask, transposable_mask
 from .structure import Structure
+from .structure_fan_in import all_finite, round_half_up, row_largest
 
 _MAX_TRANSPOSABLE_M = 5  # the m x m tile patterns are enumerated (m = 5: 2040 patterns for n = 2); m = 6 is too many
 _MAX_TABLE_M = 4  # kept sets of an m x m tile looked up in a (2^(m*m), patterns) table up to 4 x 4 (5.9 MB)
 _TILE_CHUNK = 1 << 15  # tiles scored against every pattern at once (a (chunk, patterns) float64 block)
+_FEW = 16  # a kept set that at most this many patterns contain is scored on its candidate list alone
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tiles:
+    """The m x m tile patterns with n per row and column, in the tie order, and for m <= 4 lookup tables indexed by
+    a kept set's bits (bit i: row-major tile position i is kept)."""
+
+    patterns: torch.Tensor  # (P, m*m) float64 0/1
+    masks: torch.Tensor  # the same as bool
+    positions: torch.Tensor  # (P, n*m) int64: each pattern's positions, ascending
+    infeasible: torch.Tensor | None  # (2^(m*m), P) bool: pattern p lacks an entry of the kept set
+    counts: torch.Tensor | None  # (2^(m*m),) int64: the patterns that contain the kept set
+    candidates: torch.Tensor | None  # (2^(m*m), _FEW) int64: the first _FEW of them, ascending (pattern order)
+
+    def to(self, device: torch.device) -> _Tiles:
+        return _Tiles(*(None if t is None else t.to(device) for t in dataclasses.astuple(self)))
 
 
 @functools.cache
-def _infeasible_table_cpu(m: int, n: int) -> torch.Tensor | None:
-    """bool (2^(m*m), P): True where tile pattern p lacks a kept entry of the kept set with those bits (p cannot
-    complete it); None for m > 4 (too large)."""
+def _tiles(m: int, n: int, device: torch.device) -> _Tiles:
+    if device.type != "cpu":
+        return _tiles(m, n, torch.device("cpu")).to(device)
+    patterns = _tile_patterns(m, n)
+    positions = patterns.bool().nonzero()[:, 1].view(len(patterns), n * m)
     if m > _MAX_TABLE_M:
-        return None
-    patterns = _tile_patterns(m, n).to(torch.int64)
-    codes = (patterns * (1 << torch.arange(m * m, dtype=torch.int64))).sum(1)  # (P,)
-    kept = torch.arange(1 << (m * m), dtype=torch.int64).unsqueeze(1)
-    return (kept & ~codes.unsqueeze(0)) != 0
-
-
-@functools.cache
-def _infeasible_table(m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The table on ``device``, and per kept set whether any pattern completes it."""
-    table = _infeasible_table_cpu(m, n)
-    return None if table is None else (table.to(device), (~table).any(1).to(device))
+        return _Tiles(patterns, patterns.bool(), positions, None, None, None)
+    codes = (patterns.to(torch.int64) << torch.arange(m * m)).sum(1)  # (P,)
+    infeasible = (torch.arange(1 << (m * m)).unsqueeze(1) & ~codes) != 0
+    counts = (~infeasible).sum(1)
+    candidates = infeasible.to(torch.uint8).argsort(dim=1, stable=True)[:, :_FEW]  # feasible first, in order
+    return _Tiles(patterns, patterns.bool(), positions, infeasible, counts, candidates)
 
 
 class NM(Structure):
@@ -55,8 +70,9 @@ class NM(Structure):
     Update rule (RigL, SET):
 
     - :meth:`drop`: in each row, the ``round(fraction * a)`` active connections with the smallest keys, where ``a``
-      is the row's active count (``n_in * n / m`` for a valid mask) and ``round`` rounds half to even (Python's);
-      ties drop the lower column first. The drop is per row, not per group: a group may lose any number of its n,
+      is the row's active count (``n_in * n / m`` for a valid mask) and ``round`` rounds half up (as
+      :class:`~sparsekern.training.structure_fan_in.FanIn`, whose per-row selection it runs); ties drop the lower
+      column first. The drop is per row, not per group: a group may lose any number of its n,
       and the magnitude order of the whole row decides, as unstructured RigL's does over the whole layer.
     - :meth:`grow`: every group that lost j connections grows its j largest scores among its positions not kept
       (a just-dropped one may come back); ties to the lower column. Transposable: in every m x m tile, among the
@@ -153,29 +169,27 @@ class NM(Structure):
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
             raise ValueError(f"{fn}: fraction must be a number in [0, 1], got {fraction!r}")
         magnitude = keys.detach().abs()
-        if not magnitude.dtype.is_floating_point or magnitude.element_size() < 4:
-            magnitude = magnitude.float()  # exact for half precision and int; kthvalue covers float32 everywhere
-        if bool(torch.isnan(magnitude[mask]).any()):
+        if bool(torch.isnan(magnitude).logical_and_(mask).any()):
             raise ValueError(f"{fn}: keys hold NaN at active connections (no magnitude order)")
-        n_drop = (mask.sum(1, dtype=torch.int64).double() * float(fraction)).round().to(torch.int64)  # half to even
-        ranked = magnitude.masked_fill(~mask, torch.inf)
-        dropped = torch.zeros_like(mask)
-        for k in n_drop.unique().tolist():  # one k for every row of a valid mask
-            if k == 0:
-                continue
-            rows = None if bool((n_drop == k).all()) else (n_drop == k).nonzero().reshape(-1)
-            sub, sub_mask = (ranked, mask) if rows is None else (ranked[rows], mask[rows])
-            # the row's k smallest without a sort: below the k-th smallest key, then its lowest-column ties (active
-            # ones: an inactive position's +inf ties only with an active +inf key)
-            threshold = sub.kthvalue(k, dim=1, keepdim=True).values
-            chosen = sub < threshold
-            ties = (sub == threshold) & sub_mask
-            chosen |= ties & (ties.cumsum(1) <= k - chosen.sum(1, keepdim=True))
-            if rows is None:
-                dropped = chosen
-            else:
-                dropped[rows] = chosen
-        return dropped
+        counts = round_half_up(mask.sum(1, dtype=torch.int64).double() * float(fraction))
+        # the per-row selection FanIn's drop runs: the counts smallest |key| among the active, ties to the lower column
+        return row_largest(magnitude, mask, counts, smallest=True)
+
+    def drop_compact(self, keys: torch.Tensor, fraction: float) -> torch.Tensor:
+        """:meth:`drop` on rows that hold equally many connections (every valid N:M mask), given compactly:
+        ``keys`` (R, c) are each row's active keys in ascending column order; returns bool (R, c). The same
+        selection as :meth:`drop` on the dense rows, at c / n_in of its cost (the structured plan calls it)."""
+        fn = f"{self.name} drop"
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 2:
+            raise ValueError(f"{fn}: compact keys must be a 2-D tensor (rows, active per row), got {keys!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"{fn}: fraction must be a number in [0, 1], got {fraction!r}")
+        magnitude = keys.detach().abs()
+        if bool(torch.isnan(magnitude).any()):
+            raise ValueError(f"{fn}: keys hold NaN at active connections (no magnitude order)")
+        rows, c = keys.shape
+        counts = round_half_up(torch.full((rows,), c, dtype=torch.float64, device=keys.device) * float(fraction))
+        return row_largest(magnitude, torch.ones_like(magnitude, dtype=torch.bool), counts, smallest=True)
 
     def grow(self, kept: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         fn = f"{self.name} grow"
@@ -183,7 +197,7 @@ class NM(Structure):
         if scores.shape != kept.shape:
             raise ValueError(f"{fn}: scores must have kept's shape {tuple(kept.shape)}, got {tuple(scores.shape)}")
         _check_finite(fn, "scores", scores)
-        groups = kept.view(kept.shape[0], -1, self.m).sum(-1, dtype=torch.int64)
+        groups = kept.reshape(kept.shape[0], -1, self.m).sum(-1, dtype=torch.int64)
         if bool((groups > self.n).any()):
             row, group = (groups > self.n).nonzero()[0].tolist()
             raise ValueError(
@@ -201,7 +215,7 @@ class NM(Structure):
         return group_topk_mask(ranked, keep=self.n, group=self.m) & ~kept
 
     def _grow_tiles(self, fn: str, kept: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        m, full = self.m, self.n * self.m
+        m, per_tile, device = self.m, self.n * self.m, kept.device
         rows, cols = kept.shape
 
         def tiles(t: torch.Tensor) -> torch.Tensor:
@@ -215,34 +229,54 @@ class NM(Structure):
             )
 
         kept_tiles = tiles(kept)
-        grown_tiles = torch.zeros_like(kept_tiles)
-        todo = (kept_tiles.sum(1, dtype=torch.int64) < full).nonzero().reshape(-1)  # full tiles grow nothing
-        if not todo.numel():
-            return grown_tiles.view(rows // m, cols // m, m, m).transpose(1, 2).reshape(rows, cols)
-        kept_todo = kept_tiles[todo]
-        gains = tiles(scores.detach().abs().masked_fill(kept, 0))[todo]  # kept entries count 0
-        patterns = _tile_patterns(m, self.n).to(kept.device)  # (P, m*m) 0/1 float64, the tie order
-        lookup = _infeasible_table(m, self.n, kept.device)
-        if lookup is not None:  # the patterns that cannot complete each kept set, looked up by its bits
-            codes = (kept_todo.to(torch.int64) << torch.arange(m * m, device=kept.device)).sum(1)
-            completable = lookup[1][codes]
-            if not bool(completable.all()):
-                raise fault(int(todo[int((~completable).nonzero()[0])]))
-        choice = []
-        for i, (part_kept, part_gain) in enumerate(
-            zip(kept_todo.split(_TILE_CHUNK), gains.split(_TILE_CHUNK), strict=True)
-        ):
-            if lookup is not None:
-                infeasible = lookup[0][codes[i * _TILE_CHUNK : (i + 1) * _TILE_CHUNK]]
-            else:
-                infeasible = (part_kept.double() @ (1.0 - patterns).T) != 0  # a kept entry outside the pattern
-                if not bool((~infeasible).any(1).all()):
-                    raise fault(int(todo[i * _TILE_CHUNK + int(infeasible.all(1).nonzero()[0])]))
-            # the sum of the scores over each feasible pattern's new entries, in float64
-            gain = (part_gain.double() @ patterns.T).masked_fill_(infeasible, -torch.inf)
-            choice.append(gain.argmax(dim=1))  # the first maximum: the pattern order's tie rule
-        grown_tiles[todo] = patterns[torch.cat(choice)].bool() & ~kept_todo
+        gains = tiles(scores.detach().abs().masked_fill(kept, 0))  # kept entries gain nothing
+        table = _tiles(m, self.n, device)
+        if table.counts is None:
+            choice = torch.empty(len(kept_tiles), dtype=torch.int64, device=device)
+            self._best_patterns(table, gains, kept_tiles, None, choice, fault)
+        else:
+            codes = (kept_tiles.to(torch.int64) << torch.arange(m * m, device=device)).sum(1)
+            counts = table.counts[codes]
+            if not bool(counts.all()):
+                raise fault(int((counts == 0).nonzero()[0]))
+            # most kept sets after a drop fit one pattern (a full tile: itself) or a few: score the candidates alone
+            choice = table.candidates[:, 0][codes]
+            for lo, hi in ((2, 4), (5, _FEW)):
+                for part in ((counts >= lo) & (counts <= hi)).nonzero().reshape(-1).split(_TILE_CHUNK):
+                    if not len(part):
+                        continue
+                    candidates = table.candidates[:, :hi][codes[part]]
+                    # the sum of the scores over each candidate's new entries, in float64
+                    k = candidates.shape[1]  # hi, or fewer when there are fewer patterns
+                    picked = table.positions[candidates].view(len(part), -1)
+                    gain = gains[part].double().gather(1, picked).view(len(part), k, per_tile).sum(-1)
+                    gain.masked_fill_(torch.arange(k, device=device) >= counts[part].unsqueeze(1), -torch.inf)
+                    choice[part] = candidates.gather(1, gain.argmax(dim=1, keepdim=True)).squeeze(1)
+            many = (counts > _FEW).nonzero().reshape(-1)
+            self._best_patterns(table, gains[many], None, codes[many], choice, fault, many)
+        grown_tiles = table.masks[choice] & ~kept_tiles
         return grown_tiles.view(rows // m, cols // m, m, m).transpose(1, 2).reshape(rows, cols)
+
+    @staticmethod
+    def _best_patterns(table, gains, kept, codes, choice, fault, where=None) -> None:
+        """choice[where] = the best pattern for each tile, scored against all P patterns: the infeasible ones from
+        the table by ``codes``, or (no table) from ``kept`` by a matmul."""
+        for i in range(0, len(gains), _TILE_CHUNK):
+            part = slice(i, i + _TILE_CHUNK)
+            if codes is not None:
+                infeasible = table.infeasible[codes[part]]
+            else:
+                infeasible = (kept[part].double() @ (1.0 - table.patterns).T) != 0  # a kept entry outside it
+                none = infeasible.all(1)
+                if bool(none.any()):
+                    raise fault(i + int(none.nonzero()[0]))
+            # the sum of the scores over each pattern's new entries (float64); the first maximum: the tie rule
+            gain = (gains[part].double() @ table.patterns.T).masked_fill_(infeasible, -torch.inf)
+            best = gain.argmax(dim=1)
+            if where is None:
+                choice[part] = best
+            else:
+                choice[where[part]] = best
 
     # -- checks -------------------------------------------------------------------------------------------------
     def violation(self, mask: torch.Tensor, count: int | None = None) -> str | None:
@@ -293,6 +327,5 @@ class NM(Structure):
 
 
 def _check_finite(fn: str, name: str, t: torch.Tensor) -> None:
-    if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
-        what = "NaN" if bool(torch.isnan(t).any()) else "inf"
-        raise ValueError(f"{fn}: {name} hold {what}; a selection by magnitude needs finite scores")
+    if t.dtype.is_floating_point and not all_finite(t):
+        raise ValueError(f"{fn}: {name} hold inf or NaN; a selection by magnitude needs finite scores")
