@@ -52,7 +52,8 @@ from .harness import failure
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("fwd", "fwdbwd")
-IMPLS = ("dense", "sparse", "ell", "auto", "torch_csr", "sparseprop")  # the keys of every row's "results", in timing order
+# the keys of every row's "results", in timing order
+IMPLS = ("dense", "sparse", "ell", "auto", "torch_csr", "sparseprop")
 QUANTITIES = {"fwd": ("y",), "fwdbwd": ("y", "dX", "dW")}
 
 # Two steps: SparseProp's sdist builds against pybind11 without declaring it, so pybind11 must be there first.
