@@ -60,6 +60,8 @@ selftest=tests/test_selftest.py
 TRITON_INTERPRET=1 "$venv/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_package.py tests/test_semi24_compress.py tests/test_sparse_linear.py tests/test_spmm_triton.py \
   tests/test_training_rigl.py tests/test_outer_topk.py::test_opcheck_triton_op \
+  tests/test_ell_cpu.py tests/test_ell_triton.py tests/test_sparse_linear_ell.py tests/test_export_semi24.py \
+  tests/test_structure_fan_in.py \
   tests/test_outer_topk.py::test_exclusion_forms_agree tests/test_outer_topk.py::test_near_full_exclusion_and_all_ties \
   $selftest::test_summarize_tests_records $selftest::test_measured_crossovers_from_a_recorded_sweep \
   $selftest::test_crossover_snippet_is_the_tables_form $selftest::test_write_report $selftest::test_run_selftest_orchestration
