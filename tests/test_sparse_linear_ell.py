@@ -369,3 +369,29 @@ def test_ell_under_compile_needs_fan_in():
 
     with pytest.raises(Exception, match="kernels='ell' under torch.compile needs fan_in="):
         fn(torch.randn(3, 8))
+
+
+@needs_ell_cpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_ell_dx_takes_the_csc_from_the_measured_batch(dtype, calls):
+    """The ELL path's backward runs dX by ell_spmm_t below ELL_DX_CSC_BATCH["cpu"] rows and by spmm through the CSC
+    from there on (measured faster there); forward and dW stay ELL; both sides match float64."""
+    threshold = sl.ELL_DX_CSC_BATCH["cpu"]
+    mask = fan_in_mask(21, 37, 5)
+    index = CSRIndex.from_mask(mask)
+    values = torch.randn(index.nnz).to(dtype)
+    bias = torch.randn(21).to(dtype)
+    for batch, dx_by in ((threshold - 1, "ell_spmm_t"), (threshold, "spmm"), (threshold + 77, "spmm")):
+        assert sl.ell_dx_takes_csc("cpu", batch) == (dx_by == "spmm")
+        x, g = torch.randn(batch, 37).to(dtype), torch.randn(batch, 21).to(dtype)
+        before = collections.Counter(calls)
+        y, dx, dv, _ = _run(x, values, index, bias, g, backend="cpu", path="sparse", kernels="auto")
+        ran = {name: calls[name] - before[name] for name in ("ell_spmm", "ell_spmm_t", "ell_sddmm", "spmm", "sddmm")}
+        want = {"ell_spmm": 1, "ell_spmm_t": 0, "ell_sddmm": 1, "spmm": 0, "sddmm": 0}
+        want[dx_by] = 1
+        assert ran == want, batch
+        w64 = index.to_dense(values.double())
+        _assert_close(y, F.linear(x.double(), w64, bias.double()), F.linear(x, index.to_dense(values), bias))
+        _assert_close(dx, g.double() @ w64, g @ index.to_dense(values))
+        _assert_close(dv, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
+    assert not sl.ell_dx_takes_csc("reference", 10**6) and not sl.ell_dx_takes_csc("triton", 10**6)
