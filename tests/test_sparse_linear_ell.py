@@ -395,3 +395,26 @@ def test_ell_dx_takes_the_csc_from_the_measured_batch(dtype, calls):
         _assert_close(dx, g.double() @ w64, g @ index.to_dense(values))
         _assert_close(dv, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
     assert not sl.ell_dx_takes_csc("reference", 10**6) and not sl.ell_dx_takes_csc("triton", 10**6)
+
+
+def test_info_says_whether_the_ell_kernels_are_compiled_in(monkeypatch):
+    """`sparsekern info` names the ELL kernels' status per device (the fast path's visibility) and the dX rule."""
+    import subprocess
+    import sys
+
+    from sparsekern import _extension, cli
+
+    result = subprocess.run([sys.executable, "-m", "sparsekern", "info"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    want = "C++ CPU compiled in" if HAS_ELL_CPU else "C++ CPU no (extension not loaded)"
+    line = next(s for s in result.stdout.splitlines() if s.startswith("constant fan-in (ELL) kernels"))
+    assert want in line
+    assert "dX goes through the CSC (cpu from B >= 512)" in result.stdout
+    assert "C++ CPU no (extension not loaded)" in cli._ell_info({"loaded": False, "reason": "x"})[0]
+    if _extension.available():
+        monkeypatch.setattr(sl, "_has_ell_kernels", lambda key: False)
+        build = dict(_extension.build_info(), with_cuda=True)
+        text = cli._ell_info(build)[0]
+        assert "C++ CPU NOT compiled in (an extension built before them: rebuild)" in text
+        assert "CUDA C++ NOT compiled in" in text
+        assert "CUDA C++ not built (no CUDA sources" in cli._ell_info(dict(build, with_cuda=False))[0]
