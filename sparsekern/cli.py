@@ -97,7 +97,7 @@ def _ell_info(build: dict) -> list[str]:
             return "not built (no CUDA sources in this extension)"
         return "compiled in" if _has_ell_kernels(key) else "NOT compiled in (an extension built before them: rebuild)"
 
-    dx = ", ".join(f"{backend} from B >= {b}" for backend, b in ELL_DX_CSC_BATCH.items()) or "never"
+    dx = ", ".join(f"{backend}/{isa} from B >= {b}" for (backend, isa), b in ELL_DX_CSC_BATCH.items()) or "never"
     return [
         f"constant fan-in (ELL) kernels ell_spmm/ell_spmm_t/ell_sddmm: C++ CPU {status('CPU')}; CUDA C++ "
         f"{status('CUDA')}; Triton on CUDA tensors (or TRITON_INTERPRET=1)",

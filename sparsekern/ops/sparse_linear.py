@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import _extension
 from .._csr import VALUE_DTYPES, CSRIndex, check_index
 from .._validate import check_same_device, check_tensor
 from . import sddmm as _sddmm
@@ -167,22 +168,30 @@ def auto_takes_ell(backend: str, batch: int) -> bool:
 
 
 # Batch size from which the ELL path's backward takes dX through the CSC (spmm with the transposed index, the CSR
-# path's dX) instead of ell_spmm_t, by backend (absent: always ell_spmm_t). ell_spmm_t is a scatter: a
-# read-modify-write of an L2-resident accumulator tile per nonzero, twice the L2 traffic of the CSC's gather, so it
-# wins only while the CSC's fixed per-call cost (values permuted into CSC order) dominates. Measured on Zen 4, one
-# pinned thread, CPU time per call, 7 interleaved rounds, median CSR-time / ELL-time (above 1: ell_spmm_t faster),
-# the CSC timing including the permutation, AVX-512:
-#   B:                    256    512    1024   2048
-#   1024x1024 at 90%:     1.09   0.93   0.86   0.81-1.31 (noisy)
-#   768->3072 at 90%:     1.19   1.03   0.95   0.90
-#   768->3072 at 98%:     1.10   0.97   0.92   0.87
-ELL_DX_CSC_BATCH: dict[str, int] = {"cpu": 512}
+# path's dX) instead of ell_spmm_t, by (backend, CPU instruction set) (absent: always ell_spmm_t). ell_spmm_t is a
+# scatter: a read-modify-write of an L2-resident accumulator tile per nonzero, twice the L2 traffic of the CSC's
+# gather, so it wins only while the CSC's fixed per-call cost (values permuted into CSC order) dominates. Measured on
+# Zen 4, one pinned thread, CPU time per call, 7 interleaved rounds, median CSR-time / ELL-time (above 1:
+# ell_spmm_t faster), the CSC timing including the permutation:
+#   B:                           256    512    1024   2048   4096
+#   AVX-512 1024x1024 at 90%:    1.09   0.93   0.86   0.81-1.31 (noisy)
+#   AVX-512 768->3072 at 90%:    1.19   1.03   0.95   0.90
+#   AVX-512 768->3072 at 98%:    1.10   0.97   0.92   0.87
+#   AVX2    1024x1024 at 90%:    1.12   0.97   0.91   1.02   1.07
+#   AVX2    768->3072 at 90%:    1.31   1.15   1.07   1.03   1.01
+#   AVX2    768->3072 at 98%:    1.37   1.25   1.19   1.19   1.20
+# So AVX-512 from 512 rows; AVX2 never (its CSC spmm is the slower one there); the portable path is not measured.
+# Under torch.compile the instruction set is not read (a C++ call): the traced backward keeps ell_spmm_t.
+ELL_DX_CSC_BATCH: dict[tuple[str, str], int] = {("cpu", "avx512"): 512}
 
 
 def ell_dx_takes_csc(backend: str, batch: int) -> bool:
-    """Whether the ELL path's backward computes dX through the CSC for this backend and batch size (see
-    ``ELL_DX_CSC_BATCH``)."""
-    threshold = ELL_DX_CSC_BATCH.get(backend)
+    """Whether the ELL path's backward computes dX through the CSC for this backend (on the CPU: the instruction
+    set the kernels run now) and batch size (see ``ELL_DX_CSC_BATCH``)."""
+    if not ELL_DX_CSC_BATCH or torch.compiler.is_compiling():
+        return False
+    isa = _extension.cpu_isa() if backend == "cpu" else ""
+    threshold = ELL_DX_CSC_BATCH.get((backend, isa))
     return threshold is not None and batch >= threshold
 
 
