@@ -73,6 +73,7 @@ def _info(args: argparse.Namespace) -> int:
         f"  dense path: W's nonzeros moved by csr_dense_scatter_/gather: on CPU tensors {scatter}; on CUDA tensors "
         "torch's scatter_/index_select"
     )
+    lines.extend(_ell_info(build))
     lines.append(
         "outer_topk (RigL grow): backend='auto' as above (C++ on CPU tensors, Triton on CUDA tensors); every "
         "backend returns the same bits (one float32 summation order); float64 runs the reference"
@@ -82,6 +83,27 @@ def _info(args: argparse.Namespace) -> int:
     else:
         print("\n".join(lines))
     return 0
+
+
+def _ell_info(build: dict) -> list[str]:
+    """Whether the constant fan-in (ELL) kernels are compiled in: without them sparse_linear keeps the CSR kernels
+    on equal-row weights (kernels="auto") and the ell_* ops run their plain-PyTorch references."""
+    from .ops.sparse_linear import ELL_DX_CSC_BATCH, _has_ell_kernels
+
+    def status(key: str) -> str:
+        if not build["loaded"]:
+            return "no (extension not loaded)"
+        if key == "CUDA" and not build["with_cuda"]:
+            return "not built (no CUDA sources in this extension)"
+        return "compiled in" if _has_ell_kernels(key) else "NOT compiled in (an extension built before them: rebuild)"
+
+    dx = ", ".join(f"{backend}/{isa} from B >= {b}" for (backend, isa), b in ELL_DX_CSC_BATCH.items()) or "never"
+    return [
+        f"constant fan-in (ELL) kernels ell_spmm/ell_spmm_t/ell_sddmm: C++ CPU {status('CPU')}; CUDA C++ "
+        f"{status('CUDA')}; Triton on CUDA tensors (or TRITON_INTERPRET=1)",
+        "  sparse_linear kernels='auto' runs them on equal-row weights (constant fan-in) when compiled in, else CSR; "
+        f"the ELL path's dX goes through the CSC ({dx})",
+    ]
 
 
 def _auto_choice(device: str, cuda_ok: bool) -> str:

@@ -104,7 +104,7 @@ def test_ell_path_equals_csr_path_and_float64(backend, dtype, shape, calls):
     g = torch.randn(batch, n_out, device=device).to(dtype)
 
     ell = _run(x, values, index, bias, g, backend=backend, path="sparse", kernels="ell")
-    assert (calls["ell_spmm"], calls["ell_spmm_t"], calls["ell_sddmm"], calls["spmm"], calls["sddmm"]) == (1, 1, 1, 0, 0)
+    assert [calls[n] for n in ("ell_spmm", "ell_spmm_t", "ell_sddmm", "spmm", "sddmm")] == [1, 1, 1, 0, 0]
     csr = _run(x, values, index, bias, g, backend=backend, path="sparse", kernels="csr")
     assert calls["spmm"] == 2 and calls["sddmm"] == 1 and calls["ell_spmm"] == 1  # forward, dX (CSC), dW
     auto = _run(x, values, index, bias, g, backend=backend, path="sparse")  # kernels="auto": equal rows
@@ -321,7 +321,12 @@ def test_edited_index_buffers_are_followed(calls):
         mask = fan_in_mask(4, 10, 3)
         mask[1] = True  # row 1 full
         row_ptr, col_idx = sparsekern._csr.csr_from_mask(mask)
-    state = {**layer.state_dict(), "row_ptr": row_ptr, "col_idx": col_idx, "values": torch.randn(int(mask.sum()), dtype=torch.float64)}
+    state = {
+        **layer.state_dict(),
+        "row_ptr": row_ptr,
+        "col_idx": col_idx,
+        "values": torch.randn(int(mask.sum()), dtype=torch.float64),
+    }
     layer.load_state_dict(state)
     assert layer.fan_in is None
     with torch.no_grad():
@@ -369,3 +374,58 @@ def test_ell_under_compile_needs_fan_in():
 
     with pytest.raises(Exception, match="kernels='ell' under torch.compile needs fan_in="):
         fn(torch.randn(3, 8))
+
+
+@needs_ell_cpu
+@pytest.mark.parametrize("cpu_isa", isa_params(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d)[6:])
+def test_ell_dx_takes_the_csc_from_the_measured_batch(cpu_isa, dtype, calls):
+    """The ELL path's backward runs dX by ell_spmm_t below ELL_DX_CSC_BATCH[("cpu", isa)] rows and by spmm through
+    the CSC from there on (measured faster there; AVX2 has no threshold: ell_spmm_t at every batch); forward and dW
+    stay ELL; both sides match float64."""
+    threshold = sl.ELL_DX_CSC_BATCH.get(("cpu", cpu_isa))
+    assert (threshold is not None) == (cpu_isa == "avx512")
+    mask = fan_in_mask(21, 37, 5)
+    index = CSRIndex.from_mask(mask)
+    values = torch.randn(index.nnz).to(dtype)
+    bias = torch.randn(21).to(dtype)
+    cases = [(600, "ell_spmm_t")]
+    if threshold is not None:
+        cases = [(threshold - 1, "ell_spmm_t"), (threshold, "spmm"), (threshold + 77, "spmm")]
+    for batch, dx_by in cases:
+        assert sl.ell_dx_takes_csc("cpu", batch) == (dx_by == "spmm")
+        x, g = torch.randn(batch, 37).to(dtype), torch.randn(batch, 21).to(dtype)
+        before = collections.Counter(calls)
+        y, dx, dv, _ = _run(x, values, index, bias, g, backend="cpu", path="sparse", kernels="auto")
+        ran = {name: calls[name] - before[name] for name in ("ell_spmm", "ell_spmm_t", "ell_sddmm", "spmm", "sddmm")}
+        want = {"ell_spmm": 1, "ell_spmm_t": 0, "ell_sddmm": 1, "spmm": 0, "sddmm": 0}
+        want[dx_by] = 1
+        assert ran == want, batch
+        w64 = index.to_dense(values.double())
+        _assert_close(y, F.linear(x.double(), w64, bias.double()), F.linear(x, index.to_dense(values), bias))
+        _assert_close(dx, g.double() @ w64, g @ index.to_dense(values))
+        _assert_close(dv, (g.double().T @ x.double())[mask], (g.T @ x)[mask])
+    assert not sl.ell_dx_takes_csc("reference", 10**6) and not sl.ell_dx_takes_csc("triton", 10**6)
+
+
+def test_info_says_whether_the_ell_kernels_are_compiled_in(monkeypatch):
+    """`sparsekern info` names the ELL kernels' status per device (the fast path's visibility) and the dX rule."""
+    import subprocess
+    import sys
+
+    from sparsekern import _extension, cli
+
+    result = subprocess.run([sys.executable, "-m", "sparsekern", "info"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    want = "C++ CPU compiled in" if HAS_ELL_CPU else "C++ CPU no (extension not loaded)"
+    line = next(s for s in result.stdout.splitlines() if s.startswith("constant fan-in (ELL) kernels"))
+    assert want in line
+    assert "dX goes through the CSC (cpu/avx512 from B >= 512)" in result.stdout
+    assert "C++ CPU no (extension not loaded)" in cli._ell_info({"loaded": False, "reason": "x"})[0]
+    if _extension.available():
+        monkeypatch.setattr(sl, "_has_ell_kernels", lambda key: False)
+        build = dict(_extension.build_info(), with_cuda=True)
+        text = cli._ell_info(build)[0]
+        assert "C++ CPU NOT compiled in (an extension built before them: rebuild)" in text
+        assert "CUDA C++ NOT compiled in" in text
+        assert "CUDA C++ not built (no CUDA sources" in cli._ell_info(dict(build, with_cuda=False))[0]

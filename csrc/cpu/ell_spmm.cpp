@@ -4,9 +4,13 @@
 // in L2, y is written back through a [16][L] staging block and register transposes. What equal rows change: the
 // trip count is k for every row and there is no row_ptr, so R rows run interleaved, each with its own NV = L/16
 // accumulators (R * NV = 8 independent FMA chains, no per-row reduction of unrolled chains), and the work split is
-// exact. Every lane of a row is one serial FMA chain over t = 0 .. k-1 from +0, so the AVX-512 and AVX2 paths
-// give the same bits whatever their tile widths; the portable path rounds each product (no FMA on the x86-64
-// baseline). Batches of one or two rows read x with scalar loads instead (see kGatherBatch below).
+// exact. Every lane of a row is summed in three levels, as the CSR kernel does (spmm.cpp): chunks of kChunk
+// nonzeros as one serial FMA chain from +0, kChunks chunks into a block sum, blocks into the row's total. One long
+// chain over k = 1000+ nonzeros made ~4x the rounding error of dense F.linear; this keeps it at or below it. Equal
+// rows reach the chunk boundaries together, so the R interleaved rows flush their chunks at the same step. The
+// per-lane order is the same on AVX-512 and AVX2 (the same bits whatever their tile widths); the portable path
+// rounds each product (no FMA on the x86-64 baseline). Batches of one or two rows read x with scalar loads
+// instead (see kGatherBatch below).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,6 +27,12 @@ namespace sparsekern {
 namespace {
 
 using batch_tiles::kBlock;
+
+// The summation levels (spmm.cpp's kChunk and kChunks): at most kChunk additions onto a chunk sum, kChunks onto a
+// block sum, k / (kChunk * kChunks) onto the total.
+constexpr int64_t kChunk = 32;
+constexpr int64_t kChunks = 16;
+constexpr int64_t kSpan = kChunk * kChunks;
 
 struct EllArgs {
   const void* x;
@@ -50,6 +60,29 @@ inline __attribute__((always_inline)) void ell_item(const EllArgs& a, int64_t ti
 }
 
 // Portable path: R = 2 rows at a time, 4-lane GCC/Clang vectors (NV = L/4 per row).
+// One chunk, steps [t0, t1) of R rows, into acc (chains continue from acc's contents).
+template <int L, int R>
+inline __attribute__((always_inline)) void ell_chunk_portable(const float* tile, const int32_t* cols,
+                                                              const float* values, int64_t k, int64_t t0,
+                                                              int64_t t1, batch_tiles::vec4 (&acc)[R][L / 4]) {
+  using batch_tiles::kVec;
+  using batch_tiles::load_vec;
+  using batch_tiles::vec4;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int r = 0; r < R; ++r) {
+      const float* p = tile + int64_t(cols[r * k + t]) * L;
+      const vec4 v = vec4{} + values[r * k + t];
+      for (int i = 0; i < L / kVec; ++i) {
+        vec4 xv;
+        load_vec(xv, p + kVec * i);
+        acc[r][i] += v * xv;
+      }
+    }
+  }
+}
+
+// Portable path: R = 2 rows at a time, 4-lane GCC/Clang vectors (NV = L/4 per row); the block sums live in the
+// stage (one span) or a scratch block, so the hot loop's accumulators keep the 16 xmm registers of SSE2.
 template <int L, int R>
 inline __attribute__((always_inline)) void ell_rows_portable_r(const float* tile, const int32_t* cols,
                                                                const float* values, int64_t k, float* stage) {
@@ -57,19 +90,28 @@ inline __attribute__((always_inline)) void ell_rows_portable_r(const float* tile
   using batch_tiles::load_vec;
   using batch_tiles::vec4;
   constexpr int NV = L / kVec;
-  vec4 acc[R][NV] = {};
-  for (int64_t t = 0; t < k; ++t) {
-    for (int r = 0; r < R; ++r) {
-      const float* p = tile + int64_t(cols[r * k + t]) * L;
-      const vec4 v = vec4{} + values[r * k + t];
-      for (int i = 0; i < NV; ++i) {
-        vec4 xv;
-        load_vec(xv, p + kVec * i);
-        acc[r][i] += v * xv;
+  alignas(64) float scratch[R * L];
+  for (int64_t s0 = 0; s0 < k; s0 += kSpan) {
+    const int64_t s1 = std::min(k, s0 + kSpan);
+    float* block = s0 == 0 ? stage : scratch;  // the first span's block is the total
+    for (int64_t c0 = s0; c0 < s1; c0 += kChunk) {
+      vec4 acc[R][NV] = {};
+      ell_chunk_portable<L, R>(tile, cols, values, k, c0, std::min(s1, c0 + kChunk), acc);
+      for (int r = 0; r < R; ++r) {
+        for (int i = 0; i < NV; ++i) {
+          vec4 b = acc[r][i];
+          if (c0 != s0) {
+            load_vec(b, block + r * L + kVec * i);
+            b += acc[r][i];
+          }
+          std::memcpy(block + r * L + kVec * i, &b, sizeof(b));
+        }
       }
     }
+    if (s0 != 0) {
+      for (int64_t e = 0; e < R * L; ++e) stage[e] += scratch[e];
+    }
   }
-  for (int r = 0; r < R; ++r) std::memcpy(stage + r * L, acc[r], sizeof(acc[r]));
 }
 
 template <int L>
@@ -91,11 +133,15 @@ SPARSEKERN_ELL_SPMM_PORTABLE(ell_item_portable_bf16, c10::BFloat16)
 SPARSEKERN_ELL_SPMM_PORTABLE(ell_item_portable_f16, c10::Half)
 
 #if defined(SPARSEKERN_BATCH_TILES_AVX2)
-// R rows at once, NV = L/8 ymm accumulators each: R * NV = 8 chains (FMA latency 4 x 2 per cycle); with the NV
-// loaded lanes and the broadcast that is at most 13 of the 16 ymm registers (tiles of at most 32 lanes).
+// One chunk of R rows (cols, values at its first step; rows k apart), n steps: R * NV chains from +0.0 in
+// registers, then onto the block sums in memory (`first`: the chunk is its block's start, stored as is: 0 + s == s
+// bit for bit). Offset pointers and a count, not a [t0, t1) range: with the range GCC ran out of general registers
+// and reloaded the rows' column pointers from the stack on every step (~10% at B = 16). (Not inlined, GCC kept the
+// accumulators in memory: slower still.)
 template <int L, typename TileT, int R>
-SPARSEKERN_AVX2 inline void ell_rows_avx2_r(const TileT* tile, const int32_t* cols, const float* values, int64_t k,
-                                            float* stage) {
+SPARSEKERN_AVX2 inline __attribute__((always_inline)) void ell_chunk_avx2(const TileT* tile, const int32_t* cols,
+                                                                         const float* values, int64_t k, int64_t n,
+                                                                         float* block, bool first) {
   using Lanes = batch_tiles::LanesAvx2<L, TileT>;
   constexpr int NV = Lanes::NV;
   __m256 acc[R][NV];
@@ -103,7 +149,7 @@ SPARSEKERN_AVX2 inline void ell_rows_avx2_r(const TileT* tile, const int32_t* co
     for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_setzero_ps();
   }
 #pragma GCC unroll 2
-  for (int64_t t = 0; t < k; ++t) {
+  for (int64_t t = 0; t < n; ++t) {
     for (int r = 0; r < R; ++r) {
       __m256 xv[NV];
       Lanes::load(tile + int64_t(cols[r * k + t]) * L, xv);
@@ -111,9 +157,45 @@ SPARSEKERN_AVX2 inline void ell_rows_avx2_r(const TileT* tile, const int32_t* co
       for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_fmadd_ps(v, xv[i], acc[r][i]);
     }
   }
+  if (!first) {
+    for (int r = 0; r < R; ++r) {
+      for (int i = 0; i < NV; ++i) acc[r][i] = _mm256_add_ps(_mm256_load_ps(block + r * L + 8 * i), acc[r][i]);
+    }
+  }
   for (int r = 0; r < R; ++r) {
-    Lanes::to_lane_order(acc[r]);
-    for (int i = 0; i < NV; ++i) _mm256_store_ps(stage + r * L + 8 * i, acc[r][i]);
+    for (int i = 0; i < NV; ++i) _mm256_store_ps(block + r * L + 8 * i, acc[r][i]);
+  }
+}
+
+// R rows at once, NV = L/8 accumulators each: R * NV = 8 chains, with the NV loaded lanes and the broadcast at
+// most 13 of the 16 ymm registers (tiles of at most 32 lanes), so no room for the block sums: they live in the
+// stage for the first kSpan nonzeros (then they are the total) and in a scratch block for later spans, added onto
+// the stage once per span.
+template <int L, typename TileT, int R>
+SPARSEKERN_AVX2 inline void ell_rows_avx2_r(const TileT* tile, const int32_t* cols, const float* values, int64_t k,
+                                  float* stage) {
+  using Lanes = batch_tiles::LanesAvx2<L, TileT>;
+  constexpr int NV = Lanes::NV;
+  alignas(64) float scratch[R * L];
+  for (int64_t s0 = 0; s0 < k; s0 += kSpan) {
+    const int64_t s1 = std::min(k, s0 + kSpan);
+    float* block = s0 == 0 ? stage : scratch;
+    for (int64_t c0 = s0; c0 < s1; c0 += kChunk) {
+      ell_chunk_avx2<L, TileT, R>(tile, cols + c0, values + c0, k, std::min(s1, c0 + kChunk) - c0, block, c0 == s0);
+    }
+    if (s0 != 0) {
+      for (int e = 0; e < R * L; e += 8) {
+        _mm256_store_ps(stage + e, _mm256_add_ps(_mm256_load_ps(stage + e), _mm256_load_ps(scratch + e)));
+      }
+    }
+  }
+  if constexpr (!std::is_same_v<TileT, float>) {
+    for (int r = 0; r < R; ++r) {
+      __m256 t[NV];
+      for (int i = 0; i < NV; ++i) t[i] = _mm256_load_ps(stage + r * L + 8 * i);
+      Lanes::to_lane_order(t);
+      for (int i = 0; i < NV; ++i) _mm256_store_ps(stage + r * L + 8 * i, t[i]);
+    }
   }
 }
 
@@ -137,29 +219,69 @@ SPARSEKERN_AVX2 void ell_item_avx2(const EllArgs& a, int64_t tile, int64_t r0, i
 
 #if defined(SPARSEKERN_BATCH_TILES_AVX512)
 SPARSEKERN_AVX512_DIAGNOSTICS_BEGIN
+// One chunk of R rows, steps [t0, t1), into acc (the chains continue from acc's contents).
+template <int L, typename TileT, int R>
+SPARSEKERN_AVX512 inline __attribute__((always_inline)) void ell_chunk_avx512(
+    const TileT* tile, const int32_t* cols, const float* values, int64_t k, int64_t t0, int64_t t1,
+    __m512 (&acc)[R][batch_tiles::Lanes<L, TileT>::NV]) {
+  using Lanes = batch_tiles::Lanes<L, TileT>;
+#pragma GCC unroll 2
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int r = 0; r < R; ++r) {
+      __m512 xv[Lanes::NV];
+      Lanes::load(tile + int64_t(cols[r * k + t]) * L, xv);
+      const __m512 v = _mm512_set1_ps(values[r * k + t]);
+      for (int i = 0; i < Lanes::NV; ++i) acc[r][i] = _mm512_fmadd_ps(v, xv[i], acc[r][i]);
+    }
+  }
+}
+
 // R rows at once, NV = L/16 zmm accumulators each: R * NV = 8 chains; the loads of later rows and steps issue
-// while earlier ones wait on L2.
+// while earlier ones wait on L2. The block sums take 8 more zmm registers (measured faster than keeping them in
+// memory as the AVX2 path must); the first chunk of a block runs straight into them (chains from +0.0: the same
+// bits as 0 + chunk), so a row of at most kChunk nonzeros costs nothing over one chain. Totals over several blocks
+// (k > kSpan) live in the stage.
 template <int L, typename TileT, int R>
 SPARSEKERN_AVX512 inline void ell_rows_avx512_r(const TileT* tile, const int32_t* cols, const float* values,
                                                 int64_t k, float* stage) {
   using Lanes = batch_tiles::Lanes<L, TileT>;
   constexpr int NV = Lanes::NV;
-  __m512 acc[R][NV];
-  for (int r = 0; r < R; ++r) {
-    for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
-  }
-#pragma GCC unroll 2
-  for (int64_t t = 0; t < k; ++t) {
+  for (int64_t s0 = 0; s0 < k; s0 += kSpan) {
+    const int64_t s1 = std::min(k, s0 + kSpan);
+    __m512 block[R][NV];
     for (int r = 0; r < R; ++r) {
-      __m512 xv[NV];
-      Lanes::load(tile + int64_t(cols[r * k + t]) * L, xv);
-      const __m512 v = _mm512_set1_ps(values[r * k + t]);
-      for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_fmadd_ps(v, xv[i], acc[r][i]);
+      for (int i = 0; i < NV; ++i) block[r][i] = _mm512_setzero_ps();
+    }
+    ell_chunk_avx512<L, TileT, R>(tile, cols, values, k, s0, std::min(s1, s0 + kChunk), block);
+    for (int64_t c0 = s0 + kChunk; c0 < s1; c0 += kChunk) {
+      __m512 acc[R][NV];
+      for (int r = 0; r < R; ++r) {
+        for (int i = 0; i < NV; ++i) acc[r][i] = _mm512_setzero_ps();
+      }
+      ell_chunk_avx512<L, TileT, R>(tile, cols, values, k, c0, std::min(s1, c0 + kChunk), acc);
+      for (int r = 0; r < R; ++r) {
+        for (int i = 0; i < NV; ++i) block[r][i] = _mm512_add_ps(block[r][i], acc[r][i]);
+      }
+    }
+    if (s0 == 0 && s1 == k) {  // one block (k <= kSpan, the common case): it is the total
+      for (int r = 0; r < R; ++r) {
+        Lanes::to_lane_order(block[r]);
+        for (int i = 0; i < NV; ++i) _mm512_store_ps(stage + r * L + 16 * i, block[r][i]);
+      }
+      return;
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int i = 0; i < NV; ++i) {
+        float* tot = stage + r * L + 16 * i;
+        _mm512_store_ps(tot, s0 == 0 ? block[r][i] : _mm512_add_ps(_mm512_load_ps(tot), block[r][i]));
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
-    Lanes::to_lane_order(acc[r]);
-    for (int i = 0; i < NV; ++i) _mm512_store_ps(stage + r * L + 16 * i, acc[r][i]);
+    __m512 t[NV];
+    for (int i = 0; i < NV; ++i) t[i] = _mm512_load_ps(stage + r * L + 16 * i);
+    Lanes::to_lane_order(t);
+    for (int i = 0; i < NV; ++i) _mm512_store_ps(stage + r * L + 16 * i, t[i]);
   }
 }
 
@@ -188,8 +310,10 @@ SPARSEKERN_AVX512_DIAGNOSTICS_END
 // scratch copy of B x n_in, which sits in L1/L2) and each nonzero's input is a scalar load: three loads and B
 // FMAs per nonzero. (The vector gathers were 2-3x slower on Zen 4: a 16-lane vgatherdps costs about as much as 16
 // scalar loads, plus its latency in the accumulator chain.) Lane u of a row sums the nonzeros t = u, u + 4, ...
-// (four independent chains from +0, for the FMA latency), added as (0 + 2) + (1 + 3). The AVX2 and AVX-512 paths
-// are the same scalar code with fused multiply-adds (the same bits); the portable one rounds each product.
+// (four independent chains from +0, for the FMA latency) within chunks of kChunk nonzeros, added as
+// (0 + 2) + (1 + 3) into the chunk's sum, then the chunks into blocks and the total as the tile paths do. The
+// AVX2 and AVX-512 paths are the same scalar code with fused multiply-adds (the same bits); the portable one
+// rounds each product.
 // Measured on Zen 4 (1024x1024, k=102, one thread): 131 us at B=1 against 195 us for a 16-lane tile, but 209 us
 // at B=4 and 364 us at B=8 against 163-179 us for the tile at B=9..16: from 3 rows on the tile is cheaper.
 constexpr int64_t kGatherBatch = 2;
@@ -222,23 +346,33 @@ inline __attribute__((always_inline)) void gather_rows_nb(const GatherArgs& a, i
   const float* x = a.x + b0 * a.n_in;
   const int64_t k = a.k, n_in = a.n_in;
   for (int64_t o = o0; o < o1; ++o) {
-    float acc[NB][4] = {};
+    float total[NB] = {};
     const int32_t* c = a.cols + o * k;
     const float* v = a.values + o * k;
-    int64_t t = 0;
-    for (; t + 4 <= k; t += 4) {
-      for (int u = 0; u < 4; ++u) {
-        const int64_t col = c[t + u];
-        const float w = v[t + u];
-        for (int b = 0; b < NB; ++b) acc[b][u] = mad<kFma>(w, x[b * n_in + col], acc[b][u]);
+    for (int64_t s0 = 0; s0 < k; s0 += kSpan) {
+      const int64_t s1 = std::min(k, s0 + kSpan);
+      float block[NB] = {};
+      for (int64_t c0 = s0; c0 < s1; c0 += kChunk) {
+        const int64_t stop = std::min(s1, c0 + kChunk);
+        float acc[NB][4] = {};
+        int64_t t = c0;
+        for (; t + 4 <= stop; t += 4) {
+          for (int u = 0; u < 4; ++u) {
+            const int64_t col = c[t + u];
+            const float w = v[t + u];
+            for (int b = 0; b < NB; ++b) acc[b][u] = mad<kFma>(w, x[b * n_in + col], acc[b][u]);
+          }
+        }
+        for (int u = 0; t < stop; ++t, ++u) {
+          const int64_t col = c[t];
+          for (int b = 0; b < NB; ++b) acc[b][u] = mad<kFma>(v[t], x[b * n_in + col], acc[b][u]);
+        }
+        for (int b = 0; b < NB; ++b) block[b] += (acc[b][0] + acc[b][2]) + (acc[b][1] + acc[b][3]);
       }
-    }
-    for (int u = 0; t < k; ++t, ++u) {
-      const int64_t col = c[t];
-      for (int b = 0; b < NB; ++b) acc[b][u] = mad<kFma>(v[t], x[b * n_in + col], acc[b][u]);
+      for (int b = 0; b < NB; ++b) total[b] += block[b];
     }
     for (int b = 0; b < NB; ++b) {
-      y[(b0 + b) * a.n_out + o] = static_cast<T>((acc[b][0] + acc[b][2]) + (acc[b][1] + acc[b][3]));
+      y[(b0 + b) * a.n_out + o] = static_cast<T>(total[b]);
     }
   }
 }

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .. import _extension
 from .._csr import VALUE_DTYPES, CSRIndex, check_index
 from .._validate import check_same_device, check_tensor
 from . import sddmm as _sddmm
@@ -164,6 +165,36 @@ def auto_takes_ell(backend: str, batch: int) -> bool:
     and batch size (see ``ELL_CSR_BATCHES``)."""
     lo, hi = ELL_CSR_BATCHES.get(backend, (1, 0))
     return not lo <= batch <= hi
+
+
+# Batch size from which the ELL path's backward takes dX through the CSC (spmm with the transposed index, the CSR
+# path's dX) instead of ell_spmm_t, by (backend, CPU instruction set) (absent: always ell_spmm_t). ell_spmm_t is a
+# scatter: a read-modify-write of an L2-resident accumulator tile per nonzero, twice the L2 traffic of the CSC's
+# gather, so it wins only while the CSC's fixed per-call cost (values permuted into CSC order) dominates. Measured on
+# Zen 4, one pinned thread, CPU time per call, 7 interleaved rounds, median CSR-time / ELL-time (above 1:
+# ell_spmm_t faster), the CSC timing including the permutation:
+#   B:                           256    512    1024   2048   4096
+#   AVX-512 1024x1024 at 90%:    1.09   0.93   0.86   0.81-1.31 (noisy)
+#   AVX-512 768->3072 at 90%:    1.19   1.03   0.95   0.90
+#   AVX-512 768->3072 at 98%:    1.10   0.97   0.92   0.87
+#   AVX2    1024x1024 at 90%:    1.12   0.97   0.91   1.02   1.07
+#   AVX2    768->3072 at 90%:    1.31   1.15   1.07   1.03   1.01
+#   AVX2    768->3072 at 98%:    1.37   1.25   1.19   1.19   1.20
+# So AVX-512 from 512 rows; AVX2 never (its CSC spmm is the slower one there); the portable path is not measured.
+# Under torch.compile the instruction set is not read (a C++ call): the traced backward keeps ell_spmm_t.
+ELL_DX_CSC_BATCH: dict[tuple[str, str], int] = {("cpu", "avx512"): 512}
+
+
+def ell_dx_takes_csc(backend: str, batch: int) -> bool:
+    """Whether the ELL path's backward computes dX through the CSC for this backend (on the CPU: the instruction
+    set the kernels run now) and batch size (see ``ELL_DX_CSC_BATCH``)."""
+    if not ELL_DX_CSC_BATCH or torch.compiler.is_compiling():
+        return False
+    isa = _extension.cpu_isa() if backend == "cpu" else ""
+    threshold = ELL_DX_CSC_BATCH.get((backend, isa))
+    return threshold is not None and batch >= threshold
+
+
 _ell_kernels: dict[str, bool] = {}  # by dispatch key: does the loaded extension have the ELL kernels?
 
 
@@ -455,7 +486,8 @@ class _SparseLinearEager(torch.autograd.Function):
 
 class _SparseLinearEll(torch.autograd.Function):
     """The sparse path on a constant fan-in (ELL) weight: forward by ell_spmm, dX by ell_spmm_t (straight from the
-    row-major columns: no transposed index), dvalues by ell_sddmm. The CSR index rides along only for a backward
+    row-major columns: no transposed index) or, from ``ELL_DX_CSC_BATCH`` rows up, by spmm through the CSC (faster
+    there), dvalues by ell_sddmm. The CSR index rides along only for a backward
     with create_graph=True, which builds its gradients from differentiable sparse_linear calls."""
 
     @staticmethod
@@ -480,7 +512,9 @@ class _SparseLinearEll(torch.autograd.Function):
             grad_x, grad_values = _differentiable_backward(grad, x, values, index, ctx.backend, "sparse", needs[:2])
         else:
             cols = col_idx.view(n_out, ctx.width)
-            if needs[0]:
+            if needs[0] and ell_dx_takes_csc(ctx.backend, grad.shape[0]):
+                grad_x = _spmm.run(ctx.backend, grad, csc_ptr, csc_row, values[csc_perm], ctx.n_in)
+            elif needs[0]:
                 grad_x = _ell_spmm_t(ctx.backend, grad, cols, values.view(n_out, ctx.width), ctx.n_in)
             if needs[1]:
                 grad_values = _ell_sddmm(ctx.backend, grad, x, cols).view(-1)
@@ -532,7 +566,8 @@ def sparse_linear(
             Safe to share between threads (a busy workspace is not waited for: the call uses its own weight).
         kernels: the sparse path's kernel family. "auto": when every row of the index holds the same number k >= 1
             of nonzeros (constant fan-in), the ELL kernels (``ell_spmm`` forward, ``ell_spmm_t`` for dX without the
-            transposed index, ``ell_sddmm`` for dvalues) on ``col_idx.view(n_out, k)``; otherwise the CSR kernels.
+            transposed index up to ``ELL_DX_CSC_BATCH`` rows, spmm through the CSC from there, ``ell_sddmm`` for
+            dvalues) on ``col_idx.view(n_out, k)``; otherwise the CSR kernels.
             "csr": always the CSR kernels (for comparison and debugging). "ell": the ELL kernels, and ValueError
             naming the first row whose count differs when the rows are unequal. Which rows are equal is read off
             ``row_ptr`` once per index (O(n_out)) and remembered until it changes.
