@@ -25,22 +25,32 @@
 namespace sparsekern {
 namespace sddmm_walk {
 
+// A walk policy says where the rows' nonzeros begin. at(o0) is the same rows counted from row o0 (a block's rows
+// are 0, 1, ...; nonzeros keep their global index), so the walk indexes g's block by its own row.
+
 // Rows of a CSR index: row r's nonzeros are row_ptr[r] .. row_ptr[r + 1] - 1; rows may be empty.
 struct CsrRows {
   const int64_t* row_ptr;
+  CsrRows at(int64_t o0) const { return {row_ptr + o0}; }
   int64_t begin(int64_t r) const { return row_ptr[r]; }
   // The row holding nonzero begin(r), the first nonempty row at or after r (r < n_rows, begin(r) < nnz).
   int64_t first(int64_t r) const { return csr::advance_row(row_ptr, r, row_ptr[r]); }
   // The row holding the nonzero after row r's last one, the next nonempty row (begin(r + 1) < nnz).
   int64_t next(int64_t r) const { return csr::advance_row(row_ptr, r + 1, row_ptr[r + 1]); }
+  // The end of row r, begin(r + 1), given its start begin(r) (the walk knows it: the previous row's end).
+  int64_t end(int64_t r, int64_t /*start*/) const { return row_ptr[r + 1]; }
 };
 
-// Rows of a constant fan-in (ELL) index: row r's nonzeros are r * k .. r * k + k - 1, k >= 1; no row pointer read.
+// Rows of a constant fan-in (ELL) index: row r's nonzeros are base + r * k .. base + r * k + k - 1, k >= 1; no row
+// pointer read.
 struct EllRows {
   int64_t k;
-  int64_t begin(int64_t r) const { return r * k; }
+  int64_t base = 0;
+  EllRows at(int64_t o0) const { return {k, base + o0 * k}; }
+  int64_t begin(int64_t r) const { return base + r * k; }
   int64_t first(int64_t r) const { return r; }
   int64_t next(int64_t r) const { return r + 1; }
+  int64_t end(int64_t /*r*/, int64_t start) const { return start + k; }
 };
 
 constexpr int64_t kGRows = 64;  // rows of g packed per block: 64 x L lanes, at most 16 KiB
@@ -55,8 +65,8 @@ struct Args {
 };
 
 // One work item: packs x's tile `tile` (when new to the worker), then adds every nonzero of rows [r0, r1) over the
-// tile's batch rows to acc, one block of kGRows rows of g at a time. walk_fn(g_block, x_tile, rows, col_idx, o0,
-// o1, acc) does the rows [o0, o1) of a block.
+// tile's batch rows to acc, one block of kGRows rows of g at a time. walk_fn(g_block, x_tile, rows.at(o0), col_idx,
+// o1 - o0, acc) does the rows [o0, o1) of a block.
 template <int L, typename T, typename TileT, typename Rows, typename Pack, typename Walk>
 inline __attribute__((always_inline)) void item(const Args<Rows>& a, int64_t tile, int64_t r0, int64_t r1,
                                                 float* xbuf, bool new_tile, float* acc, Pack pack_fn, Walk walk_fn) {
@@ -69,7 +79,7 @@ inline __attribute__((always_inline)) void item(const Args<Rows>& a, int64_t til
     const int64_t o1 = std::min(r1, o0 + kGRows);
     if (a.rows.begin(o0) == a.rows.begin(o1)) continue;
     pack_fn(g + o0, a.n_out, rows, o1 - o0, gblock);
-    walk_fn(gblock, xt, a.rows, a.col_idx, o0, o1, acc);
+    walk_fn(gblock, xt, a.rows.at(o0), a.col_idx, o1 - o0, acc);
   }
 }
 
@@ -78,15 +88,15 @@ inline float sum_lanes(const batch_tiles::vec4& v) { return (v[0] + v[2]) + (v[1
 
 // Portable path: per nonzero one 4-lane vector of partial products (GCC/Clang vectors), then its lane sum.
 template <int L, typename Rows>
-inline __attribute__((always_inline)) void walk_portable(const float* gblock, const float* xt, const Rows& rs,
-                                                         const int32_t* col_idx, int64_t o0, int64_t o1, float* acc) {
+inline __attribute__((always_inline)) void walk_portable(const float* gblock, const float* xt, const Rows rs,
+                                                         const int32_t* col_idx, int64_t n, float* acc) {
   using batch_tiles::kVec;
   using batch_tiles::load_vec;
   using batch_tiles::vec4;
   constexpr int NV = L / kVec;
-  for (int64_t o = o0; o < o1; ++o) {
+  for (int64_t o = 0; o < n; ++o) {
     vec4 g[NV];
-    for (int i = 0; i < NV; ++i) load_vec(g[i], gblock + (o - o0) * L + kVec * i);
+    for (int i = 0; i < NV; ++i) load_vec(g[i], gblock + o * L + kVec * i);
     const int64_t je = rs.begin(o + 1);
     for (int64_t j = rs.begin(o); j < je; ++j) {
       const float* xs = xt + int64_t(col_idx[j]) * L;
@@ -126,16 +136,16 @@ SPARSEKERN_AVX2 inline __m256 reduce8(const __m256 v[8]) {
 // walk_avx512 with ymm vectors: nonzeros in groups of 8 across row boundaries, the row's g (NV <= 4 registers:
 // tiles of at most 32 lanes) held while eight partial sums and their loads fill the other registers.
 template <int L, typename TileT, typename Rows>
-SPARSEKERN_AVX2 inline void walk_avx2(const TileT* gblock, const TileT* xt, const Rows& rs, const int32_t* col_idx,
-                                      int64_t o0, int64_t o1, float* acc) {
+SPARSEKERN_AVX2 inline void walk_avx2(const TileT* gblock, const TileT* xt, const Rows rs, const int32_t* col_idx,
+                                      int64_t n_rows, float* acc) {
   using Lanes = batch_tiles::LanesAvx2<L, TileT>;
   constexpr int NV = Lanes::NV;
   static_assert(NV <= 4, "g's lanes and eight partial sums share the 16 ymm registers");
-  const int64_t js = rs.begin(o0), je = rs.begin(o1);
-  int64_t row = rs.first(o0);
+  const int64_t js = rs.begin(0), je = rs.begin(n_rows);
+  int64_t row = rs.first(0);
   int64_t row_end = rs.begin(row + 1);
   __m256 g[NV];
-  Lanes::load(gblock + (row - o0) * L, g);
+  Lanes::load(gblock + row * L, g);
   for (int64_t j = js; j < je; j += 8) {
     const int64_t n = std::min<int64_t>(8, je - j);
     __m256 part[8];
@@ -144,8 +154,8 @@ SPARSEKERN_AVX2 inline void walk_avx2(const TileT* gblock, const TileT* xt, cons
       if (k < n) {
         if (j + k == row_end) {
           row = rs.next(row);
-          row_end = rs.begin(row + 1);
-          Lanes::load(gblock + (row - o0) * L, g);
+          row_end = rs.end(row, row_end);
+          Lanes::load(gblock + row * L, g);
         }
         __m256 xv[NV];
         Lanes::load(xt + int64_t(col_idx[j + k]) * L, xv);
@@ -195,15 +205,15 @@ SPARSEKERN_AVX512 inline __m512 reduce16(const __m512 v[16]) {
 // into the next row. g and x share the tiles' lane order, so a bf16 tile's even/odd lane split needs no undoing
 // for a dot product.
 template <int L, typename TileT, typename Rows>
-SPARSEKERN_AVX512 inline void walk_avx512(const TileT* gblock, const TileT* xt, const Rows& rs,
-                                          const int32_t* col_idx, int64_t o0, int64_t o1, float* acc) {
+SPARSEKERN_AVX512 inline void walk_avx512(const TileT* gblock, const TileT* xt, const Rows rs,
+                                          const int32_t* col_idx, int64_t n_rows, float* acc) {
   using Lanes = batch_tiles::Lanes<L, TileT>;
   constexpr int NV = Lanes::NV;
-  const int64_t js = rs.begin(o0), je = rs.begin(o1);
-  int64_t row = rs.first(o0);
+  const int64_t js = rs.begin(0), je = rs.begin(n_rows);
+  int64_t row = rs.first(0);
   int64_t row_end = rs.begin(row + 1);
   __m512 g[NV];
-  Lanes::load(gblock + (row - o0) * L, g);
+  Lanes::load(gblock + row * L, g);
   for (int64_t j = js; j < je; j += 16) {
     const int64_t n = std::min<int64_t>(16, je - j);
     __m512 part[16];
@@ -212,8 +222,8 @@ SPARSEKERN_AVX512 inline void walk_avx512(const TileT* gblock, const TileT* xt, 
       if (k < n) {
         if (j + k == row_end) {
           row = rs.next(row);
-          row_end = rs.begin(row + 1);
-          Lanes::load(gblock + (row - o0) * L, g);
+          row_end = rs.end(row, row_end);
+          Lanes::load(gblock + row * L, g);
         }
         __m512 xv[NV];
         Lanes::load(xt + int64_t(col_idx[j + k]) * L, xv);
