@@ -7,9 +7,12 @@
 // writes are independent). The tile is then written back through 16x16 (8x8) register transposes. No two threads
 // write one element and nothing is atomic: whole batch tiles per thread when the batch is large; for a small batch
 // each thread scatters a range of W's rows into its own accumulator tile and the ranges are added in a fixed
-// order. Every lane is one serial FMA chain over W's rows in ascending order from +0 (per range), so the AVX-512
-// and AVX2 paths give the same bits whatever their tile widths (the split depends on the batch and the thread
-// count only); the portable path rounds each product (no FMA on the x86-64 baseline).
+// order. Every lane is summed in two levels: W's rows go in chunks of about kColumnChunk nonzeros per column of dx
+// (chunk_rows), each chunk one serial FMA chain over its rows in ascending order from +0, and the chunk sums are
+// added in order (one chain over all of a tall W's rows, the first kernel, made 2.0x dense's fp32 error at
+// 768->3072, 90%). The chunks depend on the shape only, so the AVX-512 and AVX2 paths give the same bits whatever
+// their tile widths (the split also depends on the batch and the thread count); the portable path rounds each
+// product (no FMA on the x86-64 baseline).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -156,6 +159,7 @@ inline void fence_streams() {
 }
 
 // The steps for activations of type T and their tile width: both tiles (g's and dx's, fp32) share the L2 budget.
+// (The chunk tile `part` is not counted: while a chunk scatters, only it and g's tile are in use.)
 template <typename T>
 std::pair<Steps, int> ell_spmm_t_steps(int64_t n_in, int64_t n_out, int64_t batch) {
 #if defined(SPARSEKERN_BATCH_TILES_AVX512)
@@ -171,6 +175,30 @@ std::pair<Steps, int> ell_spmm_t_steps(int64_t n_in, int64_t n_out, int64_t batc
   }
 #endif
   return {portable_steps<batch_tiles::kPortableLanes, T>(), batch_tiles::kPortableLanes};
+}
+
+// About this many of a chunk's nonzeros land on each column of dx (kChunk of ell_spmm.cpp and spmm.cpp, doubled:
+// each chunk costs a zeroing and an addition of the whole accumulator tile, n_in lanes, about 3% of its scatter).
+constexpr int64_t kColumnChunk = 32;
+
+// Rows of W per summation chunk (all of them when a column gets at most kColumnChunk nonzeros on average).
+int64_t chunk_rows(int64_t n_in, int64_t n_out, int64_t k) {
+  if (n_out * k <= kColumnChunk * n_in) return n_out;
+  return std::max<int64_t>(1, kColumnChunk * n_in / k);
+}
+
+// Scatters W's rows [o0, o1) into acc (zeroed) in chunks of `chunk` rows counted from row 0: the first into acc,
+// each later one into `part` (zeroed), then added onto acc.
+void scatter_chunked(const Steps& steps, const EllTArgs& a, const float* gt, int64_t o0, int64_t o1, int64_t chunk,
+                     float* acc, float* part, int64_t asize) {
+  int64_t end = std::min(o1, (o0 / chunk + 1) * chunk);
+  steps.scatter(a, gt, o0, end, acc);
+  for (int64_t c = end; c < o1; c = end) {
+    end = std::min(o1, c + chunk);
+    std::fill_n(part, asize, 0.0f);
+    steps.scatter(a, gt, c, end, part);
+    for (int64_t i = 0; i < asize; ++i) acc[i] += part[i];
+  }
 }
 
 // Batches of at least kWholeTiles rows per thread give each thread whole batch tiles; smaller ones split W's rows.
@@ -194,22 +222,26 @@ at::Tensor ell_spmm_t_cpu(const at::Tensor& g, const at::Tensor& cols, const at:
                    batch, n_in, n_out, k};
   batch_tiles::dispatch_dtype(g.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    const int64_t chunk = chunk_rows(n_in, n_out, k);
+    const int64_t tiles_in = chunk < n_out ? 2 : 1;
     const auto [steps, lanes] = ell_spmm_t_steps<T>(n_in, n_out, batch);
     const int64_t n_tiles = (batch + lanes - 1) / lanes;
     const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
     const int64_t gsize = n_out * lanes, asize = n_in * lanes;
+    const int64_t gpad = (gsize + 15) / 16 * 16, apad = (asize + 15) / 16 * 16;
     if (threads == 1 || batch >= kWholeTiles * threads) {
       const int64_t workers = std::min(threads, n_tiles);
-      const batch_tiles::WorkerBuffers bufs(workers, gsize + asize);
+      const batch_tiles::WorkerBuffers bufs(workers, gpad + tiles_in * apad);
       at::parallel_for(0, workers, 1, [&](int64_t p0, int64_t p1) {
         for (int64_t p = p0; p < p1; ++p) {
           float* gt = bufs[p];
-          float* acc = gt + (gsize + 15) / 16 * 16;
+          float* acc = gt + gpad;
+          float* part = acc + apad;
           for (int64_t tile = p * n_tiles / workers; tile < (p + 1) * n_tiles / workers; ++tile) {
             const int64_t b0 = tile * lanes, rows = std::min<int64_t>(lanes, batch - b0);
             steps.pack(a, b0, rows, gt);
             std::fill_n(acc, asize, 0.0f);
-            steps.scatter(a, gt, 0, n_out, acc);
+            scatter_chunked(steps, a, gt, 0, n_out, chunk, acc, part, asize);
             steps.store(a, acc, 0, n_in, b0, rows);
           }
         }
@@ -220,14 +252,15 @@ at::Tensor ell_spmm_t_cpu(const at::Tensor& g, const at::Tensor& cols, const at:
       // parts are then added in order, one 16-column block at a time, and written back.
       const int64_t parts = std::min(threads, n_out);
       const batch_tiles::WorkerBuffers gbuf(1, gsize);
-      const batch_tiles::WorkerBuffers accs(parts, asize);
+      const batch_tiles::WorkerBuffers accs(parts, tiles_in * apad);
       for (int64_t tile = 0; tile < n_tiles; ++tile) {
         const int64_t b0 = tile * lanes, rows = std::min<int64_t>(lanes, batch - b0);
         steps.pack(a, b0, rows, gbuf[0]);
         at::parallel_for(0, parts, 1, [&](int64_t q0, int64_t q1) {
           for (int64_t q = q0; q < q1; ++q) {
             std::fill_n(accs[q], asize, 0.0f);
-            steps.scatter(a, gbuf[0], n_out * q / parts, n_out * (q + 1) / parts, accs[q]);
+            scatter_chunked(steps, a, gbuf[0], n_out * q / parts, n_out * (q + 1) / parts, chunk, accs[q],
+                            accs[q] + apad, asize);
           }
         });
         const int64_t blocks = (n_in + 15) / 16;
