@@ -8,6 +8,8 @@ baseline, on inputs made once and shared by the ISAs:
 * ``linear fwd+bwd``: the same in training: forward (spmm), dX (spmm on the transposed index) and dW at the
   nonzeros (sddmm), the values changed after each call as an optimizer would; baseline dense ``F.linear``
   forward+backward (``sparsekern.bench.linear``'s builders);
+* ``ell fwd`` / ``ell fwd+bwd``: the same two on a constant fan-in weight (every row the same count of nonzeros)
+  with ``kernels="ell"`` (``ell_spmm``, ``ell_spmm_t``, ``ell_sddmm``); same baselines;
 * ``dense path fwd+bwd``: ``sparse_linear(path="dense")`` at 50% sparsity (scatter of W into the layer's dense
   workspace, dense GEMMs, gather of dW at the nonzeros), what the layer falls back to; baseline as above;
 * ``outer_topk fast`` / ``exact``: RigL's grow, k = 0.3 of the nonzeros; baseline ``g.T @ x``, mask and
@@ -31,9 +33,13 @@ and the range of the five is kept next to it. An earlier calibration on the same
 (load 8-12) saw lows down to half of these (load slows a turn's calls unevenly), and that was before the AVX2 paths
 and the fast outer_topk landed. So a floor fails a kernel that lost about half its speed, not a noisy run. The avx2
 and baseline figures come from forcing those ISAs on that AVX-512 machine; on a real AVX2-only CPU the dense
-baselines run AVX2 too, so its ratios differ: re-calibrate when CI runs on one. When a kernel gets faster, run the
-calibration again and paste the table it prints over ``FLOORS``. A (case, ISA) without a floor is reported as such
-and never fails.
+baselines run AVX2 too, so its ratios differ. CI machines are either kind, so a second calibration ran on an AVX2-only
+AMD EPYC Zen 3 (``--calibrate 5``, 2026-12-03 20:11, git 8077b2d plus the ELL cases, 109 s, idle): the avx2 and
+baseline floors are the lower of the two machines' (Zen 3's are lower for most: its dense baselines run AVX2
+too), the observed ranges span both, and the ELL cases (added then) have avx2 and baseline floors from Zen 3 only
+and no avx512 floor yet (calibrate on an AVX-512 CPU and add it). When a kernel gets faster, run the calibration
+on both kinds and merge the tables it prints into ``FLOORS`` the same way. A (case, ISA) without a floor is
+reported as such and never fails.
 
 Runtime: one run of the set (3 ISAs) takes about 25 s on the 2 idle cores (the calibration above: 127 s for
 five); ``--quick`` (tiny shapes, no floors) takes seconds.
@@ -90,15 +96,20 @@ class Settings:
 QUICK_SETTINGS = Settings(repeats=3, block_time=0.005)
 
 
-def linear_case(mode: str, shape: tuple[int, int], batch: int, sparsity: float, path: str = "sparse") -> Case:
-    """sparse_linear (``mode`` "fwd" or "fwdbwd", ``path`` "sparse" or "dense") against dense F.linear."""
+def linear_case(
+    mode: str, shape: tuple[int, int], batch: int, sparsity: float, path: str = "sparse", ell: bool = False
+) -> Case:
+    """sparse_linear (``mode`` "fwd" or "fwdbwd", ``path`` "sparse" or "dense") against dense F.linear; ``ell``: on
+    a constant fan-in weight with kernels="ell"."""
     what = {("fwd", "sparse"): "spmm fwd", ("fwdbwd", "sparse"): "linear fwd+bwd"}.get((mode, path))
     what = what or f"{path} path {'fwd+bwd' if mode == 'fwdbwd' else 'fwd'}"
+    if ell:
+        what = f"ell {'fwd+bwd' if mode == 'fwdbwd' else 'fwd'}"
 
     def make() -> tuple[Fn, Fn]:
-        p = linear.Problem(shape, batch, sparsity, "cpu")
+        p = linear.Problem(shape, batch, sparsity, "cpu", fan_in=ell)
         dense, _ = linear.build_dense(p, p.x, p.index.to_dense(p.values), p.grad, mode)
-        op, _ = linear.build_sparsekern(p, p.x, p.values, p.grad, mode, "cpu", path)
+        op, _ = linear.build_sparsekern(p, p.x, p.values, p.grad, mode, "cpu", path, "ell" if ell else "auto")
         return dense, op
 
     baseline = "dense F.linear" + (" fwd+bwd" if mode == "fwdbwd" else "") + " on the masked weight"
@@ -159,6 +170,8 @@ FULL: tuple[Case, ...] = (
     linear_case("fwd", (2048, 2048), 256, 0.95),
     linear_case("fwdbwd", (1024, 2048), 256, 0.9),
     linear_case("fwdbwd", (2048, 2048), 256, 0.95),
+    linear_case("fwd", (1024, 2048), 256, 0.9, ell=True),
+    linear_case("fwdbwd", (1024, 2048), 256, 0.9, ell=True),
     linear_case("fwdbwd", (1024, 2048), 256, 0.5, path="dense"),
     outer_topk_case("fast", 2048, 1024, 256, 0.9),
     outer_topk_case("exact", 2048, 1024, 256, 0.9),
@@ -169,6 +182,8 @@ FULL: tuple[Case, ...] = (
 QUICK: tuple[Case, ...] = (
     linear_case("fwd", (96, 130), 70, 0.9),
     linear_case("fwdbwd", (96, 130), 70, 0.9),
+    linear_case("fwd", (96, 130), 70, 0.9, ell=True),
+    linear_case("fwdbwd", (96, 130), 70, 0.9, ell=True),
     linear_case("fwdbwd", (96, 130), 70, 0.5, path="dense"),
     outer_topk_case("fast", 100, 130, 33, 0.9),
     outer_topk_case("exact", 100, 130, 33, 0.9),
@@ -176,32 +191,40 @@ QUICK: tuple[Case, ...] = (
     semi24_case((64, 128)),
 )
 
-# Written by `sparsekern bench micro --calibrate 5` (twice, see the module docstring); paste a new table over this one.
+# From `sparsekern bench micro --calibrate 5` on Zen 4 and on Zen 3, merged (see the module docstring).
 FLOORS: dict[str, dict[str, Floor]] = {
     "spmm fwd 1024->2048 B=256 90%": {
         "avx512": Floor(3.0, observed=(5.59, 5.92)),
-        "avx2": Floor(2.7, observed=(5.05, 5.77)),
-        "baseline": Floor(1.0, observed=(1.91, 2.64)),
+        "avx2": Floor(2.1, observed=(3.85, 5.77)),
+        "baseline": Floor(0.98, observed=(1.80, 2.64)),
     },
     "spmm fwd 2048->2048 B=256 95%": {
         "avx512": Floor(5.6, observed=(10.33, 11.76)),
-        "avx2": Floor(4.8, observed=(8.85, 10.62)),
+        "avx2": Floor(3.7, observed=(6.73, 10.62)),
         "baseline": Floor(1.9, observed=(3.48, 5.05)),
     },
     "linear fwd+bwd 1024->2048 B=256 90%": {
         "avx512": Floor(2.1, observed=(3.92, 4.21)),
-        "avx2": Floor(1.9, observed=(3.56, 4.05)),
-        "baseline": Floor(0.82, observed=(1.50, 1.97)),
+        "avx2": Floor(1.5, observed=(2.91, 4.05)),
+        "baseline": Floor(0.78, observed=(1.43, 1.97)),
     },
     "linear fwd+bwd 2048->2048 B=256 95%": {
         "avx512": Floor(3.9, observed=(7.15, 8.63)),
-        "avx2": Floor(3.7, observed=(6.91, 7.87)),
+        "avx2": Floor(3.3, observed=(6.07, 7.87)),
         "baseline": Floor(1.6, observed=(2.95, 3.72)),
+    },
+    "ell fwd 1024->2048 B=256 90%": {
+        "avx2": Floor(2.4, observed=(4.44, 5.18)),
+        "baseline": Floor(1.0, observed=(1.97, 2.53)),
+    },
+    "ell fwd+bwd 1024->2048 B=256 90%": {
+        "avx2": Floor(1.6, observed=(2.98, 3.67)),
+        "baseline": Floor(0.74, observed=(1.36, 1.69)),
     },
     "dense path fwd+bwd 1024->2048 B=256 50%": {
         "avx512": Floor(0.5, observed=(0.92, 0.95)),
-        "avx2": Floor(0.5, observed=(0.91, 0.95)),
-        "baseline": Floor(0.5, observed=(0.92, 0.95)),
+        "avx2": Floor(0.44, observed=(0.80, 0.95)),
+        "baseline": Floor(0.44, observed=(0.82, 0.95)),
     },
     "outer_topk fast 2048x1024 B=256 90% α=0.3": {
         "avx512": Floor(1.7, observed=(3.22, 5.56)),
@@ -215,13 +238,13 @@ FLOORS: dict[str, dict[str, Floor]] = {
     },
     "csr_dense scatter+gather 2048->2048 90%": {
         "avx512": Floor(4.7, observed=(8.71, 10.33)),
-        "avx2": Floor(4.6, observed=(8.50, 10.54)),
-        "baseline": Floor(4.6, observed=(8.50, 10.96)),
+        "avx2": Floor(2.6, observed=(4.76, 10.54)),
+        "baseline": Floor(2.6, observed=(4.85, 10.96)),
     },
     "semi24_compress fp16 1024x1024": {
         "avx512": Floor(22.0, observed=(40.06, 50.37)),
-        "avx2": Floor(21.0, observed=(39.43, 42.04)),
-        "baseline": Floor(5.9, observed=(10.89, 14.07)),
+        "avx2": Floor(21.0, observed=(39.43, 52.36)),
+        "baseline": Floor(5.9, observed=(10.89, 15.61)),
     },
 }
 
