@@ -673,55 +673,33 @@ def test_nan_gradient_changes_nothing(layout):
 
 
 # -- data parallel ----------------------------------------------------------------------------------------------------
-WORLD, DDP_STEPS = 2, 4
 DDP_CASES = [("2:4", "sparse"), ("2:4T", "masked"), ("2:4T", "sparse")]
 
 
 def _ddp_run(rank: int, case_id: str, layout: str) -> list:
-    from test_structure_training import build, loss_of, rank_batch
+    from test_structure_training import build, ddp_rank_masks
 
     case = next(c for c in NM_CASES if c[0] == case_id)
-    model, _, _, _ = build(case, layout, "static")
-    ddp = nn.parallel.DistributedDataParallel(model)
-    opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
-    rigl = RigL(ddp, opt, total_steps=DDP_STEPS, delta_t=1, t_end=DDP_STEPS)
-    history = []
-    for step in range(1, DDP_STEPS):
-        loss_of(ddp, *rank_batch(step, rank)).backward()
-        rigl.step()
-        opt.zero_grad()
-        history.append(rigl.masks())
-    del ddp
-    return history
+    return ddp_rank_masks(build(case, layout, "static")[0], rank)
 
 
 def _worker(rank: int, path: str):
+    from test_structure_training import WORLD
+
     gloo_rank(rank, path, WORLD, lambda r: {key: _ddp_run(r, *key) for key in DDP_CASES})
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory):
+    from test_structure_training import WORLD
+
     return rank_results(_worker, tmp_path_factory.mktemp("ddp_nm"), WORLD, 240)
 
 
 @pytest.mark.parametrize(("case_id", "layout"), DDP_CASES)
 def test_ddp_masks_equal_one_process_on_the_whole_batch(case_id, layout, ddp_runs):
-    from test_structure_training import build, loss_of, rank_batch
+    from test_structure_training import assert_ddp_equals_one_process, build
 
-    ranks = [run[case_id, layout] for run in ddp_runs]
-    for a, b in zip(*ranks, strict=True):
-        assert all(torch.equal(a[k], b[k]) for k in a)
     case = next(c for c in NM_CASES if c[0] == case_id)
-    model, _, _, _ = build(case, layout, "static")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    rigl = RigL(model, opt, total_steps=DDP_STEPS, delta_t=1, t_end=DDP_STEPS)
-    initial = rigl.masks()
-    for step in range(1, DDP_STEPS):
-        for rank in range(WORLD):  # each loss halved as DDP averages: the same gradient (halving is exact)
-            (loss_of(model, *rank_batch(step, rank)) / WORLD).backward()
-        assert rigl.step()
-        opt.zero_grad()
-        got = rigl.masks()
-        check_nm(rigl)
-        assert all(torch.equal(got[k], ranks[0][step - 1][k]) for k in got), step
-    assert any(not torch.equal(initial[k], got[k]) for k in got)
+    ranks = [run[case_id, layout] for run in ddp_runs]
+    assert_ddp_equals_one_process(ranks, build(case, layout, "static")[0], check_nm)

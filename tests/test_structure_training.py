@@ -392,9 +392,8 @@ def rank_batch(step: int, rank: int):
     return batch(torch.Generator().manual_seed(100 * step + rank), size=5 + rank)  # batch sizes differ
 
 
-def _ddp_run(rank: int, case_id: str, layout: str) -> list:
-    case = next(c for c in CASES if c[0] == case_id)
-    model, opt, _, _ = build(case, layout, "static")
+def ddp_rank_masks(model: nn.Module, rank: int) -> list:
+    """RigL (ΔT = 1) on ``model`` wrapped in DDP, on this rank's batches: the masks after each update."""
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
     rigl = RigL(ddp, opt, total_steps=DDP_STEPS, delta_t=1, t_end=DDP_STEPS)
@@ -408,6 +407,30 @@ def _ddp_run(rank: int, case_id: str, layout: str) -> list:
     return history
 
 
+def assert_ddp_equals_one_process(ranks: list, model: nn.Module, check) -> None:
+    """``ranks``: each rank's :func:`ddp_rank_masks`. They agree, and equal the masks of RigL in one process on
+    ``model`` (built as the ranks' were) over every rank's batches, the invariants (``check(rigl)``) holding."""
+    for a, b in zip(*ranks, strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    rigl = RigL(model, opt, total_steps=DDP_STEPS, delta_t=1, t_end=DDP_STEPS)
+    initial = rigl.masks()
+    for step in range(1, DDP_STEPS):
+        for rank in range(WORLD):  # each loss halved as DDP averages: the same gradient (halving is exact)
+            (loss_of(model, *rank_batch(step, rank)) / WORLD).backward()
+        assert rigl.step()
+        opt.zero_grad()
+        got = rigl.masks()
+        check(rigl)
+        assert all(torch.equal(got[k], ranks[0][step - 1][k]) for k in got), step
+    assert any(not torch.equal(initial[k], got[k]) for k in got)
+
+
+def _ddp_run(rank: int, case_id: str, layout: str) -> list:
+    case = next(c for c in CASES if c[0] == case_id)
+    return ddp_rank_masks(build(case, layout, "static")[0], rank)
+
+
 def _worker(rank: int, path: str):
     gloo_rank(rank, path, WORLD, lambda r: {key: _ddp_run(r, *key) for key in DDP_CASES})
 
@@ -419,23 +442,9 @@ def ddp_runs(tmp_path_factory):
 
 @pytest.mark.parametrize(("case_id", "layout"), DDP_CASES)
 def test_ddp_masks_equal_one_process_on_the_whole_batch(case_id, layout, ddp_runs):
-    ranks = [run[case_id, layout] for run in ddp_runs]
-    for a, b in zip(*ranks, strict=True):
-        assert all(torch.equal(a[k], b[k]) for k in a)
     case = next(c for c in CASES if c[0] == case_id)
-    model, opt, _, _ = build(case, layout, "static")
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    rigl = RigL(model, opt, total_steps=DDP_STEPS, delta_t=1, t_end=DDP_STEPS)
-    initial = rigl.masks()
-    for step in range(1, DDP_STEPS):
-        for rank in range(WORLD):  # each loss halved as DDP averages: the same gradient (halving is exact)
-            (loss_of(model, *rank_batch(step, rank)) / WORLD).backward()
-        assert rigl.step()
-        opt.zero_grad()
-        got = rigl.masks()
-        check_structure(rigl)
-        assert all(torch.equal(got[k], ranks[0][step - 1][k]) for k in got), step
-    assert any(not torch.equal(initial[k], got[k]) for k in got)
+    ranks = [run[case_id, layout] for run in ddp_runs]
+    assert_ddp_equals_one_process(ranks, build(case, layout, "static")[0], check_structure)
 
 
 def test_ddp_refuses_ablation_on_sparse_linear_wrapped(monkeypatch):
