@@ -9,7 +9,7 @@ import torch
 
 from .._csr import VALUE_DTYPES, CSRIndex, check_csr, check_index, csr_from_mask
 from .._distributed import all_gather_batch
-from .._validate import check_tensor
+from .._validate import all_finite, check_tensor
 from ..reference import outer_topk_reference
 from ._backend import resolve_tensor
 
@@ -191,8 +191,7 @@ def outer_topk(
         x, g = all_gather_batch(fn, group, x, g, k)
     # The C++ kernel checks it itself, in one sequential pass (a small-batch grow costs little more than that).
     for name, t in (("x", x), ("g", g)) if backend != "cpu" or group is not None else ():
-        # In blocks: isfinite over all of x at once holds several temporaries of x's size.
-        if not all(bool(torch.isfinite(block).all()) for block in t.reshape(-1).split(1 << 22)):
+        if not all_finite(t):
             raise ValueError(f"{fn}: {name} must be finite, got inf or NaN" + (" (on some rank)" if group else ""))
     return run(backend, x.contiguous(), g.contiguous(), k, row_ptr, col_idx, fast=precision == "fast")
 

@@ -30,6 +30,7 @@ from torch import nn
 
 from .._csr import CSRIndex, random_positions, sorted_contains
 from .._distributed import all_gather_batch
+from .._validate import all_finite
 from ..nn.sparse_linear import SparseLinear, TopologyUpdate
 from ..ops.outer_topk import check_precision as check_outer_topk_precision
 from ..ops.outer_topk import outer_topk
@@ -344,7 +345,9 @@ class CompressedLayer(_Layer):
     def mask(self) -> torch.Tensor:
         return self.module.mask
 
-    def grow_by_gradient(self, kept, n, batches, group, precision) -> torch.Tensor:
+    def recorded_batch(self, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recorded update-step batches as one (x, g), g in x's dtype; ValueError when none were recorded or
+        the shapes do not fit the layer."""
         if not batches:
             raise ValueError(
                 "drop_and_grow: no inputs and output gradients were recorded for this SparseLinear; run forward "
@@ -357,38 +360,29 @@ class CompressedLayer(_Layer):
             raise ValueError(
                 f"drop_and_grow: x must be (B, {n_in}) and g (B, {n_out}), got {tuple(x.shape)} and {tuple(g.shape)}"
             )
+        return x, g.to(x.dtype)
+
+    def grow_by_gradient(self, kept, n, batches, group, precision) -> torch.Tensor:
+        x, g = self.recorded_batch(batches)
         # The kept connections as a plain CSR: outer_topk reads it as it is (ascending rows and columns).
-        exclude = CSRIndex.pattern(kept, n_out, n_in)
-        g = g.to(x.dtype)
+        exclude = CSRIndex.pattern(kept, *self.shape)
         index, _ = outer_topk(x, g, n, exclude=exclude, group=group, precision=precision)
         return index.sort().values
 
     def gradient_rows(self, batches, group, precision) -> _ScoreSource:
         fn = "drop_and_grow"
-        n_out, n_in = self.shape
-        x = g = None
         try:
-            if not batches:
-                raise ValueError(
-                    f"{fn}: no inputs and output gradients were recorded for this SparseLinear; run forward and "
-                    "backward (in training mode, with autograd on) before the update step"
-                )
-            x = torch.cat([b[0] for b in batches]) if len(batches) > 1 else batches[0][0]
-            g = torch.cat([b[1] for b in batches]) if len(batches) > 1 else batches[0][1]
-            if x.shape[1:] != (n_in,) or g.shape[1:] != (n_out,) or x.shape[0] != g.shape[0]:
-                raise ValueError(
-                    f"{fn}: x must be (B, {n_in}) and g (B, {n_out}), got {tuple(x.shape)} and {tuple(g.shape)}"
-                )
-            g = g.to(x.dtype)
+            x, g = self.recorded_batch(batches)
         except Exception as exc:
             if group is None:
                 raise
-            all_gather_batch(fn, group, x, g, 0, failure=exc)
+            # the failure's message goes out on the recorded batches' device (the layer's), or the default one
+            all_gather_batch(fn, group, self.param if batches else None, None, 0, failure=exc)
             raise
         if group is not None:
             x, g = all_gather_batch(fn, group, x, g, 0)  # every rank: the concatenated batch, in rank order
         for t in (x, g):
-            if not all(bool(torch.isfinite(block).all()) for block in t.reshape(-1).split(1 << 22)):
+            if not all_finite(t):
                 raise ValueError(f"{fn}: the layer's inputs or output gradients hold inf or NaN; nothing changed")
         return _OuterScores(x, g, precision)
 

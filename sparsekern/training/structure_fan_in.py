@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .._validate import all_finite
 from .structure import Structure
 
 
@@ -73,11 +74,6 @@ def row_largest(
             return chosen
         out[rows] = chosen
     return out
-
-
-def all_finite(t: torch.Tensor) -> bool:
-    """No inf or NaN in ``t``: one float64 sum (a single pass, no bool temporary; inf and NaN propagate)."""
-    return t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float64)))
 
 
 def round_half_up(x: torch.Tensor) -> torch.Tensor:

@@ -20,9 +20,10 @@ import functools
 
 import torch
 
+from .._validate import all_finite
 from ..ops.semi24_mask import _tile_patterns, group_topk_mask, transposable_mask
 from .structure import Structure
-from .structure_fan_in import all_finite, round_half_up, row_largest
+from .structure_fan_in import round_half_up, row_largest
 
 _MAX_TRANSPOSABLE_M = 5  # the m x m tile patterns are enumerated (m = 5: 2040 patterns for n = 2); m = 6 is too many
 _MAX_TABLE_M = 4  # kept sets of an m x m tile looked up in a (2^(m*m), patterns) table up to 4 x 4 (5.9 MB)
